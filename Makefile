@@ -1,0 +1,36 @@
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+help: ## Show the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/lit-ddpm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/lit-ddpm ## Create .venv and install lit-ddpm with the dev and demo extras
+
+demo: install ## Train the offline demo on CPU (~10 min): checkpoints/demo/last.ckpt, samples/demo/*.png
+	$(BIN)/lit-ddpm fit --config configs/demo.yaml
+
+test: install ## Run the test suite (without the slow tests)
+	$(BIN)/pytest -q
+
+test-all: install ## Run every test, the slow ones too
+	$(BIN)/pytest -q -m ''
+
+lint: install ## Lint and check formatting
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fit-mnist: install ## Train on MNIST (downloads it to data/)
+	$(BIN)/lit-ddpm fit --config configs/mnist.yaml
+
+fit-cifar10: install ## Train on CIFAR-10 (downloads it to data/)
+	$(BIN)/lit-ddpm fit --config configs/cifar10.yaml
+
+.PHONY: help install demo test test-all lint fit-mnist fit-cifar10

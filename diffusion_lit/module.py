@@ -1,0 +1,123 @@
+"""DiffusionModule: thin Lightning glue around a UNet, a NoiseSchedule and the loss."""
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule
+from torch import Tensor
+
+from diffusion_lit.diffusion.samplers import Variance, p_sample_loop
+from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
+from diffusion_lit.ema import EMA
+from diffusion_lit.nn import UNet
+
+
+class DiffusionModule(LightningModule):
+    """Trains a UNet to denoise under a fixed noise schedule (Ho et al. 2020) and samples from it.
+
+    Args:
+        unet: the denoising network.
+        image_shape: (channels, height, width) of the images; the CLI links it from the datamodule.
+        schedule: beta schedule, "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020).
+        timesteps: number of diffusion steps T.
+        prediction: what the network predicts: "eps" (noise), "v" or "x0".
+        lr: Adam learning rate.
+        adam_betas: Adam's (beta1, beta2).
+        weight_decay: Adam's L2 weight decay.
+        warmup_steps: linear learning-rate warm-up over this many optimizer steps (0: none).
+        ema_decay: decay of the EMA of the weights used for sampling, validation and test; None: no EMA.
+        sample_variance: reverse-process variance, "small" (posterior beta~_t) or "large" (beta_t).
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        schedule: ScheduleName = "cosine",
+        timesteps: int = 1000,
+        prediction: Prediction = "eps",
+        lr: float = 2e-4,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.9999,
+        sample_variance: Variance = "small",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["unet"])
+        if unet.in_channels != image_shape[0]:
+            raise ValueError(
+                f"the data has {image_shape[0]}-channel images but the UNet takes {unet.in_channels};"
+                f" set model.unet.init_args.in_channels to {image_shape[0]}"
+            )
+        self.unet = unet
+        self.schedule = NoiseSchedule(schedule, timesteps, prediction)
+        self.image_shape = tuple(image_shape)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """Network output for noisy images x_t (B, C, H, W) at timesteps t (B,)."""
+        return self.unet(x_t, t)
+
+    def loss(self, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+        """MSE between the network output and its target, mean over pixels; Ho et al. 2020 eq. 14."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        t = self.schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
+        output = self(self.schedule.q_sample(x0, t, noise), t)
+        return F.mse_loss(output.float(), self.schedule.target(x0, noise, t).float())
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """One denoising loss on a batch of images in [-1, 1]."""
+        loss = self.loss(batch[0])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _fixed_noise_loss(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """The loss with noise and timesteps seeded by the batch index, so evaluations are comparable."""
+        x0 = batch[0]
+        generator = torch.Generator().manual_seed(batch_idx)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        return self.loss(x0, noise, t)
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        """Loss on held-out images with fixed noise, on the EMA weights."""
+        self.log("val/loss", self._fixed_noise_loss(batch, batch_idx), prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        """Loss on the test images with fixed noise."""
+        self.log("test/loss", self._fixed_noise_loss(batch, batch_idx), sync_dist=True)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw images (N, C, H, W) in [0, 1] with the current weights (the EMA ones during validation)."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = p_sample_loop(
+                self,
+                self.schedule,
+                (num_samples, *self.image_shape),
+                variance=self.hparams.sample_variance,
+                generator=generator,
+                device=self.device,
+            )
+        finally:
+            self.train(was_training)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def configure_optimizers(self):
+        """Adam with an optional linear learning-rate warm-up, stepped every optimizer step."""
+        optimizer = torch.optim.Adam(
+            self.parameters(),
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.adam_betas),
+            weight_decay=self.hparams.weight_decay,
+        )
+        warmup = max(self.hparams.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The EMA callback while fitting; checkpoints already hold the EMA weights for everything else."""
+        if self.hparams.ema_decay is None or self.trainer.state.fn != "fit":
+            return []
+        return [EMA(self.hparams.ema_decay)]

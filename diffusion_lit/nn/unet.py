@@ -1,0 +1,107 @@
+"""The denoising UNet: eps/v/x0 = UNet(x_t, t). It knows nothing of the noise schedule."""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_lit.nn.blocks import Downsample, ResBlock, SelfAttention, Upsample, group_norm, zero_init
+from diffusion_lit.nn.embeddings import TimestepEmbedding
+
+
+class UNet(nn.Module):
+    """DDPM-style UNet (Ho et al. 2020, appendix B) with a 7x7 stem and attention at chosen levels.
+
+    Level i works at resolution H / 2**i with `base_channels * channel_mults[i]` channels. For a 32x32
+    input the default `attention_levels=(1, 2)` puts attention at 16x16 and 8x8. Inputs whose size is
+    not a multiple of 2**(levels - 1) (MNIST's 28x28) are padded inside and cropped back.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        channel_mults: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int = 1,
+        attention_levels: Sequence[int] = (1, 2),
+        num_heads: int = 8,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not all(0 <= level < len(channel_mults) for level in attention_levels):
+            raise ValueError(f"attention_levels {list(attention_levels)} must lie in [0, {len(channel_mults) - 1}]")
+        self.in_channels = in_channels
+        self.size_multiple = 2 ** (len(channel_mults) - 1)
+        embedding_dim = 4 * base_channels
+        self.time_embedding = TimestepEmbedding(base_channels, embedding_dim)
+        self.stem = nn.Conv2d(in_channels, base_channels, 7, padding=3)
+
+        def attention_or_identity(level: int, channels: int) -> nn.Module:
+            return SelfAttention(channels, num_heads) if level in attention_levels else nn.Identity()
+
+        self.down = nn.ModuleList()
+        skip_channels = [base_channels]
+        channels = base_channels
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                block = ResBlock(channels, base_channels * mult, embedding_dim, dropout)
+                channels = base_channels * mult
+                self.down.append(nn.ModuleList([block, attention_or_identity(level, channels)]))
+                skip_channels.append(channels)
+            if level < len(channel_mults) - 1:
+                self.down.append(Downsample(channels))
+                skip_channels.append(channels)
+
+        self.middle = nn.ModuleList(
+            [
+                ResBlock(channels, channels, embedding_dim, dropout),
+                SelfAttention(channels, num_heads),
+                ResBlock(channels, channels, embedding_dim, dropout),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for _ in range(num_res_blocks + 1):
+                block = ResBlock(channels + skip_channels.pop(), base_channels * mult, embedding_dim, dropout)
+                channels = base_channels * mult
+                self.up.append(nn.ModuleList([block, attention_or_identity(level, channels)]))
+            if level > 0:
+                self.up.append(Upsample(channels))
+
+        self.out = nn.Sequential(
+            group_norm(channels), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1))
+        )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """x: (B, C, H, W) noisy images, t: (B,) timesteps -> (B, C, H, W) network output."""
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.size_multiple, -width % self.size_multiple
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        embedding = self.time_embedding(t)  # (B, 4 * base)
+
+        h = self.stem(x)
+        skips = [h]
+        for layer in self.down:
+            if isinstance(layer, Downsample):
+                h = layer(h)
+            else:
+                block, attention = layer
+                h = attention(block(h, embedding))
+            skips.append(h)
+
+        h = self.middle[0](h, embedding)
+        h = self.middle[1](h)
+        h = self.middle[2](h, embedding)
+
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:
+                block, attention = layer
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), embedding))
+
+        h = self.out(h)
+        return h[..., pad_h // 2 : pad_h // 2 + height, pad_w // 2 : pad_w // 2 + width]
+

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny datasets written in the test's temp dir, and a way to shrink any config."""
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(Path(__file__).with_name("tiny.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_quiet(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an uint8 array in MNIST's IDX format (magic: 0, 0, dtype 0x08, ndim)."""
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, array.ndim]))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def mnist_dir(tmp_path) -> Path:
+    """A 16-image MNIST in torchvision's raw layout."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (16, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (16,)))
+    return tmp_path / "mnist"
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path, monkeypatch) -> Path:
+    """An 8-image-per-batch CIFAR-10 in its python pickle layout (checksums bypassed: the files are fakes)."""
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, 8))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    return tmp_path / "cifar"
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """A nested folder of 10 small images of mixed sizes and modes, plus a text file to ignore."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for i in range(10):
+        sub = root / f"part{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        size = (40 + 4 * i, 36)
+        if i % 3:
+            Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(sub / f"{i}.png")
+        else:
+            Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8), "L").save(sub / f"{i}.jpg")
+    (root / "notes.txt").write_text("not an image")
+    return root

@@ -1,0 +1,78 @@
+"""End-to-end runs of `lit-ddpm` through main([...]) on data written in the temp dir."""
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, TINY
+from diffusion_lit.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints/, samples/, logs go here
+
+
+def fit(*args: str) -> None:
+    main(["fit", *args])
+
+
+def test_fit_mnist(mnist_dir):
+    fit("--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, "--data.init_args.data_dir", str(mnist_dir))
+
+
+def test_fit_cifar10(cifar10_dir):
+    fit("--config", f"{ROOT}/configs/cifar10.yaml", "--config", TINY, "--data.init_args.data_dir", str(cifar10_dir))
+
+
+def test_fit_image_folder(image_folder):
+    fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--data.init_args.root", str(image_folder))
+
+
+def test_fit_demo():
+    pytest.importorskip("mlxtend")
+    fit("--config", f"{ROOT}/configs/demo.yaml", "--config", TINY)
+
+
+def test_missing_dataset_exits_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fit("--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, "--data.init_args.download", "false",
+            "--data.init_args.data_dir", str(tmp_path / "absent"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lit-ddpm: error: MNIST is not in")
+
+
+def test_print_config_round_trips(tmp_path, capsys, mnist_dir):
+    with pytest.raises(SystemExit):
+        fit("--config", f"{ROOT}/configs/cifar10.yaml", "--print_config")
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["unet"]["init_args"]["base_channels"] == 64
+    assert config["model"]["lr"] == 2e-4 and config["data"]["init_args"]["batch_size"] == 64
+    (tmp_path / "printed.yaml").write_text(printed)
+    fit("--config", str(tmp_path / "printed.yaml"), "--config", TINY, "--data.init_args.data_dir", str(mnist_dir),
+        "--data.class_path", "diffusion_lit.data.MNISTDataModule")
+
+
+def short_run(image_folder, *extra: str) -> None:
+    fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--trainer.fast_dev_run", "false",
+        "--data.init_args.root", str(image_folder), "--data.init_args.image_size", "8",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
+        "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0", *extra)
+
+
+def test_resume_restores_step_optimizer_and_ema(image_folder):
+    short_run(image_folder, "--trainer.max_steps", "3")
+    first = torch.load("checkpoints/folder/last.ckpt", weights_only=False)
+    assert first["global_step"] == 3
+    ema = first["state_dict"]["unet.stem.weight"]
+    current = first["current_model_state"]["unet.stem.weight"]
+    assert not torch.equal(ema, current)  # the EMA weights are what `state_dict` holds
+
+    short_run(image_folder, "--trainer.max_steps", "5", "--ckpt_path", "checkpoints/folder/last.ckpt")
+    second = torch.load("checkpoints/folder/last.ckpt", weights_only=False)
+    assert second["global_step"] == 5
+    adam_steps = second["optimizer_states"][0]["state"][0]["step"]
+    assert adam_steps.item() == 5  # Adam's moments carried on, not restarted
+    assert second["averaging_state"]["n_averaged"].item() == 5

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from diffusion_lit.ema import ema_with_warmup
+from diffusion_lit.module import DiffusionModule
+from diffusion_lit.nn import UNet
+
+
+def tiny_module(**kwargs) -> DiffusionModule:
+    unet = UNet(1, base_channels=8, num_heads=2, dropout=0.0)
+    return DiffusionModule(unet, image_shape=(1, 28, 28), timesteps=20, **kwargs)
+
+
+def test_loss_is_mse_on_eps_target():
+    module = tiny_module()
+    x0 = torch.randn(2, 1, 28, 28)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([3, 15])
+    # The zero-initialised UNet outputs 0, so the eps-MSE is the mean square of the noise.
+    assert module.loss(x0, noise, t).item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
+
+
+def test_channel_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="in_channels to 3"):
+        DiffusionModule(UNet(1, base_channels=8, num_heads=2), image_shape=(3, 32, 32))
+
+
+def test_sample_range_shape_and_mode():
+    module = tiny_module()
+    module.train()
+    images = module.sample(3, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (3, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
+    assert module.training  # restored after sampling in eval mode
+
+
+def test_warmup_schedule():
+    module = tiny_module(warmup_steps=4, lr=1.0)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_ema_warmup_formula():
+    update = ema_with_warmup(0.9)
+    averaged, current = [torch.zeros(3)], [torch.ones(3)]
+    # After n updates the decay is min(0.9, (1 + n) / (10 + n)): n = 1 -> 2/11, n = 100 -> 0.9.
+    update(averaged, current, torch.tensor(1))
+    assert torch.allclose(averaged[0], torch.full((3,), 1 - 2 / 11))
+    averaged = [torch.zeros(3)]
+    update(averaged, current, torch.tensor(100))
+    assert torch.allclose(averaged[0], torch.full((3,), 0.1))
