@@ -14,7 +14,7 @@ $(BIN)/lit-ddpm: pyproject.toml
 
 install: $(BIN)/lit-ddpm ## Create .venv and install lit-ddpm with the dev and demo extras
 
-demo: install ## Train the offline demo on CPU (~10 min): checkpoints/demo/last.ckpt, samples/demo/*.png
+demo: install ## Train the offline demo on CPU (~12 min): checkpoints/demo/last.ckpt, samples/demo/*.png
 	$(BIN)/lit-ddpm fit --config configs/demo.yaml
 
 test: install ## Run the test suite (without the slow tests)

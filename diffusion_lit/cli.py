@@ -4,11 +4,23 @@ import netrc
 import os
 import sys
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Also keep the resolved config in each W&B run's files, since W&B's log_dir is shared by all runs."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Write config.yaml into the W&B run folder (it is uploaded with the run)."""
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                path = os.path.join(logger.experiment.dir, self.config_filename)
+                self.parser.save(self.config, path, skip_none=False, overwrite=True)
 
 
 class DiffusionCLI(LightningCLI):
@@ -20,6 +32,16 @@ class DiffusionCLI(LightningCLI):
         parser.link_arguments(
             "data.image_shape", "model.unet.init_args.in_channels", compute_fn=_channels, apply_on="instantiate"
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a --ckpt_path that is not a file before anything is built or downloaded."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and not os.path.isfile(ckpt_path):
+            raise UserError(f"--ckpt_path {ckpt_path!r} is not a file; give the path of a .ckpt file")
+
+
+# Names the Trainer resolves itself rather than reading as paths.
+CHECKPOINT_KEYWORDS = {"last", "best", "hpc", "registry"}
 
 
 def _channels(image_shape: tuple[int, int, int]) -> int:
@@ -46,6 +68,7 @@ def main(args: list[str] | None = None) -> None:
             LightningDataModule,
             subclass_mode_data=True,
             args=args,
+            save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": True},
         )
     except UserError as error:

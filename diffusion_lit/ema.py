@@ -49,6 +49,13 @@ class EMA(WeightAveraging):
         if self._average_model is not None:
             self._swap_models(pl_module)
 
+    def on_load_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        """Restore the average when fitting; elsewhere the checkpoint's state_dict already is the average."""
+        if self._average_model is not None:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
     def on_validation_epoch_start(self, *args: Any) -> None:
         """Swapping happens in on_validation_start instead."""
 

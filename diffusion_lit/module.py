@@ -44,6 +44,11 @@ class DiffusionModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet"])
+        # Checkpoints store the network as its config, not as a pickled module, and name Lightning's
+        # (allow-listed) CLI instantiator so that load_from_checkpoint rebuilds it however it was built.
+        network = type(unet)
+        self.hparams["unet"] = {"class_path": f"{network.__module__}.{network.__qualname__}", "init_args": unet.config}
+        self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
         if unet.in_channels != image_shape[0]:
             raise ValueError(
                 f"the data has {image_shape[0]}-channel images but the UNet takes {unet.in_channels};"
@@ -117,7 +122,5 @@ class DiffusionModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        """The EMA callback while fitting; checkpoints already hold the EMA weights for everything else."""
-        if self.hparams.ema_decay is None or self.trainer.state.fn != "fit":
-            return []
-        return [EMA(self.hparams.ema_decay)]
+        """The EMA callback (it averages only while fitting: checkpoints hold the EMA weights)."""
+        return [] if self.hparams.ema_decay is None else [EMA(self.hparams.ema_decay)]

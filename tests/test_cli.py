@@ -3,9 +3,11 @@
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import ROOT, TINY
 from diffusion_lit.cli import main
+from diffusion_lit.module import DiffusionModule
 
 
 @pytest.fixture(autouse=True)
@@ -29,18 +31,37 @@ def test_fit_image_folder(image_folder):
     fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--data.init_args.root", str(image_folder))
 
 
-def test_fit_demo():
+def test_fit_demo_writes_a_sample_grid(tmp_path):
     pytest.importorskip("mlxtend")
     fit("--config", f"{ROOT}/configs/demo.yaml", "--config", TINY)
+    grid = tmp_path / "samples" / "demo" / "step=1.png"
+    assert grid.is_file()
+    assert Image.open(grid).size == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 digits of 28 px, 2 px padding
 
 
 def test_missing_dataset_exits_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        fit("--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, "--data.init_args.download", "false",
-            "--data.init_args.data_dir", str(tmp_path / "absent"))
+        fit(
+            "--config",
+            f"{ROOT}/configs/mnist.yaml",
+            "--config",
+            TINY,
+            "--data.init_args.download",
+            "false",
+            "--data.init_args.data_dir",
+            str(tmp_path / "absent"),
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lit-ddpm: error: MNIST is not in")
+
+
+def test_missing_checkpoint_exits_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fit("--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, "--ckpt_path", "checkpoints/none.ckpt")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lit-ddpm: error: --ckpt_path 'checkpoints/none.ckpt' is not a file; give the path of a .ckpt file"]
 
 
 def test_print_config_round_trips(tmp_path, capsys, mnist_dir):
@@ -51,15 +72,40 @@ def test_print_config_round_trips(tmp_path, capsys, mnist_dir):
     assert config["model"]["unet"]["init_args"]["base_channels"] == 64
     assert config["model"]["lr"] == 2e-4 and config["data"]["init_args"]["batch_size"] == 64
     (tmp_path / "printed.yaml").write_text(printed)
-    fit("--config", str(tmp_path / "printed.yaml"), "--config", TINY, "--data.init_args.data_dir", str(mnist_dir),
-        "--data.class_path", "diffusion_lit.data.MNISTDataModule")
+    fit(
+        "--config",
+        str(tmp_path / "printed.yaml"),
+        "--config",
+        TINY,
+        "--data.init_args.data_dir",
+        str(mnist_dir),
+        "--data.class_path",
+        "diffusion_lit.data.MNISTDataModule",
+    )
 
 
 def short_run(image_folder, *extra: str) -> None:
-    fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--trainer.fast_dev_run", "false",
-        "--data.init_args.root", str(image_folder), "--data.init_args.image_size", "8",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
-        "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0", *extra)
+    fit(
+        "--config",
+        f"{ROOT}/configs/folder.yaml",
+        "--config",
+        TINY,
+        "--trainer.fast_dev_run",
+        "false",
+        "--data.init_args.root",
+        str(image_folder),
+        "--data.init_args.image_size",
+        "8",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        "logs",
+        "--trainer.max_epochs",
+        "-1",
+        "--trainer.limit_val_batches",
+        "0",
+        *extra,
+    )
 
 
 def test_resume_restores_step_optimizer_and_ema(image_folder):
@@ -76,3 +122,8 @@ def test_resume_restores_step_optimizer_and_ema(image_folder):
     adam_steps = second["optimizer_states"][0]["state"][0]["step"]
     assert adam_steps.item() == 5  # Adam's moments carried on, not restarted
     assert second["averaging_state"]["n_averaged"].item() == 5
+
+    # A checkpoint describes itself: the module (UNet included) is rebuilt from it with the EMA weights.
+    module = DiffusionModule.load_from_checkpoint("checkpoints/folder/last.ckpt", weights_only=True)
+    assert module.image_shape == (3, 8, 8) and module.unet.in_channels == 3
+    assert torch.equal(module.unet.stem.weight, second["state_dict"]["unet.stem.weight"])

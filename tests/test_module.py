@@ -1,5 +1,7 @@
 import pytest
 import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lit.ema import ema_with_warmup
 from diffusion_lit.module import DiffusionModule
@@ -54,3 +56,21 @@ def test_ema_warmup_formula():
     averaged = [torch.zeros(3)]
     update(averaged, current, torch.tensor(100))
     assert torch.allclose(averaged[0], torch.full((3,), 0.1))
+
+
+def test_module_built_in_python_loads_from_its_checkpoint(tmp_path):
+    module = tiny_module(lr=1e-3)
+    data = DataLoader(TensorDataset(torch.rand(8, 1, 28, 28) * 2 - 1), batch_size=4)
+    trainer = Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "python.ckpt")
+    loaded = DiffusionModule.load_from_checkpoint(tmp_path / "python.ckpt", weights_only=True)
+    assert loaded.unet.config == module.unet.config and loaded.hparams.lr == 1e-3
+    assert torch.equal(loaded.unet.stem.weight, module.unet.stem.weight)  # after fit, the module holds the EMA

@@ -8,13 +8,13 @@ from diffusion_lit.diffusion.schedule import NoiseSchedule, cosine_betas, linear
 
 def test_cosine_alpha_bar_matches_closed_form():
     # Nichol & Dhariwal 2021 eq. 17: alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi / 2).
-    T, s = 1000, 0.008
-    alpha_bar = torch.cumprod(1 - cosine_betas(T, min_beta=0.0), 0)  # unclipped below, so the formula holds
-    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    steps, s = 1000, 0.008
+    alpha_bar = torch.cumprod(1 - cosine_betas(steps, min_beta=0.0), 0)  # unclipped below, so the formula holds
+    f = lambda t: math.cos((t / steps + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     for t in (0, 1, 10, 100, 500, 900):  # t is 0-based: alpha_bar_t = f(t + 1) / f(0)
         assert alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
     # The shipped clipping to [1e-4, 0.9999] only raises the first, tiny betas.
-    unclipped, clipped = cosine_betas(T, min_beta=0.0, max_beta=1.0), cosine_betas(T)
+    unclipped, clipped = cosine_betas(steps, min_beta=0.0, max_beta=1.0), cosine_betas(steps)
     assert torch.equal(clipped, unclipped.clamp(1e-4, 0.9999))
     assert (clipped != unclipped).sum() == 13 + 1  # the first 13 betas and the last one
 

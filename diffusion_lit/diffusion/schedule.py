@@ -40,7 +40,9 @@ class NoiseSchedule(nn.Module):
     moves it and checkpoints never carry it. Timesteps are 0-based: t = 0 is the first noising step.
     """
 
-    def __init__(self, schedule: ScheduleName = "cosine", timesteps: int = 1000, prediction: Prediction = "eps") -> None:
+    def __init__(
+        self, schedule: ScheduleName = "cosine", timesteps: int = 1000, prediction: Prediction = "eps"
+    ) -> None:
         super().__init__()
         if schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")

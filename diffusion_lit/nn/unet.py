@@ -32,6 +32,16 @@ class UNet(nn.Module):
         if not all(0 <= level < len(channel_mults) for level in attention_levels):
             raise ValueError(f"attention_levels {list(attention_levels)} must lie in [0, {len(channel_mults) - 1}]")
         self.in_channels = in_channels
+        # The constructor arguments, so that a checkpoint can say how to rebuild this network.
+        self.config = {
+            "in_channels": in_channels,
+            "base_channels": base_channels,
+            "channel_mults": list(channel_mults),
+            "num_res_blocks": num_res_blocks,
+            "attention_levels": list(attention_levels),
+            "num_heads": num_heads,
+            "dropout": dropout,
+        }
         self.size_multiple = 2 ** (len(channel_mults) - 1)
         embedding_dim = 4 * base_channels
         self.time_embedding = TimestepEmbedding(base_channels, embedding_dim)
@@ -104,4 +114,3 @@ class UNet(nn.Module):
 
         h = self.out(h)
         return h[..., pad_h // 2 : pad_h // 2 + height, pad_w // 2 : pad_w // 2 + width]
-
