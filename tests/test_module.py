@@ -1,9 +1,9 @@
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lit.ema import ema_with_warmup
+from diffusion_lit.ema import EMA, ema_with_warmup
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 
@@ -74,3 +74,37 @@ def test_module_built_in_python_loads_from_its_checkpoint(tmp_path):
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "python.ckpt", weights_only=True)
     assert loaded.unet.config == module.unet.config and loaded.hparams.lr == 1e-3
     assert torch.equal(loaded.unet.stem.weight, module.unet.stem.weight)  # after fit, the module holds the EMA
+
+
+def test_validation_epoch_hooks_see_the_ema_weights(tmp_path):
+    # A callback listed after the EMA one must still see the EMA weights in its validation-epoch hooks.
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):  # runs after the EMA update
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+            seen["training"] = pl_module.unet.stem.weight.clone()
+            seen["ema"] = ema._average_model.module.unet.stem.weight.clone()
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen["during"] = pl_module.unet.stem.weight.clone()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen["after"] = pl_module.unet.stem.weight.clone()
+
+    module = tiny_module(lr=1e-2, ema_decay=None)
+    data = DataLoader(TensorDataset(torch.rand(8, 1, 28, 28) * 2 - 1), batch_size=4)
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[EMA(0.9), Probe()],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data, data)
+    assert not torch.equal(seen["training"], seen["ema"])
+    assert torch.equal(seen["during"], seen["ema"])
+    assert torch.equal(seen["after"], seen["training"])
