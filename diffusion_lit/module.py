@@ -1,10 +1,11 @@
 """DiffusionModule: thin Lightning glue around a UNet, a NoiseSchedule and the loss."""
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 
+from diffusion_lit.diffusion.losses import DiffusionLoss, PerceptualTerm
+from diffusion_lit.diffusion.perceptual import load_vgg19_features
 from diffusion_lit.diffusion.samplers import Variance, p_sample_loop
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
 from diffusion_lit.ema import EMA
@@ -26,6 +27,11 @@ class DiffusionModule(LightningModule):
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0: none).
         ema_decay: decay of the EMA of the weights used for sampling, validation and test; None: no EMA.
         sample_variance: reverse-process variance, "small" (posterior beta~_t) or "large" (beta_t).
+        perceptual_weight: weight of the VGG19 perceptual term (0: not computed, VGG never loaded).
+        feature_matching_weight: weight of the term on the UNet's own features (0: not computed).
+        perceptual_layer: the VGG19 layer compared, "conv_N" = the N-th conv (conv_4 is conv2_2).
+        vgg_weights: a local torchvision VGG19 state-dict file, for machines without internet access;
+            None: torchvision's cache, downloading into it when missing.
     """
 
     def __init__(
@@ -41,6 +47,10 @@ class DiffusionModule(LightningModule):
         warmup_steps: int = 0,
         ema_decay: float | None = 0.9999,
         sample_variance: Variance = "small",
+        perceptual_weight: float = 0.0,
+        feature_matching_weight: float = 0.0,
+        perceptual_layer: str = "conv_4",
+        vgg_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet"])
@@ -57,31 +67,39 @@ class DiffusionModule(LightningModule):
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
+        self.criterion = DiffusionLoss(perceptual_weight, feature_matching_weight)
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Network output for noisy images x_t (B, C, H, W) at timesteps t (B,)."""
         return self.unet(x_t, t)
 
-    def loss(self, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None) -> Tensor:
-        """MSE between the network output and its target, mean over pixels; Ho et al. 2020 eq. 14."""
+    def setup(self, stage: str) -> None:
+        """Load VGG19 before fitting when the perceptual term is on, so missing weights fail at start-up."""
+        if stage == "fit" and self.hparams.perceptual_weight and self.criterion.perceptual is None:
+            features = load_vgg19_features(self.hparams.perceptual_layer, self.hparams.vgg_weights)
+            self.criterion.perceptual = PerceptualTerm(features)
+
+    def losses(self, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None) -> dict[str, Tensor]:
+        """Every configured loss term and their weighted total ("loss"), for clean images x0 in [-1, 1]."""
         noise = torch.randn_like(x0) if noise is None else noise
         t = self.schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
-        output = self(self.schedule.q_sample(x0, t, noise), t)
-        return F.mse_loss(output.float(), self.schedule.target(x0, noise, t).float())
+        return self.criterion(self.unet, self.schedule, x0, noise, t)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        """One denoising loss on a batch of images in [-1, 1]."""
-        loss = self.loss(batch[0])
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        """One denoising loss on a batch of images in [-1, 1]; every term is logged as train/loss_<term>."""
+        terms = self.losses(batch[0])
+        self.log("train/loss", terms["loss"], prog_bar=True)
+        self.log_dict({f"train/loss_{name}": value for name, value in terms.items() if name != "loss"})
+        return terms["loss"]
 
     def _fixed_noise_loss(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        """The loss with noise and timesteps seeded by the batch index, so evaluations are comparable."""
+        """The MSE term with noise and timesteps seeded by the batch index, comparable across runs and losses."""
         x0 = batch[0]
         generator = torch.Generator().manual_seed(batch_idx)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-        return self.loss(x0, noise, t)
+        output = self(self.schedule.q_sample(x0, t, noise), t)
+        return self.criterion.mse(output, self.schedule.target(x0, noise, t))
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         """Loss on held-out images with fixed noise, on the EMA weights."""

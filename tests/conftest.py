@@ -13,6 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(Path(__file__).with_name("tiny.yaml"))
 
 
+def randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace the zero-initialised weights so that every path carries signal."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.05)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_quiet(monkeypatch):
     torch.manual_seed(0)
@@ -68,3 +77,15 @@ def image_folder(tmp_path) -> Path:
             Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8), "L").save(sub / f"{i}.jpg")
     (root / "notes.txt").write_text("not an image")
     return root
+
+
+@pytest.fixture
+def vgg_weights_file(tmp_path) -> str:
+    """A random VGG19 state dict of the layers up to conv_4, saved like torchvision's (`features.N.*` keys)."""
+    from torchvision.models import vgg19
+
+    torch.manual_seed(0)
+    state = {f"features.{key}": value for key, value in vgg19().features[:8].state_dict().items()}
+    path = tmp_path / "vgg19-random.pth"
+    torch.save(state, path)
+    return str(path)

@@ -1,5 +1,7 @@
 """End-to-end runs of `lit-ddpm` through main([...]) on data written in the temp dir."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -19,16 +21,38 @@ def fit(*args: str) -> None:
     main(["fit", *args])
 
 
-def test_fit_mnist(mnist_dir):
-    fit("--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, "--data.init_args.data_dir", str(mnist_dir))
+@pytest.fixture
+def vgg(vgg_weights_file) -> list[str]:
+    """The shipped MNIST/CIFAR-10/folder configs use the perceptual term: give them local VGG weights."""
+    return ["--model.vgg_weights", vgg_weights_file]
 
 
-def test_fit_cifar10(cifar10_dir):
-    fit("--config", f"{ROOT}/configs/cifar10.yaml", "--config", TINY, "--data.init_args.data_dir", str(cifar10_dir))
+def test_fit_mnist(mnist_dir, vgg):
+    fit("--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, "--data.init_args.data_dir", str(mnist_dir), *vgg)
 
 
-def test_fit_image_folder(image_folder):
-    fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--data.init_args.root", str(image_folder))
+def test_fit_cifar10(cifar10_dir, vgg):
+    fit(
+        "--config",
+        f"{ROOT}/configs/cifar10.yaml",
+        "--config",
+        TINY,
+        "--data.init_args.data_dir",
+        str(cifar10_dir),
+        *vgg,
+    )
+
+
+def test_fit_image_folder(image_folder, vgg):
+    fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--data.init_args.root", str(image_folder), *vgg)
+
+
+def test_every_loss_term_is_logged(image_folder, vgg):
+    short_run(image_folder, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1", *vgg)
+    (metrics,) = Path("logs").rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    for name in ("train/loss", "train/loss_mse", "train/loss_perceptual", "train/loss_feature_matching"):
+        assert name in header
 
 
 def test_fit_demo_writes_a_sample_grid(tmp_path):
@@ -64,7 +88,7 @@ def test_missing_checkpoint_exits_with_one_line(capsys):
     assert err == ["lit-ddpm: error: --ckpt_path 'checkpoints/none.ckpt' is not a file; give the path of a .ckpt file"]
 
 
-def test_print_config_round_trips(tmp_path, capsys, mnist_dir):
+def test_print_config_round_trips(tmp_path, capsys, mnist_dir, vgg):
     with pytest.raises(SystemExit):
         fit("--config", f"{ROOT}/configs/cifar10.yaml", "--print_config")
     printed = capsys.readouterr().out
@@ -81,7 +105,11 @@ def test_print_config_round_trips(tmp_path, capsys, mnist_dir):
         str(mnist_dir),
         "--data.class_path",
         "diffusion_lit.data.MNISTDataModule",
+        *vgg,
     )
+
+
+MSE_ONLY = ["--config", f"{ROOT}/configs/ablation/mse_only.yaml"]
 
 
 def short_run(image_folder, *extra: str) -> None:
@@ -109,14 +137,14 @@ def short_run(image_folder, *extra: str) -> None:
 
 
 def test_resume_restores_step_optimizer_and_ema(image_folder):
-    short_run(image_folder, "--trainer.max_steps", "3")
+    short_run(image_folder, "--trainer.max_steps", "3", *MSE_ONLY)
     first = torch.load("checkpoints/folder/last.ckpt", weights_only=False)
     assert first["global_step"] == 3
     ema = first["state_dict"]["unet.stem.weight"]
     current = first["current_model_state"]["unet.stem.weight"]
     assert not torch.equal(ema, current)  # the EMA weights are what `state_dict` holds
 
-    short_run(image_folder, "--trainer.max_steps", "5", "--ckpt_path", "checkpoints/folder/last.ckpt")
+    short_run(image_folder, "--trainer.max_steps", "5", "--ckpt_path", "checkpoints/folder/last.ckpt", *MSE_ONLY)
     second = torch.load("checkpoints/folder/last.ckpt", weights_only=False)
     assert second["global_step"] == 5
     adam_steps = second["optimizer_states"][0]["state"][0]["step"]

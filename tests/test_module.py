@@ -19,7 +19,9 @@ def test_loss_is_mse_on_eps_target():
     noise = torch.randn_like(x0)
     t = torch.tensor([3, 15])
     # The zero-initialised UNet outputs 0, so the eps-MSE is the mean square of the noise.
-    assert module.loss(x0, noise, t).item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
+    terms = module.losses(x0, noise, t)
+    assert set(terms) == {"mse", "loss"}  # the extra terms are off by default
+    assert terms["loss"].item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
 
 
 def test_channel_mismatch_is_a_clear_error():

@@ -1,16 +1,8 @@
 import pytest
 import torch
 
+from conftest import randomise
 from diffusion_lit.nn import UNet
-
-
-def randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace the zero-initialised weights so that every path carries signal."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
-    return model
 
 
 def tiny(channels: int) -> UNet:
@@ -64,3 +56,10 @@ def test_default_parameter_count():
 def test_bad_attention_level_rejected():
     with pytest.raises(ValueError, match="attention_levels"):
         UNet(attention_levels=(4,))
+
+
+def test_feature_tap_one_map_per_level_and_middle():
+    model = randomise(UNet(1, base_channels=8, num_heads=2, dropout=0.0))
+    features = model.features(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]))
+    assert [tuple(f.shape[1:]) for f in features] == [(8, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4), (64, 4, 4)]
+    assert all(f.abs().sum() > 0 for f in features)

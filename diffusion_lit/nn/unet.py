@@ -84,33 +84,49 @@ class UNet(nn.Module):
             group_norm(channels), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1))
         )
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, C, H, W) noisy images, t: (B,) timesteps -> (B, C, H, W) network output."""
+    def _pad(self, x: Tensor) -> tuple[Tensor, tuple[slice, slice]]:
+        """Pad H and W up to a multiple of 2**(levels - 1); return the padded x and the crop back."""
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % self.size_multiple, -width % self.size_multiple
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        embedding = self.time_embedding(t)  # (B, 4 * base)
+        return x, (slice(pad_h // 2, pad_h // 2 + height), slice(pad_w // 2, pad_w // 2 + width))
 
+    def _encode(self, x: Tensor, embedding: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Stem, down path and middle block: (middle output, skip activations, one activation per level)."""
         h = self.stem(x)
-        skips = [h]
+        skips, levels = [h], []
         for layer in self.down:
             if isinstance(layer, Downsample):
+                levels.append(h)
                 h = layer(h)
             else:
                 block, attention = layer
                 h = attention(block(h, embedding))
             skips.append(h)
-
+        levels.append(h)
         h = self.middle[0](h, embedding)
         h = self.middle[1](h)
         h = self.middle[2](h, embedding)
+        return h, skips, levels
 
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """x: (B, C, H, W) noisy images, t: (B,) timesteps -> (B, C, H, W) network output."""
+        x, crop = self._pad(x)
+        embedding = self.time_embedding(t)  # (B, 4 * base)
+        h, skips, _ = self._encode(x, embedding)
         for layer in self.up:
             if isinstance(layer, Upsample):
                 h = layer(h)
             else:
                 block, attention = layer
                 h = attention(block(torch.cat([h, skips.pop()], dim=1), embedding))
+        return self.out(h)[..., crop[0], crop[1]]
 
-        h = self.out(h)
-        return h[..., pad_h // 2 : pad_h // 2 + height, pad_w // 2 : pad_w // 2 + width]
+    def features(self, x: Tensor, t: Tensor) -> list[Tensor]:
+        """The feature tap: the last activation of every down level, then the middle block's output.
+
+        Runs only the stem, the down path and the middle block (no up path), for feature matching.
+        """
+        x, _ = self._pad(x)
+        h, _, levels = self._encode(x, self.time_embedding(t))
+        return [*levels, h]

@@ -1,0 +1,120 @@
+"""Loss terms, each a small callable, and their weighted total as a dict of named terms.
+
+The perceptual and feature-matching terms compare the x0 predicted from the network output with the
+real x0. At high noise that prediction is a blur of the data mean, so both terms are weighted per
+sample by alpha_bar_t: ~1 for nearly clean inputs, ~0 for nearly pure noise. The prediction is
+clipped to [-1, 1] first, as at sampling time, so VGG and the UNet only see images in their range.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_lit.diffusion.perceptual import imagenet_normalise
+from diffusion_lit.diffusion.schedule import NoiseSchedule
+
+
+def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    """(B, ...) x2 -> (B,) mean squared difference, in float32."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+class MSETerm:
+    """Mean squared error between the network output and its target; Ho et al. 2020 eq. 14."""
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(output.float(), target.float())
+
+
+class PerceptualTerm:
+    """Weighted MSE between VGG features of predicted and real images (Johnson et al. 2016).
+
+    A plain object rather than an nn.Module, so the VGG inside is never registered with the model:
+    it is not saved in checkpoints, not put in train mode, not handed to the optimizer. It runs in
+    float32 outside autocast, since fp16 VGG activations overflow.
+    """
+
+    def __init__(self, features: nn.Module) -> None:
+        self.features = features.eval().requires_grad_(False)
+
+    def __call__(self, x0_pred: Tensor, x0: Tensor, weight: Tensor) -> Tensor:
+        if next(self.features.parameters()).device != x0.device:
+            self.features.to(x0.device)
+        with torch.autocast(x0.device.type, enabled=False):
+            predicted = self.features(imagenet_normalise(x0_pred.float()))
+            with torch.no_grad():
+                target = self.features(imagenet_normalise(x0.float()))
+        return (weight * _per_sample_mse(predicted, target)).mean()
+
+
+class FeatureMatchingTerm:
+    """Weighted distance between the network's own features of predicted and real images.
+
+    Each level's squared error is divided by the mean square of its target activations, so that no
+    level dominates by scale; the levels are then averaged. The tap runs with dropout off, so that
+    identical images give identical features; the target features are detached.
+    """
+
+    def __call__(self, network: nn.Module, x0_pred: Tensor, x0: Tensor, t: Tensor, weight: Tensor) -> Tensor:
+        was_training = network.training
+        network.eval()
+        try:
+            predicted = network.features(x0_pred, t)
+            with torch.no_grad():
+                target = network.features(x0, t)
+        finally:
+            network.train(was_training)
+        levels = [
+            _per_sample_mse(p, q) / (q.float().pow(2).flatten(1).mean(1) + 1e-6)
+            for p, q in zip(predicted, target, strict=True)
+        ]
+        return (weight * torch.stack(levels).mean(0)).mean()
+
+
+class DiffusionLoss:
+    """MSE on the prediction target, plus optional perceptual and feature-matching terms.
+
+    Returns {"mse", "perceptual"?, "feature_matching"?, "loss"}; a term whose weight is 0 is not
+    computed at all. `perceptual` is the PerceptualTerm to use when perceptual_weight > 0.
+    """
+
+    def __init__(
+        self,
+        perceptual_weight: float = 0.0,
+        feature_matching_weight: float = 0.0,
+        perceptual: PerceptualTerm | None = None,
+    ) -> None:
+        self.perceptual_weight = perceptual_weight
+        self.feature_matching_weight = feature_matching_weight
+        self.mse = MSETerm()
+        self.perceptual = perceptual
+        self.feature_matching = FeatureMatchingTerm()
+
+    def __call__(
+        self,
+        network: Callable[[Tensor, Tensor], Tensor],
+        schedule: NoiseSchedule,
+        x0: Tensor,
+        noise: Tensor,
+        t: Tensor,
+    ) -> dict[str, Tensor]:
+        """All terms for clean images x0 (B, C, H, W), their noise and timesteps (B,)."""
+        x_t = schedule.q_sample(x0, t, noise)
+        output = network(x_t, t)
+        terms = {"mse": self.mse(output, schedule.target(x0, noise, t))}
+        total = terms["mse"]
+        if self.perceptual_weight or self.feature_matching_weight:
+            x0_pred = schedule.to_x0_eps(x_t, t, output.float())[0].clamp(-1, 1)
+            weight = schedule.alpha_bar[t]  # (B,)
+        if self.perceptual_weight:
+            if self.perceptual is None:
+                raise RuntimeError("perceptual_weight > 0 but no PerceptualTerm was given")
+            terms["perceptual"] = self.perceptual(x0_pred, x0, weight)
+            total = total + self.perceptual_weight * terms["perceptual"]
+        if self.feature_matching_weight:
+            terms["feature_matching"] = self.feature_matching(network, x0_pred, x0, t, weight)
+            total = total + self.feature_matching_weight * terms["feature_matching"]
+        terms["loss"] = total
+        return terms

@@ -1,0 +1,176 @@
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomise
+from diffusion_lit.diffusion import NoiseSchedule
+from diffusion_lit.diffusion.losses import DiffusionLoss, FeatureMatchingTerm, MSETerm, PerceptualTerm
+from diffusion_lit.diffusion.perceptual import load_vgg19_features, vgg19_cut
+from diffusion_lit.errors import UserError
+from diffusion_lit.module import DiffusionModule
+from diffusion_lit.nn import UNet
+
+
+def random_vgg() -> nn.Sequential:
+    from torchvision.models.vgg import cfgs, make_layers
+
+    return make_layers(cfgs["E"][:4])[: vgg19_cut("conv_4")]  # VGG19 up to conv2_2, random weights
+
+
+def test_layers_match_torchvision_vgg19(tmp_path):
+    from torchvision.models import vgg19
+
+    full = vgg19().features
+    x = torch.randn(1, 3, 32, 32)
+    for layer, cut in [("conv_1", 1), ("conv_4", 8), ("conv_9", 20)]:
+        reference = full[:cut]
+        assert isinstance(reference[-1], nn.Conv2d) and vgg19_cut(layer) == cut
+        path = tmp_path / f"{layer}.pth"
+        torch.save({f"features.{key}": value for key, value in full.state_dict().items()}, path)
+        ours = load_vgg19_features(layer, str(path))
+        assert len(ours) == cut and torch.equal(ours(x), reference(x))
+
+
+def tiny_unet(channels: int = 1, dropout: float = 0.0) -> UNet:
+    return randomise(UNet(channels, base_channels=8, num_heads=2, dropout=dropout))
+
+
+class Counting:
+    """Wraps a callable and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_conv_4_is_conv2_2():
+    assert vgg19_cut("conv_4") == 8  # conv1_1, relu, conv1_2, relu, pool, conv2_1, relu, conv2_2
+    assert vgg19_cut("conv_1") == 1
+    assert vgg19_cut("conv_16") == 35
+    with pytest.raises(UserError, match="conv_1 .. conv_16"):
+        vgg19_cut("relu_3")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_term_zero_at_target_and_positive_elsewhere(channels):
+    x0 = torch.rand(3, channels, 16, 16) * 2 - 1
+    other = torch.rand(3, channels, 16, 16) * 2 - 1
+    weight, t = torch.ones(3), torch.tensor([1, 5, 9])
+    assert MSETerm()(x0, x0) == 0 and MSETerm()(other, x0) > 0
+    perceptual = PerceptualTerm(random_vgg())
+    assert perceptual(x0, x0, weight) == 0 and perceptual(other, x0, weight) > 0
+    unet = tiny_unet(channels, dropout=0.5)  # dropout is off inside the tap, so equal images match exactly
+    unet.train()
+    assert FeatureMatchingTerm()(unet, x0, x0, t, weight) == 0
+    assert FeatureMatchingTerm()(unet, other, x0, t, weight) > 0
+    assert unet.training
+
+
+def test_timestep_weight_scales_the_terms():
+    x0, other = torch.zeros(2, 1, 16, 16), torch.ones(2, 1, 16, 16) * 0.5
+    perceptual = PerceptualTerm(random_vgg())
+    full = perceptual(other, x0, torch.ones(2))
+    assert perceptual(other, x0, torch.zeros(2)) == 0
+    assert perceptual(other, x0, torch.full((2,), 0.25)).item() == pytest.approx(0.25 * full.item(), rel=1e-5)
+
+
+def test_terms_sum_to_total_with_weights():
+    schedule = NoiseSchedule(timesteps=100)
+    unet = tiny_unet()
+    loss = DiffusionLoss(0.1, 0.05, PerceptualTerm(random_vgg()))
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    terms = loss(unet, schedule, x0, torch.randn_like(x0), torch.tensor([0, 10, 50, 99]))
+    assert set(terms) == {"mse", "perceptual", "feature_matching", "loss"}
+    expected = terms["mse"] + 0.1 * terms["perceptual"] + 0.05 * terms["feature_matching"]
+    assert torch.allclose(terms["loss"], expected)
+    assert terms["perceptual"] > 0 and terms["feature_matching"] > 0
+
+
+def test_zero_weight_skips_the_computation():
+    schedule = NoiseSchedule(timesteps=100)
+    unet = tiny_unet()
+    perceptual = PerceptualTerm(random_vgg())
+    perceptual.features = Counting(perceptual.features)
+    perceptual.features.parameters = lambda: iter([torch.zeros(1)])
+    loss = DiffusionLoss(0.0, 0.0, perceptual)
+    loss.feature_matching = Counting(loss.feature_matching)
+    unet.features = Counting(unet.features)
+    x0 = torch.rand(2, 1, 28, 28)
+    terms = loss(unet, schedule, x0, torch.randn_like(x0), torch.tensor([3, 4]))
+    assert set(terms) == {"mse", "loss"} and torch.equal(terms["loss"], terms["mse"])
+    assert perceptual.features.calls == 0 and loss.feature_matching.calls == 0 and unet.features.calls == 0
+    loss.perceptual_weight = 0.1
+    loss(unet, schedule, x0, torch.randn_like(x0), torch.tensor([3, 4]))
+    assert perceptual.features.calls == 2 and loss.feature_matching.calls == 0
+
+
+def test_gradients_reach_the_unet_and_not_vgg():
+    schedule = NoiseSchedule(timesteps=100)
+    unet = tiny_unet()
+    vgg = random_vgg()
+    loss = DiffusionLoss(0.1, 0.05, PerceptualTerm(vgg))
+    x0 = torch.rand(2, 1, 28, 28) * 2 - 1
+    terms = loss(unet, schedule, x0, torch.randn_like(x0), torch.tensor([1, 2]))
+    (terms["perceptual"] + terms["feature_matching"]).backward()
+    assert all(p.grad is None for p in vgg.parameters()) and not any(p.requires_grad for p in vgg.parameters())
+    assert unet.stem.weight.grad is not None and unet.stem.weight.grad.abs().sum() > 0
+    assert not vgg.training
+
+
+def test_finite_under_bf16_autocast():
+    schedule = NoiseSchedule()
+    unet = tiny_unet()
+    loss = DiffusionLoss(0.1, 0.05, PerceptualTerm(random_vgg()))
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = loss(unet, schedule, x0, torch.randn_like(x0), torch.tensor([0, 1, 500, 999]))
+    assert all(torch.isfinite(value) for value in terms.values())
+    terms["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in unet.parameters() if p.grad is not None)
+
+
+def test_vgg_stays_out_of_checkpoints_and_train_mode(vgg_weights_file):
+    module = DiffusionModule(
+        UNet(1, base_channels=8, num_heads=2),
+        image_shape=(1, 28, 28),
+        perceptual_weight=0.1,
+        vgg_weights=vgg_weights_file,
+    )
+    module.setup("fit")
+    module.train()
+    vgg = module.criterion.perceptual.features
+    assert not vgg.training
+    assert not any(key.startswith("criterion") or "features.0" in key for key in module.state_dict())
+    assert all(p.requires_grad for p in module.parameters())  # only the UNet's parameters are the module's
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in module.unet.parameters())
+
+
+def test_local_weights_file_is_loaded(vgg_weights_file):
+    state = torch.load(vgg_weights_file, weights_only=True)
+    features = load_vgg19_features("conv_4", vgg_weights_file)
+    assert torch.equal(features[7].weight, state["features.7.weight"])
+    with pytest.raises(UserError, match="do not fit VGG19 up to conv_5"):
+        load_vgg19_features("conv_5", vgg_weights_file)
+    with pytest.raises(UserError, match="does not exist"):
+        load_vgg19_features("conv_4", vgg_weights_file + ".missing")
+
+
+def test_missing_weights_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    module = DiffusionModule(UNet(1, base_channels=8, num_heads=2), image_shape=(1, 28, 28), perceptual_weight=0.1)
+    with pytest.raises(UserError) as error:
+        module.setup("fit")
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in message
+    assert "--model.vgg_weights" in message and "--model.perceptual_weight 0" in message
