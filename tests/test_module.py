@@ -60,18 +60,26 @@ def test_ema_warmup_formula():
     assert torch.allclose(averaged[0], torch.full((3,), 0.1))
 
 
-def test_module_built_in_python_loads_from_its_checkpoint(tmp_path):
-    module = tiny_module(lr=1e-3)
-    data = DataLoader(TensorDataset(torch.rand(8, 1, 28, 28) * 2 - 1), batch_size=4)
-    trainer = Trainer(
-        max_steps=2,
+def quiet_trainer(tmp_path, **kwargs) -> Trainer:
+    """A Trainer with no logger, checkpointing, progress bar or summary."""
+    return Trainer(
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
+        **kwargs,
     )
-    trainer.fit(module, data)
+
+
+def random_digits() -> DataLoader:
+    return DataLoader(TensorDataset(torch.rand(8, 1, 28, 28) * 2 - 1), batch_size=4)
+
+
+def test_module_built_in_python_loads_from_its_checkpoint(tmp_path):
+    module = tiny_module(lr=1e-3)
+    trainer = quiet_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, random_digits())
     trainer.save_checkpoint(tmp_path / "python.ckpt")
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "python.ckpt", weights_only=True)
     assert loaded.unet.config == module.unet.config and loaded.hparams.lr == 1e-3
@@ -95,18 +103,8 @@ def test_validation_epoch_hooks_see_the_ema_weights(tmp_path):
             seen["after"] = pl_module.unet.stem.weight.clone()
 
     module = tiny_module(lr=1e-2, ema_decay=None)
-    data = DataLoader(TensorDataset(torch.rand(8, 1, 28, 28) * 2 - 1), batch_size=4)
-    trainer = Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[EMA(0.9), Probe()],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, data, data)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, num_sanity_val_steps=0, callbacks=[EMA(0.9), Probe()])
+    trainer.fit(module, random_digits(), random_digits())
     assert not torch.equal(seen["training"], seen["ema"])
     assert torch.equal(seen["during"], seen["ema"])
     assert torch.equal(seen["after"], seen["training"])
