@@ -34,7 +34,12 @@ class DiffusionCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Refuse a --ckpt_path that is not a file before anything is built or downloaded."""
+        """Refuse what cannot run (predict, a --ckpt_path that is not a file) before anything is built."""
+        if self.subcommand == "predict":
+            raise UserError(
+                "`lit-ddpm predict` has nothing to predict yet; sample grids from the EMA weights are written "
+                "by `fit` to samples/<config name>/, and `lit-ddpm test` scores a checkpoint"
+            )
         ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and not os.path.isfile(ckpt_path):
             raise UserError(f"--ckpt_path {ckpt_path!r} is not a file; give the path of a .ckpt file")

@@ -88,6 +88,14 @@ def test_missing_checkpoint_exits_with_one_line(capsys):
     assert err == ["lit-ddpm: error: --ckpt_path 'checkpoints/none.ckpt' is not a file; give the path of a .ckpt file"]
 
 
+def test_predict_is_a_clear_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", f"{ROOT}/configs/demo.yaml", "--config", TINY])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lit-ddpm: error: `lit-ddpm predict` has nothing to predict yet")
+
+
 def test_print_config_round_trips(tmp_path, capsys, mnist_dir, vgg):
     with pytest.raises(SystemExit):
         fit("--config", f"{ROOT}/configs/cifar10.yaml", "--print_config")
