@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffusion_lit.diffusion.schedule import NoiseSchedule, _gather
+from diffusion_lit.diffusion.schedule import NoiseSchedule, gather
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> network output
 Variance = Literal["small", "large"]
@@ -30,7 +30,7 @@ def p_sample(
         x0 = x0.clamp(-1, 1)
     mean, _, log_variance = schedule.q_posterior(x0, x_t, t)
     if variance == "large":
-        log_variance = _gather(schedule.large_log_variance, t, x_t)
+        log_variance = gather(schedule.large_log_variance, t, x_t)
     noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
     nonzero = (t > 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))  # no noise on the last step
     return mean + nonzero * (0.5 * log_variance).exp() * noise

@@ -28,7 +28,7 @@ def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.0
 BETA_SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
 
 
-def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
+def gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """values[t] shaped (B, 1, 1, ...) to broadcast against `like`, in like's dtype."""
     return values[t].to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -79,7 +79,7 @@ class NoiseSchedule(nn.Module):
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I); Ho et al. 2020 eq. 4."""
-        return _gather(self.sqrt_alpha_bar, t, x0) * x0 + _gather(self.sqrt_one_minus_alpha_bar, t, x0) * noise
+        return gather(self.sqrt_alpha_bar, t, x0) * x0 + gather(self.sqrt_one_minus_alpha_bar, t, x0) * noise
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """What the network is trained to output for this prediction type (v: Salimans & Ho 2022, sec. 4)."""
@@ -87,12 +87,12 @@ class NoiseSchedule(nn.Module):
             return noise
         if self.prediction == "x0":
             return x0
-        return _gather(self.sqrt_alpha_bar, t, x0) * noise - _gather(self.sqrt_one_minus_alpha_bar, t, x0) * x0
+        return gather(self.sqrt_alpha_bar, t, x0) * noise - gather(self.sqrt_one_minus_alpha_bar, t, x0) * x0
 
     def to_x0_eps(self, x_t: Tensor, t: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """The one conversion point: a network output of any prediction type -> (x0, eps)."""
-        sqrt_ab = _gather(self.sqrt_alpha_bar, t, x_t)
-        sqrt_1m_ab = _gather(self.sqrt_one_minus_alpha_bar, t, x_t)
+        sqrt_ab = gather(self.sqrt_alpha_bar, t, x_t)
+        sqrt_1m_ab = gather(self.sqrt_one_minus_alpha_bar, t, x_t)
         if self.prediction == "eps":
             eps = output
             x0 = (x_t - sqrt_1m_ab * eps) / sqrt_ab
@@ -106,5 +106,5 @@ class NoiseSchedule(nn.Module):
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0); Ho et al. 2020 eq. 6-7."""
-        mean = _gather(self.posterior_mean_x0_coef, t, x_t) * x0 + _gather(self.posterior_mean_xt_coef, t, x_t) * x_t
-        return mean, _gather(self.posterior_variance, t, x_t), _gather(self.posterior_log_variance, t, x_t)
+        mean = gather(self.posterior_mean_x0_coef, t, x_t) * x0 + gather(self.posterior_mean_xt_coef, t, x_t) * x_t
+        return mean, gather(self.posterior_variance, t, x_t), gather(self.posterior_log_variance, t, x_t)
