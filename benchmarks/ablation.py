@@ -20,13 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from torch import nn
 
 from diffusion_lit.data import DemoMNISTDataModule
+from diffusion_lit.metrics import feature_statistics, frechet_distance
 from diffusion_lit.module import DiffusionModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,17 +57,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 3
 
 
 @torch.no_grad()
-def features(net: nn.Sequential, images: torch.Tensor) -> np.ndarray:
-    """Penultimate activations (N, 64) of images in [-1, 1]."""
-    return net[:-1](images).double().numpy()
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)); Heusel et al. 2017."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = linalg.sqrtm(s_a @ s_b).real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
+def features(net: nn.Sequential, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of the penultimate activations (64-d) of images in [-1, 1]."""
+    return feature_statistics(net[:-1](images))
 
 
 def train_variant(folder: Path, perceptual: float, matching: float, epochs: int, vgg: str | None) -> Path:
@@ -106,7 +97,7 @@ def main() -> None:
     net = train_classifier(train_images, train_labels)
     accuracy = (net(held_out).argmax(1) == held_labels).float().mean().item()
     reference = features(net, held_out)
-    floor = frechet_distance(features(net, train_images[: args.num_samples]), reference)
+    floor = frechet_distance(*features(net, train_images[: args.num_samples]), *reference)
     print(f"classifier accuracy on the held-out digits: {accuracy:.3f}; real-vs-real floor: {floor:.2f}")
 
     variants = VARIANTS | (PERCEPTUAL_VARIANTS if args.vgg_weights else {})
@@ -121,7 +112,7 @@ def main() -> None:
         rows.append(
             {
                 "terms": name,
-                "classifier_fid": frechet_distance(features(net, samples), reference),
+                "classifier_fid": frechet_distance(*features(net, samples), *reference),
                 "classes_covered": int(predicted.unique().numel()),
                 "steps": args.epochs * 140,
             }
