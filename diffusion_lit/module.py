@@ -11,6 +11,8 @@ from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, Schedule
 from diffusion_lit.ema import EMA
 from diffusion_lit.nn import UNet
 
+MSE_ONLY = DiffusionLoss()  # validation and test score the MSE term alone, whatever the training loss
+
 
 class DiffusionModule(LightningModule):
     """Trains a UNet to denoise under a fixed noise schedule (Ho et al. 2020) and samples from it.
@@ -98,8 +100,7 @@ class DiffusionModule(LightningModule):
         generator = torch.Generator().manual_seed(batch_idx)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-        output = self(self.schedule.q_sample(x0, t, noise), t)
-        return self.criterion.mse(output, self.schedule.target(x0, noise, t))
+        return MSE_ONLY(self.unet, self.schedule, x0, noise, t)["mse"]
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         """Loss on held-out images with fixed noise, on the EMA weights."""
