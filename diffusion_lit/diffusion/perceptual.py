@@ -59,8 +59,9 @@ def load_vgg19_features(layer: str = "conv_4", weights_path: str | None = None) 
     `weights_path` is a local torchvision VGG19 state dict (full, or only the kept `features.*` layers);
     without it the weights come from torchvision (cache or download).
     """
-    # Built from torchvision's own config, so layer indices match `vgg19().features` and its weights.
-    features = make_layers(_vgg19_prefix(layer))[: vgg19_cut(layer)]
+    # Built from torchvision's own config, so layer indices match `vgg19().features` and its weights;
+    # the prefix ends with the named conv, and [:-1] drops the ReLU that make_layers puts after it.
+    features = make_layers(_vgg19_prefix(layer))[:-1]
     if weights_path is not None and not os.path.isfile(weights_path):
         raise UserError(f"VGG19 weights file {weights_path!r} does not exist; fix --model.vgg_weights")
     state = torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path else _imagenet_state_dict()
