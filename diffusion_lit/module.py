@@ -6,7 +6,7 @@ from torch import Tensor
 
 from diffusion_lit.diffusion.losses import DiffusionLoss, PerceptualTerm
 from diffusion_lit.diffusion.perceptual import load_vgg19_features
-from diffusion_lit.diffusion.samplers import Variance, p_sample_loop
+from diffusion_lit.diffusion.samplers import SamplerName, Spacing, Variance, sample
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
 from diffusion_lit.ema import EMA
 from diffusion_lit.nn import UNet
@@ -111,15 +111,30 @@ class DiffusionModule(LightningModule):
         self.log("test/loss", self._fixed_noise_loss(batch, batch_idx), sync_dist=True)
 
     @torch.no_grad()
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw images (N, C, H, W) in [0, 1] with the current weights (the EMA ones during validation)."""
+    def sample(
+        self,
+        num_samples: int,
+        sampler: SamplerName = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
+        spacing: Spacing = "trailing",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw images (N, C, H, W) in [0, 1] with the current weights (the EMA ones during validation).
+
+        sampler/steps/eta/spacing are those of `diffusion.samplers.sample`; steps None means all T.
+        """
         was_training = self.training
         self.eval()
         try:
-            x = p_sample_loop(
+            x = sample(
                 self,
                 self.schedule,
                 (num_samples, *self.image_shape),
+                sampler=sampler,
+                steps=steps,
+                spacing=spacing,
+                eta=eta,
                 variance=self.hparams.sample_variance,
                 generator=generator,
                 device=self.device,

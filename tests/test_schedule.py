@@ -34,10 +34,10 @@ def test_linear_betas_endpoints():
     assert torch.allclose(betas.diff(), betas.diff()[0].expand(999))
 
 
-def test_tables_are_non_persistent_float32_buffers():
+def test_tables_are_non_persistent_float64_buffers():
     schedule = NoiseSchedule()
     assert schedule.state_dict() == {}
-    assert schedule.alpha_bar.dtype == torch.float32 and len(schedule.alpha_bar) == 1000
+    assert schedule.alpha_bar.dtype == torch.float64 and len(schedule.alpha_bar) == 1000
 
 
 def test_unknown_schedule_and_prediction_rejected():
@@ -92,6 +92,6 @@ def test_target_and_conversion_round_trip(prediction):
 def test_v_target_closed_form():
     schedule = NoiseSchedule(prediction="v")
     x0, noise, t = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2), torch.tensor([0, 10, 500, 999])
-    a = schedule.sqrt_alpha_bar[t].view(-1, 1, 1, 1)
-    s = schedule.sqrt_one_minus_alpha_bar[t].view(-1, 1, 1, 1)
+    a = schedule.sqrt_alpha_bar[t].view(-1, 1, 1, 1).float()
+    s = schedule.sqrt_one_minus_alpha_bar[t].view(-1, 1, 1, 1).float()
     assert torch.allclose(schedule.target(x0, noise, t), a * noise - s * x0)

@@ -1,6 +1,6 @@
 """Diffusion mathematics in pure torch: schedules, samplers, losses."""
 
-from diffusion_lit.diffusion.samplers import p_sample, p_sample_loop
+from diffusion_lit.diffusion.samplers import SAMPLERS, sample, timestep_spacing
 from diffusion_lit.diffusion.schedule import NoiseSchedule, cosine_betas, linear_betas
 
-__all__ = ["NoiseSchedule", "cosine_betas", "linear_betas", "p_sample", "p_sample_loop"]
+__all__ = ["SAMPLERS", "NoiseSchedule", "cosine_betas", "linear_betas", "sample", "timestep_spacing"]

@@ -107,7 +107,7 @@ class DiffusionLoss:
         total = terms["mse"]
         if self.perceptual_weight or self.feature_matching_weight:
             x0_pred = schedule.to_x0_eps(x_t, t, output.float())[0].clamp(-1, 1)
-            weight = schedule.alpha_bar[t]  # (B,)
+            weight = schedule.alpha_bar[t].float()  # (B,)
         if self.perceptual_weight:
             if self.perceptual is None:
                 raise RuntimeError("perceptual_weight > 0 but no PerceptualTerm was given")

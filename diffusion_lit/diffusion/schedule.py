@@ -36,8 +36,9 @@ def gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
 class NoiseSchedule(nn.Module):
     """The forward process and its conversions, for one beta schedule and one prediction target.
 
-    Every table is computed in float64 and stored as a float32 non-persistent buffer, so `.to(device)`
-    moves it and checkpoints never carry it. Timesteps are 0-based: t = 0 is the first noising step.
+    Every table is computed and kept in float64 as a non-persistent buffer, so `.to(device)` moves it and
+    checkpoints never carry it; `gather` rounds it once to the dtype of the images it meets (float64
+    sampling keeps full precision, which matters where alpha_bar ~ 1e-9 at t = T - 1). Timesteps are 0-based: t = 0 is the first noising step.
     """
 
     def __init__(
@@ -71,7 +72,7 @@ class NoiseSchedule(nn.Module):
             "large_log_variance": torch.cat([posterior_variance[1:2], betas[1:]]).log(),
         }
         for name, values in tables.items():
-            self.register_buffer(name, values.float(), persistent=False)
+            self.register_buffer(name, values, persistent=False)
 
     def sample_timesteps(self, batch_size: int, device: torch.device) -> Tensor:
         """Uniform random timesteps (B,) for training."""

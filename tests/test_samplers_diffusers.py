@@ -1,0 +1,126 @@
+"""Each sampler against the diffusers scheduler of the same name: same betas, same model outputs, same noise.
+
+A fake network returns a fixed sequence of random outputs and records the x it is given, so both
+implementations are compared at every step, in float64.
+"""
+
+import pytest
+import torch
+
+from diffusion_lit.diffusion import NoiseSchedule, timestep_spacing
+from diffusion_lit.diffusion.samplers import ddim, ddpm, dpmpp_2m
+
+schedulers = pytest.importorskip("diffusers.schedulers")
+
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+SHAPE = (2, 3, 4, 4)
+
+
+class ReplayModel:
+    """Returns outputs[i] on its i-th call and records the x it was called with."""
+
+    def __init__(self, steps: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.outputs = [torch.randn(SHAPE, generator=generator, dtype=torch.float64) for _ in range(steps)]
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, x, t):
+        self.inputs.append(x.clone())
+        return self.outputs[len(self.inputs) - 1]
+
+
+def run_diffusers(scheduler, model: ReplayModel, x: torch.Tensor, seed: int, **step_kwargs) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x, generator=generator, **step_kwargs).prev_sample
+    return x
+
+
+def make_scheduler(cls, schedule: NoiseSchedule, prediction: str, **config):
+    scheduler = cls(
+        num_train_timesteps=schedule.timesteps,
+        trained_betas=schedule.betas.double().numpy(),
+        prediction_type=PREDICTION_TYPES[prediction],
+        **config,
+    )
+    # The very same alpha_bar values as ours, in float64 so that diffusers' arithmetic is float64 too
+    # (it would take the cumulative product, and 1 - alpha_bar, in float32).
+    scheduler.alphas_cumprod = schedule.alpha_bar.double()
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+    return scheduler
+
+
+def assert_same_trajectory(ours: ReplayModel, theirs: ReplayModel, x_ours, x_theirs):
+    # 1e-5, relative to |x| once |x| > 1: random eps outputs at t = 999 (alpha_bar = 2.4e-10 for the cosine
+    # schedule) imply x0 predictions of size 1e4-1e5, and float64 keeps about 11 digits through them.
+    assert len(ours.inputs) == len(theirs.inputs)
+    for step, (a, b) in enumerate([*zip(ours.inputs, theirs.inputs, strict=True), (x_ours, x_theirs)]):
+        bound = 1e-5 * max(1.0, b.abs().max().item())
+        assert (a - b).abs().max() <= bound, f"x differs at step {step}: {(a - b).abs().max():.2e} > {bound:.1e}"
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("spacing,steps", [("uniform", 50), ("trailing", 50), ("trailing", 1000)])
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ddpm_matches_diffusers_ddpm_scheduler(prediction, spacing, steps, variance):
+    schedule = NoiseSchedule("cosine", 1000, prediction)
+    diffusers_spacing = {"uniform": "leading", "trailing": "trailing"}[spacing]
+    variance_type = {"small": "fixed_small", "large": "fixed_large"}[variance]
+    scheduler = make_scheduler(
+        schedulers.DDPMScheduler, schedule, prediction, clip_sample=False, variance_type=variance_type,
+        timestep_spacing=diffusers_spacing, steps_offset=0,
+    )  # fmt: skip
+    scheduler.set_timesteps(steps)
+    timesteps = timestep_spacing(1000, steps, spacing)
+    assert timesteps.tolist() == scheduler.timesteps.tolist()
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours, theirs = ReplayModel(steps), ReplayModel(steps)
+    x_ours = ddpm(ours, schedule, x_T, timesteps, variance, clip_x0=False, generator=torch.Generator().manual_seed(2))
+    x_theirs = run_diffusers(scheduler, theirs, x_T, seed=2)
+    if variance == "large":
+        # diffusers adds beta_t-sized noise on the last step too; we stop at the mean, as Ho et al. do.
+        x_theirs = theirs.inputs[-1]
+        x_ours = ours.inputs[-1]
+    assert_same_trajectory(ours, theirs, x_ours, x_theirs)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("spacing,steps", [("uniform", 20), ("trailing", 50), ("trailing", 10)])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_matches_diffusers_ddim_scheduler(prediction, spacing, steps, eta):
+    schedule = NoiseSchedule("cosine", 1000, prediction)
+    diffusers_spacing = {"uniform": "leading", "trailing": "trailing"}[spacing]
+    scheduler = make_scheduler(
+        schedulers.DDIMScheduler, schedule, prediction, clip_sample=False, set_alpha_to_one=True,
+        timestep_spacing=diffusers_spacing, steps_offset=0,
+    )  # fmt: skip
+    scheduler.set_timesteps(steps)
+    timesteps = timestep_spacing(1000, steps, spacing)
+    assert timesteps.tolist() == scheduler.timesteps.tolist()
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours, theirs = ReplayModel(steps), ReplayModel(steps)
+    x_ours = ddim(ours, schedule, x_T, timesteps, eta, clip_x0=False, generator=torch.Generator().manual_seed(2))
+    x_theirs = run_diffusers(scheduler, theirs, x_T, seed=2, eta=eta)
+    assert_same_trajectory(ours, theirs, x_ours, x_theirs)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("steps", [10, 20, 50])
+def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(prediction, steps):
+    schedule = NoiseSchedule("cosine", 1000, prediction)
+    scheduler = make_scheduler(
+        schedulers.DPMSolverMultistepScheduler, schedule, prediction, algorithm_type="dpmsolver++",
+        solver_order=2, solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
+        timestep_spacing="trailing", steps_offset=0,
+    )  # fmt: skip
+    scheduler.set_timesteps(steps)
+    # diffusers rounds its sigma table to float32 here; the same formula in float64 instead.
+    alpha_bar = schedule.alpha_bar[scheduler.timesteps]
+    scheduler.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    timesteps = timestep_spacing(1000, steps, "trailing")
+    assert timesteps.tolist() == scheduler.timesteps.tolist()
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours, theirs = ReplayModel(steps), ReplayModel(steps)
+    x_ours = dpmpp_2m(ours, schedule, x_T, timesteps, clip_x0=False)
+    x_theirs = run_diffusers(scheduler, theirs, x_T, seed=2)
+    assert_same_trajectory(ours, theirs, x_ours, x_theirs)
