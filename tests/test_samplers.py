@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffusion_lit.diffusion import NoiseSchedule, sample, timestep_spacing
-from diffusion_lit.diffusion.samplers import ddim, ddpm, dpmpp_2m
+from diffusion_lit.diffusion.samplers import ddim, ddpm
 
 SAMPLER_STEPS = [("ddpm", 1000), ("ddpm", 50), ("ddim", 20), ("dpmpp", 20)]
 
@@ -79,11 +79,11 @@ def test_seeded_samplers_are_deterministic_and_clipped(sampler, steps):
 def test_ddim_eta_zero_is_deterministic_given_the_noise_and_eta_one_is_not():
     schedule = NoiseSchedule(timesteps=100)
     model = gaussian_denoiser(schedule, 0.5)
-    x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
     timesteps = timestep_spacing(100, 10)
-    runs = [ddim(model, schedule, x_T, timesteps, 0.0, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    runs = [ddim(model, schedule, noise, timesteps, 0.0, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     assert torch.equal(*runs)
-    runs = [ddim(model, schedule, x_T, timesteps, 1.0, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    runs = [ddim(model, schedule, noise, timesteps, 1.0, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     assert not torch.allclose(*runs)
 
 
@@ -93,10 +93,10 @@ def test_ddim_eta_one_is_ancestral_ddpm(steps):
     # given the same noise the two samplers follow the same trajectory.
     schedule = NoiseSchedule(timesteps=1000)
     model = gaussian_denoiser(schedule, 0.5)
-    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     timesteps = timestep_spacing(1000, steps)
-    a = ddim(model, schedule, x_T, timesteps, 1.0, clip_x0=False, generator=torch.Generator().manual_seed(5))
-    b = ddpm(model, schedule, x_T, timesteps, "small", clip_x0=False, generator=torch.Generator().manual_seed(5))
+    a = ddim(model, schedule, noise, timesteps, 1.0, clip_x0=False, generator=torch.Generator().manual_seed(5))
+    b = ddpm(model, schedule, noise, timesteps, "small", clip_x0=False, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(a, b, atol=1e-6)
 
 

@@ -73,10 +73,10 @@ def test_ddpm_matches_diffusers_ddpm_scheduler(prediction, spacing, steps, varia
     scheduler.set_timesteps(steps)
     timesteps = timestep_spacing(1000, steps, spacing)
     assert timesteps.tolist() == scheduler.timesteps.tolist()
-    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours, theirs = ReplayModel(steps), ReplayModel(steps)
-    x_ours = ddpm(ours, schedule, x_T, timesteps, variance, clip_x0=False, generator=torch.Generator().manual_seed(2))
-    x_theirs = run_diffusers(scheduler, theirs, x_T, seed=2)
+    x_ours = ddpm(ours, schedule, noise, timesteps, variance, clip_x0=False, generator=torch.Generator().manual_seed(2))
+    x_theirs = run_diffusers(scheduler, theirs, noise, seed=2)
     if variance == "large":
         # diffusers adds beta_t-sized noise on the last step too; we stop at the mean, as Ho et al. do.
         x_theirs = theirs.inputs[-1]
@@ -97,10 +97,10 @@ def test_ddim_matches_diffusers_ddim_scheduler(prediction, spacing, steps, eta):
     scheduler.set_timesteps(steps)
     timesteps = timestep_spacing(1000, steps, spacing)
     assert timesteps.tolist() == scheduler.timesteps.tolist()
-    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours, theirs = ReplayModel(steps), ReplayModel(steps)
-    x_ours = ddim(ours, schedule, x_T, timesteps, eta, clip_x0=False, generator=torch.Generator().manual_seed(2))
-    x_theirs = run_diffusers(scheduler, theirs, x_T, seed=2, eta=eta)
+    x_ours = ddim(ours, schedule, noise, timesteps, eta, clip_x0=False, generator=torch.Generator().manual_seed(2))
+    x_theirs = run_diffusers(scheduler, theirs, noise, seed=2, eta=eta)
     assert_same_trajectory(ours, theirs, x_ours, x_theirs)
 
 
@@ -119,8 +119,8 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(prediction, steps):
     scheduler.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
     timesteps = timestep_spacing(1000, steps, "trailing")
     assert timesteps.tolist() == scheduler.timesteps.tolist()
-    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours, theirs = ReplayModel(steps), ReplayModel(steps)
-    x_ours = dpmpp_2m(ours, schedule, x_T, timesteps, clip_x0=False)
-    x_theirs = run_diffusers(scheduler, theirs, x_T, seed=2)
+    x_ours = dpmpp_2m(ours, schedule, noise, timesteps, clip_x0=False)
+    x_theirs = run_diffusers(scheduler, theirs, noise, seed=2)
     assert_same_trajectory(ours, theirs, x_ours, x_theirs)

@@ -38,7 +38,8 @@ class NoiseSchedule(nn.Module):
 
     Every table is computed and kept in float64 as a non-persistent buffer, so `.to(device)` moves it and
     checkpoints never carry it; `gather` rounds it once to the dtype of the images it meets (float64
-    sampling keeps full precision, which matters where alpha_bar ~ 1e-9 at t = T - 1). Timesteps are 0-based: t = 0 is the first noising step.
+    sampling keeps full precision, which matters where alpha_bar ~ 1e-9 at t = T - 1).
+    Timesteps are 0-based: t = 0 is the first noising step.
     """
 
     def __init__(
