@@ -8,6 +8,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from diffusion_lit.callbacks import SampleQuality
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 
@@ -27,7 +28,8 @@ class DiffusionCLI(LightningCLI):
     """LightningCLI whose datamodule decides the image shape the model is built for."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        """Say the image shape once, in the datamodule."""
+        """Say the image shape once, in the datamodule; FID/IS settings live under `evaluation`."""
+        parser.add_lightning_class_args(SampleQuality, "evaluation")
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
         parser.link_arguments(
             "data.image_shape", "model.unet.init_args.in_channels", compute_fn=_channels, apply_on="instantiate"

@@ -1,10 +1,13 @@
 """LightningDataModules: MNIST, CIFAR-10, a folder of images, and the offline demo digits.
 
 Every datamodule yields (image, label) batches with images in [-1, 1] and exposes `image_shape`
-(C, H, W), which the CLI links into the model.
+(C, H, W), which the CLI links into the model, and `reference_set(split)`: the images without
+augmentation that FID compares samples with, named by `reference_name(split)` for caching.
 """
 
+import hashlib
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -17,6 +20,7 @@ from diffusion_lit.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TO_SIGNED = transforms.Normalize(0.5, 0.5)  # [0, 1] -> [-1, 1]
+Split = Literal["train", "test"]
 
 
 class _ImageDataModule(LightningDataModule):
@@ -53,6 +57,14 @@ class _ImageDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The held-out batches again."""
         return self.val_dataloader()
+
+    def reference_set(self, split: Split) -> Dataset:
+        """FID's real images: the training images without augmentation, or the held-out ones ("test")."""
+        raise NotImplementedError
+
+    def reference_name(self, split: Split) -> str:
+        """A name for `reference_set(split)` that changes whenever its images do."""
+        raise NotImplementedError
 
 
 def _torchvision_dataset(cls: type, name: str, data_dir: str, train: bool, download: bool, transform) -> Dataset:
@@ -94,6 +106,17 @@ class _TorchvisionDataModule(_ImageDataModule):
         cls, name = self.dataset_class, self.name
         self.train_set = _torchvision_dataset(cls, name, self.data_dir, True, False, self.train_transform())
         self.val_set = _torchvision_dataset(cls, name, self.data_dir, False, False, plain)
+
+    def reference_set(self, split: Split) -> Dataset:
+        """The train split without augmentation, or the test split."""
+        if split == "test":
+            return self.val_set
+        plain = transforms.Compose([transforms.ToTensor(), TO_SIGNED])
+        return _torchvision_dataset(self.dataset_class, self.name, self.data_dir, True, False, plain)
+
+    def reference_name(self, split: Split) -> str:
+        """e.g. cifar-10-train."""
+        return f"{self.name.lower()}-{split}"
 
 
 class MNISTDataModule(_TorchvisionDataModule):
@@ -216,6 +239,20 @@ class ImageFolderDataModule(_ImageDataModule):
         order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.val_set = ImageFiles([paths[i] for i in order[:num_val]], mode, plain)
         self.train_set = ImageFiles([paths[i] for i in order[num_val:]], mode, train)
+        self.plain_train_set = ImageFiles(self.train_set.paths, mode, plain)
+
+    def reference_set(self, split: Split) -> Dataset:
+        """The training images without flips, or the held-out ones."""
+        return self.val_set if split == "test" else self.plain_train_set
+
+    def reference_name(self, split: Split) -> str:
+        """folder-<hash of the folder, its files' names, sizes and times, and the split>-<split>."""
+        dataset = self.val_set if split == "test" else self.train_set
+        digest = hashlib.sha1(str(self.root.resolve()).encode())
+        for path in dataset.paths:
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return f"folder-{digest.hexdigest()[:12]}-{split}"
 
 
 class DemoMNISTDataModule(_ImageDataModule):
@@ -246,3 +283,11 @@ class DemoMNISTDataModule(_ImageDataModule):
         dataset = TensorDataset(images, torch.from_numpy(labels).long())
         generator = torch.Generator().manual_seed(self.seed)
         self.train_set, self.val_set = random_split(dataset, [len(dataset) - self.val_size, self.val_size], generator)
+
+    def reference_set(self, split: Split) -> Dataset:
+        """The training digits (never augmented), or the held-out ones."""
+        return self.val_set if split == "test" else self.train_set
+
+    def reference_name(self, split: Split) -> str:
+        """e.g. demo-mnist-val500-seed0-train."""
+        return f"demo-mnist-val{self.val_size}-seed{self.seed}-{split}"

@@ -1,7 +1,27 @@
-"""Sample-quality metrics on plain torch: the Frechet distance between feature statistics."""
+"""Sample quality: FID and Inception Score on torchmetrics, with offline weights and cached real statistics.
+
+Protocol (as the DDPM/TTUR/torch-fidelity references): images are uint8, gray ones repeated to 3 channels,
+resized to 299x299 the way TensorFlow 1.x did (bilinear, no antialiasing) and fed to the TF-ported
+Inception v3; FID uses its 2048-d pool features, IS its 1008 logits with 10 splits.
+"""
+
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.error import URLError
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics.image import FrechetInceptionDistance, InceptionScore
+from torchmetrics.image.fid import NoTrainInceptionV3
+
+from diffusion_lit.errors import UserError
+
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
 def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -22,3 +42,150 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     eigenvalues = torch.linalg.eigvals(sigma1 @ sigma2).real.clamp(min=0)
     distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * eigenvalues.sqrt().sum()
     return distance.item()
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images (N, 1 or 3, H, W) in [0, 1] -> uint8 (N, 3, H, W), rounded as PNG writers do."""
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+class InceptionFeatures(NoTrainInceptionV3):
+    """The TF-ported Inception v3 of torch-fidelity/torchmetrics: uint8 images -> (pool features, logits).
+
+    Args:
+        weights_path: a local copy of torch-fidelity's weights file; None: torch's hub cache, downloading
+            into it when missing.
+        antialias: resize with antialiasing (torchmetrics' default) instead of as TensorFlow 1.x did;
+            the numbers are then not comparable with published ones.
+    """
+
+    num_features = 2048
+    num_logits = 1008
+
+    def __init__(self, weights_path: str | None = None, antialias: bool = False) -> None:
+        super().__init__("inception-v3-compat", ["2048", "logits_unbiased"], weights_path, antialias)
+        self.name = "inception-v3-tf" + ("-antialias" if antialias else "")
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 (N, 3, H, W) -> pool features (N, 2048) and logits (N, 1008), from one forward pass."""
+        # torchmetrics' own forward returns only the first requested output; this one returns both.
+        pool, logits = self._torch_fidelity_forward(images)
+        return pool.reshape(len(images), -1), logits.reshape(len(images), -1)
+
+
+def load_inception(weights_path: str | None = None, antialias: bool = False) -> InceptionFeatures:
+    """InceptionFeatures from a local file or torch's hub cache; one clear line when neither works."""
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(INCEPTION_URL)
+    how_to_fix = (
+        f"download {INCEPTION_URL} on a machine with internet access and put it at {hub_file}, "
+        f"or set evaluation.inception_weights to its path"
+    )
+    if weights_path is not None:
+        if not os.path.isfile(weights_path):
+            raise UserError(f"Inception weights file {weights_path!r} does not exist; {how_to_fix}")
+        try:  # torch-fidelity loads it with weights_only=False: first make sure it is plain tensors
+            torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001  (any unpickling failure means the same to the user)
+            raise UserError(f"{weights_path!r} is not a file of saved tensors; {how_to_fix}") from None
+    try:
+        return InceptionFeatures(weights_path, antialias)
+    except (URLError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"the FID/IS Inception weights are not available offline ({reason}); {how_to_fix}") from None
+
+
+class _Passthrough(nn.Module):
+    """The metrics' "feature extractor": features are extracted once, before, for FID and IS together."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+class QualityMetrics(nn.Module):
+    """FID against fixed reference statistics, and Inception Score, over batches of generated images.
+
+    The metric states are torchmetrics', so under DDP they are reduced across processes at `compute`.
+    The reference statistics must be loaded on exactly one process (they are summed across processes).
+
+    Args:
+        extractor: uint8 images -> (features (N, D), logits (N, K)); `load_inception()` for the real metric.
+        splits: Inception Score splits.
+    """
+
+    def __init__(self, extractor: nn.Module, splits: int = 10) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.fid = FrechetInceptionDistance(_Passthrough(extractor.num_features), reset_real_features=False)
+        with warnings.catch_warnings():  # "will save all extracted features": 4 KB per image, known and fine
+            warnings.simplefilter("ignore", UserWarning)
+            self.inception_score = InceptionScore(_Passthrough(extractor.num_logits), splits=splits)
+
+    @torch.no_grad()
+    def add_reference(self, images: Tensor) -> None:
+        """Accumulate real images (uint8) into the reference statistics."""
+        self.fid.update(self.extractor(images)[0], real=True)
+
+    @torch.no_grad()
+    def update(self, images: Tensor) -> None:
+        """Accumulate generated images (uint8)."""
+        features, logits = self.extractor(images)
+        self.fid.update(features, real=False)
+        self.inception_score.update(logits)
+
+    def reference_statistics(self) -> dict[str, Tensor]:
+        """The accumulated reference statistics (sums, so that they can be saved and loaded exactly)."""
+        return {name: getattr(self.fid, name).cpu() for name in REFERENCE_STATES}
+
+    def load_reference_statistics(self, statistics: dict[str, Tensor]) -> None:
+        """Use saved reference statistics instead of real images."""
+        for name in REFERENCE_STATES:
+            current = getattr(self.fid, name)
+            setattr(self.fid, name, statistics[name].to(device=current.device, dtype=current.dtype))
+
+    def compute(self, seed: int = 0) -> dict[str, float]:
+        """FID and IS (mean and std over the splits); the IS split shuffle is seeded, leaving torch's RNG alone."""
+        # torchmetrics gathers a list state element by element (rank 0's first batch, rank 1's first, ...):
+        # one tensor per process makes the gathered order the global one, whatever the number of processes,
+        # and keeps every process in the same collectives even when it generated nothing.
+        logits = self.inception_score.features
+        empty = torch.empty(0, self.extractor.num_logits, device=self.fid.fake_features_sum.device)
+        self.inception_score.features = [torch.cat(logits) if logits else empty]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            is_mean, is_std = self.inception_score.compute()
+        return {"fid": self.fid.compute().item(), "is": is_mean.item(), "is_std": is_std.item()}
+
+    def reset(self) -> None:
+        """Forget the generated images, keep the reference."""
+        self.fid.reset()
+        self.inception_score.reset()
+
+
+def reference_statistics(
+    metrics: QualityMetrics, path: Path, real_batches: Iterable[Tensor], description: dict[str, object]
+) -> bool:
+    """Load the reference statistics cached at `path`, or compute them from uint8 batches and cache them.
+
+    Returns whether they were computed. The file also holds `description` (what they were computed from),
+    and loads with weights_only=True.
+    """
+    if path.is_file():
+        try:
+            metrics.load_reference_statistics(torch.load(path, map_location="cpu", weights_only=True))
+            return False
+        except Exception:  # noqa: BLE001  (a truncated or foreign file: either way, recompute)
+            raise UserError(
+                f"cached FID statistics {str(path)!r} are unreadable; delete it to recompute them"
+            ) from None
+    for images in real_batches:
+        metrics.add_reference(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({**metrics.reference_statistics(), **description}, partial)
+    os.replace(partial, path)  # atomic: a killed run never leaves a half-written cache
+    return True

@@ -89,3 +89,28 @@ def vgg_weights_file(tmp_path) -> str:
     path = tmp_path / "vgg19-random.pth"
     torch.save(state, path)
     return str(path)
+
+
+class StandInExtractor(torch.nn.Module):
+    """A small fixed random feature extractor in Inception's place: uint8 (N, 3, H, W) -> (16 features, 10 logits).
+
+    It counts its calls, so tests can tell whether statistics were recomputed.
+    """
+
+    num_features = 16
+    num_logits = 10
+    name = "stand-in"
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("project", torch.randn(3 * 4 * 4, self.num_features, generator=generator))
+        self.register_buffer("classify", torch.randn(self.num_features, self.num_logits, generator=generator))
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        self.calls += 1
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
+        features = pooled @ self.project
+        return features, features @ self.classify / 10  # soft enough that IS varies

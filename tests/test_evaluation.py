@@ -1,0 +1,138 @@
+"""`lit-ddpm test`: FID/IS of a tiny checkpoint with a stand-in feature extractor, on CPU."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from conftest import ROOT, TINY, StandInExtractor
+from diffusion_lit.callbacks import SampleQuality, _shard
+from diffusion_lit.cli import main
+from diffusion_lit.data import DemoMNISTDataModule
+from diffusion_lit.module import DiffusionModule
+
+DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
+
+
+@pytest.fixture
+def extractors(monkeypatch) -> list[StandInExtractor]:
+    """Every extractor the runs load, in order; the real Inception is never loaded."""
+    made = []
+
+    def load(*args, **kwargs):
+        made.append(StandInExtractor())
+        return made[-1]
+
+    monkeypatch.setattr("diffusion_lit.callbacks.load_inception", load)
+    return made
+
+
+@pytest.fixture
+def demo_checkpoint(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *DEMO, "--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.logger", "false",
+          "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "-1"])  # fmt: skip
+    return tmp_path / "checkpoints" / "demo" / "last.ckpt"
+
+
+def run_test(checkpoint: Path, cache: Path, *extra: str) -> None:
+    main(["test", *DEMO, "--ckpt_path", str(checkpoint), "--evaluation.num_samples", "10",
+          "--evaluation.batch_size", "4", "--evaluation.cache_dir", str(cache), *extra])  # fmt: skip
+
+
+def test_test_writes_scores_json_and_samples_and_reuses_reference(demo_checkpoint, extractors, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    run_test(demo_checkpoint, cache, "--evaluation.save_samples", "both", "--evaluation.steps", "5")
+    stem = demo_checkpoint.with_name("last-fid-dpmpp5-n10-seed0")
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert report["fid"] > 0 and report["is"] >= 1.0
+    assert report["num_samples"] == 10 and report["sampler"] == "dpmpp" and report["steps"] == 5
+    assert report["reference"] == {
+        "split": "train",
+        "images": 4500,
+        "statistics": str(cache / "demo-mnist-val500-seed0-train-1x28x28-stand-in.pt"),
+    }
+    assert report["checkpoint"] == str(demo_checkpoint.resolve()) and report["extractor"] == "stand-in"
+    assert "TensorFlow" in report["resize"]
+    images = np.load(stem.with_suffix(".npz"))["arr_0"]
+    assert images.shape == (10, 28, 28, 3) and images.dtype == np.uint8
+    assert (
+        sorted(p.name for p in stem.iterdir())[:2] == ["000000.png", "000001.png"] and len(list(stem.iterdir())) == 10
+    )
+    assert "Sample quality" in capsys.readouterr().out
+    reference_calls = extractors[0].calls - 3  # 3 batches of samples, the rest was the 4,500 reference digits
+    assert reference_calls > 0
+
+    run_test(demo_checkpoint, cache, "--evaluation.save_samples", "npz", "--evaluation.steps", "5")
+    assert extractors[1].calls == 3  # the reference statistics came from the cache
+    again = json.loads(stem.with_suffix(".json").read_text())
+    assert again["fid"] == pytest.approx(report["fid"], rel=1e-9)  # same seed, same samples, same score
+    assert np.array_equal(np.load(stem.with_suffix(".npz"))["arr_0"], images)
+
+
+def test_the_set_of_samples_does_not_depend_on_the_number_of_processes():
+    for num_samples, batch_size in [(10, 4), (10_000, 250), (7, 7), (3, 5)]:
+        single = _shard(num_samples, batch_size, 0, 1)
+        for world in (2, 3, 8):
+            shards = [_shard(num_samples, batch_size, rank, world) for rank in range(world)]
+            assert [batch for shard in shards for batch in shard] == single
+        assert sum(size for _, size in single) == num_samples
+
+
+def test_too_few_samples_is_refused():
+    with pytest.raises(Exception, match="at least 2 samples"):
+        SampleQuality(num_samples=1)
+
+
+def _evaluate(world_size: int, cache: str, out: str) -> None:
+    """`trainer.test` of a fixed random tiny model on `world_size` CPU processes (gloo)."""
+    torch.manual_seed(0)
+    module = tiny_demo_module()
+    # 12 samples in batches of 5: the two processes get uneven shares (5 and 7 images).
+    callback = SampleQuality(num_samples=12, steps=3, batch_size=5, cache_dir=cache, save_samples="npz")
+    callback.extractor = StandInExtractor()
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp_spawn" if world_size > 1 else "auto",
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=1,
+    )
+    datamodule = DemoMNISTDataModule(batch_size=8)
+    trainer.test(module, datamodule=datamodule, ckpt_path=None, verbose=False)
+
+
+def tiny_demo_module() -> DiffusionModule:
+    from conftest import randomise
+    from diffusion_lit.nn import UNet
+
+    unet = randomise(UNet(1, base_channels=8, num_heads=2, dropout=0.0))
+    return DiffusionModule(unet, image_shape=(1, 28, 28), timesteps=20, ema_decay=None)
+
+
+def test_two_processes_give_the_same_fid_as_one(tmp_path, monkeypatch):
+    # One thread per process: otherwise the thread count changes the float summation order, and a few
+    # pixels (3 of 28,224 when measured) round to the neighbouring uint8 value.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    scores = {}
+    for world_size in (1, 2):
+        folder = tmp_path / f"world{world_size}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        _evaluate(world_size, str(tmp_path / "cache"), str(folder))
+        report = next((folder / "checkpoints").glob("*.json"))
+        scores[world_size] = json.loads(report.read_text())
+        scores[world_size]["images"] = np.load(report.with_suffix(".npz"))["arr_0"]
+    assert scores[2]["processes"] == 2
+    assert np.array_equal(scores[1]["images"], scores[2]["images"])
+    assert scores[2]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)
+    assert scores[2]["is"] == pytest.approx(scores[1]["is"], rel=1e-6) and scores[1]["is"] > 1.0
+    torch.set_num_threads(threads)
