@@ -33,4 +33,10 @@ fit-mnist: install ## Train on MNIST (downloads it to data/)
 fit-cifar10: install ## Train on CIFAR-10 (downloads it to data/)
 	$(BIN)/lit-ddpm fit --config configs/cifar10.yaml
 
-.PHONY: help install demo test test-all lint fit-mnist fit-cifar10
+eval-mnist: install ## FID/IS of checkpoints/mnist/last.ckpt (10,000 DPM-Solver++ samples)
+	$(BIN)/lit-ddpm test --config configs/mnist.yaml --ckpt_path checkpoints/mnist/last.ckpt
+
+eval-cifar10: install ## FID/IS of checkpoints/cifar10/last.ckpt (10,000 DPM-Solver++ samples)
+	$(BIN)/lit-ddpm test --config configs/cifar10.yaml --ckpt_path checkpoints/cifar10/last.ckpt
+
+.PHONY: help install demo test test-all lint fit-mnist fit-cifar10 eval-mnist eval-cifar10

@@ -136,3 +136,17 @@ def test_two_processes_give_the_same_fid_as_one(tmp_path, monkeypatch):
     assert scores[2]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)
     assert scores[2]["is"] == pytest.approx(scores[1]["is"], rel=1e-6) and scores[1]["is"] > 1.0
     torch.set_num_threads(threads)
+
+
+def test_fit_logs_val_fid_and_keeps_the_best_checkpoint(image_folder, extractors, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--config",
+          f"{ROOT}/configs/ablation/mse_only.yaml", "--trainer.fast_dev_run", "false", "--trainer.max_epochs", "5",
+          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
+          "--data.init_args.root", str(image_folder), "--data.init_args.image_size", "16",
+          "--evaluation.every_n_epochs", "5", "--evaluation.fit_num_samples", "4", "--evaluation.batch_size", "4",
+          "--evaluation.cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    assert [p.name for p in (tmp_path / "checkpoints" / "folder").glob("best-fid-*")] == ["best-fid-epoch=4.ckpt"]
+    metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
+    assert "val/fid" in metrics.splitlines()[0] and "val/is" in metrics.splitlines()[0]
+    assert len(extractors) == 1 and extractors[0].calls == 1 + 3  # one sample batch, 3 batches of 9 real images
