@@ -48,7 +48,8 @@ class SampleGrid(Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-        images = pl_module.sample(self.num_samples, generator=generator)
+        labels = _cycled_labels(pl_module, 0, self.num_samples)  # a conditional model: classes in turn
+        images = pl_module.sample(self.num_samples, generator=generator, labels=labels)
         grid = make_grid(images, nrow=int(self.num_samples**0.5), padding=2, pad_value=1.0)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step={trainer.global_step}.png"
@@ -74,6 +75,8 @@ class SampleQuality(Callback):
         sampler: "ddpm", "ddim" or "dpmpp".
         steps: sampler steps (1000 with "ddpm" is the original DDPM).
         eta: DDIM's eta.
+        guidance: classifier-free guidance scale for class-conditional models, which are given the classes
+            in turn (image i gets class i mod num_classes); 1 is the plain conditional model.
         batch_size: images generated (and scored) at once per process.
         seed: seed of the noise; batch b of the run draws from seed * 1,000,000 + b on any number of processes.
         reference: the real images: "train" (the DDPM convention) or "test" (the held-out split).
@@ -92,6 +95,7 @@ class SampleQuality(Callback):
         sampler: SamplerName = "dpmpp",
         steps: int = 20,
         eta: float = 0.0,
+        guidance: float = 1.0,
         batch_size: int = 250,
         seed: int = 0,
         reference: Literal["train", "test"] = "train",
@@ -105,7 +109,7 @@ class SampleQuality(Callback):
         if num_samples < 2 or fit_num_samples < 2:
             raise UserError("FID needs at least 2 samples: raise evaluation.num_samples / fit_num_samples")
         self.num_samples = num_samples
-        self.sampler, self.steps, self.eta = sampler, steps, eta
+        self.sampler, self.steps, self.eta, self.guidance = sampler, steps, eta, guidance
         self.batch_size = batch_size
         self.seed = seed
         self.reference = reference
@@ -148,7 +152,10 @@ class SampleQuality(Callback):
         images = []
         for batch, size in _shard(num_samples, self.batch_size, trainer.global_rank, trainer.world_size):
             generator = torch.Generator(pl_module.device).manual_seed(self.seed * 1_000_000 + batch)
-            samples = pl_module.sample(size, self.sampler, self.steps, self.eta, generator=generator)
+            labels = _cycled_labels(pl_module, batch * self.batch_size, size)
+            samples = pl_module.sample(
+                size, self.sampler, self.steps, self.eta, generator=generator, labels=labels, guidance=self.guidance
+            )
             images.append(to_uint8(samples))
             self.metrics.update(images[-1])
         shape = (0, 3, *pl_module.image_shape[1:])
@@ -201,6 +208,7 @@ class SampleQuality(Callback):
             "sampler": self.sampler,
             "steps": self.steps,
             "eta": self.eta,
+            "guidance": self.guidance if pl_module.num_classes else None,
             "num_samples": self.num_samples,
             "seed": self.seed,
             "batch_size": self.batch_size,
@@ -225,6 +233,13 @@ class SampleQuality(Callback):
             for index, image in enumerate(array):
                 Image.fromarray(image).save(stem / f"{index:06d}.png")
         _print_scores(report, stem.with_suffix(".json"))
+
+
+def _cycled_labels(pl_module: "pl.LightningModule", first: int, count: int) -> Tensor | None:
+    """Labels first, first + 1, ... mod num_classes for a class-conditional model; None otherwise."""
+    if not getattr(pl_module, "num_classes", None):
+        return None
+    return torch.arange(first, first + count, device=pl_module.device) % pl_module.num_classes
 
 
 def _shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, int]]:

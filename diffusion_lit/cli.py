@@ -8,6 +8,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from diffusion_lit import sample
 from diffusion_lit.callbacks import SampleQuality
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
@@ -39,8 +40,8 @@ class DiffusionCLI(LightningCLI):
         """Refuse what cannot run (predict, a --ckpt_path that is not a file) before anything is built."""
         if self.subcommand == "predict":
             raise UserError(
-                "`lit-ddpm predict` has nothing to predict yet; sample grids from the EMA weights are written "
-                "by `fit` to samples/<config name>/, and `lit-ddpm test` scores a checkpoint"
+                "images come from `lit-ddpm sample --ckpt_path CKPT` (see `lit-ddpm sample --help`); "
+                "`lit-ddpm test` scores a checkpoint"
             )
         ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and not os.path.isfile(ckpt_path):
@@ -69,7 +70,11 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of `lit-ddpm`; `args` replaces sys.argv[1:] (for tests)."""
     # W&B runs offline (files under ./wandb, `wandb sync` later) unless the user has logged in or set WANDB_MODE.
     os.environ.setdefault("WANDB_MODE", "online" if _wandb_logged_in() else "offline")
+    args = sys.argv[1:] if args is None else args
     try:
+        if args[:1] == ["sample"]:
+            sample.main(args[1:])
+            return
         DiffusionCLI(
             DiffusionModule,
             LightningDataModule,

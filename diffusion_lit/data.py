@@ -27,6 +27,7 @@ class _ImageDataModule(LightningDataModule):
     """Shared loaders; subclasses set `image_shape` and fill `train_set` / `val_set` in `setup`."""
 
     image_shape: tuple[int, int, int]
+    num_classes: int | None = 10  # the labels' range, for class-conditional models
 
     def __init__(self, batch_size: int = 64, num_workers: int = 4) -> None:
         super().__init__()
@@ -170,10 +171,11 @@ class CIFAR10DataModule(_TorchvisionDataModule):
 
 
 class ImageFiles(Dataset):
-    """Images from a list of files, converted to one mode ("L" or "RGB"), label 0."""
+    """Images from a list of files, converted to one mode ("L" or "RGB"), with their labels."""
 
-    def __init__(self, paths: list[Path], mode: str, transform) -> None:
+    def __init__(self, paths: list[Path], labels: list[int], mode: str, transform) -> None:
         self.paths = paths
+        self.labels = labels
         self.mode = mode
         self.transform = transform
 
@@ -182,7 +184,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert(self.mode)), 0
+            return self.transform(image.convert(self.mode)), self.labels[index]
 
 
 class ImageFolderDataModule(_ImageDataModule):
@@ -193,6 +195,8 @@ class ImageFolderDataModule(_ImageDataModule):
         image_size: side of the square images the model sees.
         channels: 1 (grayscale) or 3 (RGB); every image is converted.
         hflip: randomly flip training images horizontally.
+        class_folders: label each image by the sub-folder of `root` it is in (sorted names: class 0, 1,
+            ...), for class-conditional models; otherwise every label is 0.
         val_fraction: share of the images held out for validation (at least one).
         seed: seed of the train/validation split.
         batch_size: images per batch (per process).
@@ -205,6 +209,7 @@ class ImageFolderDataModule(_ImageDataModule):
         image_size: int = 32,
         channels: int = 3,
         hflip: bool = True,
+        class_folders: bool = False,
         val_fraction: float = 0.05,
         seed: int = 0,
         batch_size: int = 64,
@@ -214,6 +219,12 @@ class ImageFolderDataModule(_ImageDataModule):
         if channels not in (1, 3):
             raise UserError(f"data.init_args.channels must be 1 or 3, got {channels}")
         self.root = Path(root)
+        self.classes = (
+            sorted(p.name for p in self.root.iterdir() if p.is_dir()) if class_folders and self.root.is_dir() else []
+        )
+        if class_folders and not self.classes:
+            raise UserError(f"class_folders is set but {str(self.root)!r} has no sub-folders to take classes from")
+        self.num_classes = len(self.classes) or None
         self.image_shape = (channels, image_size, image_size)
         self.hflip = hflip
         self.val_fraction = val_fraction
@@ -237,9 +248,20 @@ class ImageFolderDataModule(_ImageDataModule):
         plain = transforms.Compose([*resize, transforms.ToTensor(), TO_SIGNED])
         num_val = min(max(1, round(self.val_fraction * len(paths))), len(paths) - 1)
         order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        self.val_set = ImageFiles([paths[i] for i in order[:num_val]], mode, plain)
-        self.train_set = ImageFiles([paths[i] for i in order[num_val:]], mode, train)
-        self.plain_train_set = ImageFiles(self.train_set.paths, mode, plain)
+        labels = [self._label(path) for path in paths]
+        val, kept = order[:num_val], order[num_val:]
+        self.val_set = ImageFiles([paths[i] for i in val], [labels[i] for i in val], mode, plain)
+        self.train_set = ImageFiles([paths[i] for i in kept], [labels[i] for i in kept], mode, train)
+        self.plain_train_set = ImageFiles(self.train_set.paths, self.train_set.labels, mode, plain)
+
+    def _label(self, path: Path) -> int:
+        """The index of the class sub-folder the image is under (0 without class_folders)."""
+        if not self.classes:
+            return 0
+        relative = path.relative_to(self.root).parts
+        if len(relative) < 2:
+            raise UserError(f"{str(path)!r} is not in a class sub-folder of {str(self.root)!r}; move it into one")
+        return self.classes.index(relative[0])
 
     def reference_set(self, split: Split) -> Dataset:
         """The training images without flips, or the held-out ones."""

@@ -9,6 +9,7 @@ from diffusion_lit.diffusion.perceptual import load_vgg19_features
 from diffusion_lit.diffusion.samplers import SamplerName, Spacing, Variance, sample
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
 from diffusion_lit.ema import EMA
+from diffusion_lit.errors import UserError
 from diffusion_lit.nn import UNet
 
 MSE_ONLY = DiffusionLoss()  # validation and test score the MSE term alone, whatever the training loss
@@ -34,6 +35,9 @@ class DiffusionModule(LightningModule):
         perceptual_layer: the VGG19 layer compared, "conv_N" = the N-th conv (conv_4 is conv2_2).
         vgg_weights: a local torchvision VGG19 state-dict file, for machines without internet access;
             None: torchvision's cache, downloading into it when missing.
+        label_dropout: for a class-conditional UNet (`num_classes` set), the share of training labels
+            replaced by "no class", so that one model also learns the unconditional distribution that
+            classifier-free guidance needs (Ho & Salimans 2022, algorithm 1).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class DiffusionModule(LightningModule):
         feature_matching_weight: float = 0.0,
         perceptual_layer: str = "conv_4",
         vgg_weights: str | None = None,
+        label_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet"])
@@ -71,9 +76,25 @@ class DiffusionModule(LightningModule):
         self.image_shape = tuple(image_shape)
         self.criterion = DiffusionLoss(perceptual_weight, feature_matching_weight)
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """Network output for noisy images x_t (B, C, H, W) at timesteps t (B,)."""
-        return self.unet(x_t, t)
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a class-conditional model; None for an unconditional one."""
+        return self.unet.num_classes
+
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Network output for noisy images x_t (B, C, H, W) at timesteps t (B,), for labels (B,) or none."""
+        return self.unet(x_t, t) if labels is None else self.unet(x_t, t, labels)
+
+    def on_fit_start(self) -> None:
+        """A conditional model needs labels with as many classes as it has."""
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
+        if self.num_classes is not None and data_classes != self.num_classes:
+            raise UserError(
+                f"the model is conditional on {self.num_classes} classes but the data has "
+                f"{data_classes or 'no'} classes; set model.unet.init_args.num_classes to {data_classes}"
+                + (" (or give the image folder class sub-folders: data.init_args.class_folders: true)"
+                   if not data_classes else "")
+            )  # fmt: skip
 
     def setup(self, stage: str) -> None:
         """Load VGG19 before fitting when the perceptual term is on, so missing weights fail at start-up."""
@@ -81,15 +102,27 @@ class DiffusionModule(LightningModule):
             features = load_vgg19_features(self.hparams.perceptual_layer, self.hparams.vgg_weights)
             self.criterion.perceptual = PerceptualTerm(features)
 
-    def losses(self, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None) -> dict[str, Tensor]:
+    def losses(
+        self, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None, labels: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Every configured loss term and their weighted total ("loss"), for clean images x0 in [-1, 1]."""
         noise = torch.randn_like(x0) if noise is None else noise
         t = self.schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
-        return self.criterion(self.unet, self.schedule, x0, noise, t)
+        return self.criterion(self.unet, self.schedule, x0, noise, t, labels)
+
+    def _labels(self, batch: tuple[Tensor, ...], dropout: float = 0.0) -> Tensor | None:
+        """The batch's labels for a conditional model (a `dropout` share replaced by "no class"), else None."""
+        if self.num_classes is None:
+            return None
+        labels = batch[1]
+        if dropout:
+            dropped = torch.rand(labels.shape, device=labels.device) < dropout
+            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        return labels
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """One denoising loss on a batch of images in [-1, 1]; every term is logged as train/loss_<term>."""
-        terms = self.losses(batch[0])
+        terms = self.losses(batch[0], labels=self._labels(batch, self.hparams.label_dropout))
         self.log("train/loss", terms["loss"], prog_bar=True)
         self.log_dict({f"train/loss_{name}": value for name, value in terms.items() if name != "loss"})
         return terms["loss"]
@@ -100,7 +133,7 @@ class DiffusionModule(LightningModule):
         generator = torch.Generator().manual_seed(batch_idx)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-        return MSE_ONLY(self.unet, self.schedule, x0, noise, t)["mse"]
+        return MSE_ONLY(self.unet, self.schedule, x0, noise, t, self._labels(batch))["mse"]
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         """Loss on held-out images with fixed noise, on the EMA weights."""
@@ -109,6 +142,26 @@ class DiffusionModule(LightningModule):
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         """Loss on the test images with fixed noise."""
         self.log("test/loss", self._fixed_noise_loss(batch, batch_idx), sync_dist=True)
+
+    def denoiser(self, labels: Tensor | None = None, guidance: float = 1.0):
+        """The (x_t, t) -> output callable the samplers take, with classifier-free guidance for labels.
+
+        output = uncond + guidance * (cond - uncond) (Ho & Salimans 2022, eq. 6 with w = guidance - 1):
+        0 is the unconditional model, 1 the conditional one; both halves come from one batched forward.
+        """
+        if labels is not None and self.num_classes is None:
+            raise UserError("this model is unconditional: it takes no class labels (or guidance)")
+        if labels is None or guidance == 0:
+            return lambda x, t: self.unet(x, t) if self.num_classes is None else self.unet(x, t, None)
+        if guidance == 1:
+            return lambda x, t: self.unet(x, t, labels)
+        no_class = torch.full_like(labels, self.num_classes)
+
+        def guided(x: Tensor, t: Tensor) -> Tensor:
+            cond, uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, no_class])).chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        return guided
 
     @torch.no_grad()
     def sample(
@@ -119,16 +172,19 @@ class DiffusionModule(LightningModule):
         eta: float = 0.0,
         spacing: Spacing = "trailing",
         generator: torch.Generator | None = None,
+        labels: Tensor | None = None,
+        guidance: float = 1.0,
     ) -> Tensor:
         """Draw images (N, C, H, W) in [0, 1] with the current weights (the EMA ones during validation).
 
         sampler/steps/eta/spacing are those of `diffusion.samplers.sample`; steps None means all T.
+        labels (N,) and guidance are for class-conditional models; without labels they sample unconditionally.
         """
         was_training = self.training
         self.eval()
         try:
             x = sample(
-                self,
+                self.denoiser(None if labels is None else labels.to(self.device), guidance),
                 self.schedule,
                 (num_samples, *self.image_shape),
                 sampler=sampler,

@@ -93,7 +93,7 @@ def test_predict_is_a_clear_one_line_error(capsys):
         main(["predict", "--config", f"{ROOT}/configs/demo.yaml", "--config", TINY])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lit-ddpm: error: `lit-ddpm predict` has nothing to predict yet")
+    assert len(err) == 1 and err[0].startswith("lit-ddpm: error: images come from `lit-ddpm sample --ckpt_path CKPT`")
 
 
 def test_print_config_round_trips(tmp_path, capsys, mnist_dir, vgg):

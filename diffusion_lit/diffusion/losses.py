@@ -57,13 +57,15 @@ class FeatureMatchingTerm:
     identical images give identical features; the target features are detached.
     """
 
-    def __call__(self, network: nn.Module, x0_pred: Tensor, x0: Tensor, t: Tensor, weight: Tensor) -> Tensor:
+    def __call__(
+        self, network: nn.Module, x0_pred: Tensor, x0: Tensor, t: Tensor, weight: Tensor, labels: tuple = ()
+    ) -> Tensor:
         was_training = network.training
         network.eval()
         try:
-            predicted = network.features(x0_pred, t)
+            predicted = network.features(x0_pred, t, *labels)
             with torch.no_grad():
-                target = network.features(x0, t)
+                target = network.features(x0, t, *labels)
         finally:
             network.train(was_training)
         levels = [
@@ -99,10 +101,12 @@ class DiffusionLoss:
         x0: Tensor,
         noise: Tensor,
         t: Tensor,
+        labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """All terms for clean images x0 (B, C, H, W), their noise and timesteps (B,)."""
+        """All terms for clean images x0 (B, C, H, W), their noise, timesteps (B,) and class labels (B,) if any."""
+        extra = () if labels is None else (labels,)  # unconditional networks take (x_t, t) only
         x_t = schedule.q_sample(x0, t, noise)
-        output = network(x_t, t)
+        output = network(x_t, t, *extra)
         terms = {"mse": self.mse(output, schedule.target(x0, noise, t))}
         total = terms["mse"]
         if self.perceptual_weight or self.feature_matching_weight:
@@ -114,7 +118,7 @@ class DiffusionLoss:
             terms["perceptual"] = self.perceptual(x0_pred, x0, weight)
             total = total + self.perceptual_weight * terms["perceptual"]
         if self.feature_matching_weight:
-            terms["feature_matching"] = self.feature_matching(network, x0_pred, x0, t, weight)
+            terms["feature_matching"] = self.feature_matching(network, x0_pred, x0, t, weight, extra)
             total = total + self.feature_matching_weight * terms["feature_matching"]
         terms["loss"] = total
         return terms

@@ -15,7 +15,9 @@ class UNet(nn.Module):
 
     Level i works at resolution H / 2**i with `base_channels * channel_mults[i]` channels. For a 32x32
     input the default `attention_levels=(1, 2)` puts attention at 16x16 and 8x8. Inputs whose size is
-    not a multiple of 2**(levels - 1) (MNIST's 28x28) are padded inside and cropped back.
+    not a multiple of 2**(levels - 1) (MNIST's 28x28) are padded inside and cropped back. With
+    `num_classes`, a learned class embedding is added to the timestep embedding; label `num_classes`
+    (or no labels) is the "no class" used for classifier-free guidance (Ho & Salimans 2022).
     """
 
     def __init__(
@@ -27,11 +29,13 @@ class UNet(nn.Module):
         attention_levels: Sequence[int] = (1, 2),
         num_heads: int = 8,
         dropout: float = 0.1,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if not all(0 <= level < len(channel_mults) for level in attention_levels):
             raise ValueError(f"attention_levels {list(attention_levels)} must lie in [0, {len(channel_mults) - 1}]")
         self.in_channels = in_channels
+        self.num_classes = num_classes
         # The constructor arguments, so that a checkpoint can say how to rebuild this network.
         self.config = {
             "in_channels": in_channels,
@@ -41,10 +45,12 @@ class UNet(nn.Module):
             "attention_levels": list(attention_levels),
             "num_heads": num_heads,
             "dropout": dropout,
+            "num_classes": num_classes,
         }
         self.size_multiple = 2 ** (len(channel_mults) - 1)
         embedding_dim = 4 * base_channels
         self.time_embedding = TimestepEmbedding(base_channels, embedding_dim)
+        self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim) if num_classes else None
         self.stem = nn.Conv2d(in_channels, base_channels, 7, padding=3)
 
         def attention_or_identity(level: int, channels: int) -> nn.Module:
@@ -109,10 +115,20 @@ class UNet(nn.Module):
         h = self.middle[2](h, embedding)
         return h, skips, levels
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, C, H, W) noisy images, t: (B,) timesteps -> (B, C, H, W) network output."""
+    def _embed(self, t: Tensor, y: Tensor | None) -> Tensor:
+        """Timestep embedding (B, 4 * base), plus the class embedding of labels y (B,) for a conditional UNet."""
+        embedding = self.time_embedding(t)
+        if self.class_embedding is None:
+            if y is not None:
+                raise ValueError("this UNet is unconditional (num_classes is None) but was given labels")
+            return embedding
+        y = torch.full_like(t, self.num_classes) if y is None else y
+        return embedding + self.class_embedding(y)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W) noisy images, t: (B,) timesteps, y: (B,) labels or None -> (B, C, H, W) output."""
         x, crop = self._pad(x)
-        embedding = self.time_embedding(t)  # (B, 4 * base)
+        embedding = self._embed(t, y)  # (B, 4 * base)
         h, skips, _ = self._encode(x, embedding)
         for layer in self.up:
             if isinstance(layer, Upsample):
@@ -122,11 +138,11 @@ class UNet(nn.Module):
                 h = attention(block(torch.cat([h, skips.pop()], dim=1), embedding))
         return self.out(h)[..., crop[0], crop[1]]
 
-    def features(self, x: Tensor, t: Tensor) -> list[Tensor]:
+    def features(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> list[Tensor]:
         """The feature tap: the last activation of every down level, then the middle block's output.
 
         Runs only the stem, the down path and the middle block (no up path), for feature matching.
         """
         x, _ = self._pad(x)
-        h, _, levels = self._encode(x, self.time_embedding(t))
+        h, _, levels = self._encode(x, self._embed(t, y))
         return [*levels, h]
