@@ -21,45 +21,15 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from digits_classifier import features, train_classifier
 
 from diffusion_lit.data import DemoMNISTDataModule
-from diffusion_lit.metrics import feature_statistics, frechet_distance
+from diffusion_lit.metrics import frechet_distance
 from diffusion_lit.module import DiffusionModule
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"mse": (0.0, 0.0), "mse + feature matching": (0.0, 0.05)}
 PERCEPTUAL_VARIANTS = {"mse + perceptual": (0.1, 0.0), "mse + perceptual + feature matching": (0.1, 0.05)}
-
-
-def classifier() -> nn.Sequential:
-    """A small CNN for 1x28x28 digits; its 64-d penultimate layer is the feature space."""
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
-    )  # fmt: skip
-
-
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 3) -> nn.Sequential:
-    """Adam, batch 64, a few epochs: ~98% on held-out digits."""
-    torch.manual_seed(0)
-    net = classifier()
-    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(epochs):
-        for index in torch.randperm(len(images)).split(64):
-            loss = F.cross_entropy(net(images[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return net.eval()
-
-
-@torch.no_grad()
-def features(net: nn.Sequential, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance of the penultimate activations (64-d) of images in [-1, 1]."""
-    return feature_statistics(net[:-1](images))
 
 
 def train_variant(folder: Path, perceptual: float, matching: float, epochs: int, vgg: str | None) -> Path:

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -59,6 +60,23 @@ class SampleGrid(Callback):
                 logger.log_image("samples", [str(path)], step=trainer.global_step)
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid, trainer.global_step)
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (a pre-empted or cancelled job), write `last.ckpt` before the run exits.
+
+    Lightning turns SIGTERM into a SIGTERMException at the next step boundary, on every process; this
+    saves the state there, so a resume with `--ckpt_path <dir>/last.ckpt` loses at most one step.
+    """
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        """Save into the first ModelCheckpoint's folder (the trainer's root folder without one)."""
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+        path = Path(folder) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"SIGTERM: saved {path}; resume with --ckpt_path {path}")
 
 
 class SampleQuality(Callback):

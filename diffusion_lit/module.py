@@ -1,5 +1,7 @@
 """DiffusionModule: thin Lightning glue around a UNet, a NoiseSchedule and the loss."""
 
+import os
+
 import torch
 from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
@@ -38,6 +40,9 @@ class DiffusionModule(LightningModule):
         label_dropout: for a class-conditional UNet (`num_classes` set), the share of training labels
             replaced by "no class", so that one model also learns the unconditional distribution that
             classifier-free guidance needs (Ho & Salimans 2022, algorithm 1).
+        max_nonfinite_steps: stop after this many optimizer steps in a row whose gradients are not all
+            finite (each one is skipped, counted and logged as train/skipped_steps); fp16 loss scaling
+            alone skips a handful in a row while it calibrates.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class DiffusionModule(LightningModule):
         perceptual_layer: str = "conv_4",
         vgg_weights: str | None = None,
         label_dropout: float = 0.1,
+        max_nonfinite_steps: int = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet"])
@@ -75,6 +81,8 @@ class DiffusionModule(LightningModule):
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
         self.criterion = DiffusionLoss(perceptual_weight, feature_matching_weight)
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, this run
+        self.nonfinite_streak = 0
 
     @property
     def num_classes(self) -> int | None:
@@ -210,6 +218,38 @@ class DiffusionModule(LightningModule):
         warmup = max(self.hparams.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip a step whose gradients are not all finite: without gradients, Adam leaves the weights alone.
+
+        This costs one host synchronisation per step (reading one flag). Gradients are already reduced
+        across processes here, so every process takes the same decision.
+        """
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        if torch.nn.utils.get_total_norm(grads).isfinite().item():
+            self.nonfinite_streak = 0
+            return
+        for parameter in self.parameters():
+            parameter.grad = None
+        self.skipped_steps += 1
+        self.nonfinite_streak += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.nonfinite_streak >= self.hparams.max_nonfinite_steps:
+            path = os.path.join(getattr(self.trainer.checkpoint_callback, "dirpath", None) or ".", "last.ckpt")
+            self.trainer.save_checkpoint(path)  # the weights are still those of the last good step
+            raise UserError(
+                f"training stopped: {self.nonfinite_streak} optimizer steps in a row had non-finite gradients "
+                f"(step {self.global_step}); the last good state is in {path}. Lower model.lr, or use "
+                f"--trainer.precision bf16-mixed or 32-true instead of 16-mixed"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Never write non-finite weights over a good checkpoint."""
+        for name, value in checkpoint["state_dict"].items():
+            if value.is_floating_point() and not value.isfinite().all():
+                raise UserError(f"refusing to save a checkpoint: {name} has non-finite values")
 
     def configure_callbacks(self) -> list[Callback]:
         """The EMA callback (it averages only while fitting: checkpoints hold the EMA weights)."""

@@ -4,6 +4,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lit.ema import EMA, ema_with_warmup
+from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 
@@ -108,3 +109,47 @@ def test_validation_epoch_hooks_see_the_ema_weights(tmp_path):
     assert not torch.equal(seen["training"], seen["ema"])
     assert torch.equal(seen["during"], seen["ema"])
     assert torch.equal(seen["after"], seen["training"])
+
+
+class WeightsAfterEachStep(Callback):
+    def __init__(self):
+        self.snapshots = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.snapshots.append([p.detach().clone() for p in pl_module.parameters()])
+
+
+def run_with_bad_batches(tmp_path, bad: set[int], max_steps: int, **module_kwargs) -> tuple[DiffusionModule, list]:
+    """Fit a tiny model on 1x28x28 batches of 2 where the batches in `bad` contain a NaN pixel."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    images = torch.rand(16, 1, 28, 28) * 2 - 1
+    for index in bad:
+        images[2 * index, 0, 0, 0] = float("nan")
+    loader = DataLoader(TensorDataset(images, torch.zeros(16, dtype=torch.long)), batch_size=2)
+    module = tiny_module(ema_decay=None, **module_kwargs)
+    weights = WeightsAfterEachStep()
+    trainer = Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=max_steps,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt"), weights], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    return module, weights.snapshots
+
+
+def test_a_nonfinite_step_is_skipped_and_leaves_the_weights_alone(tmp_path):
+    module, snapshots = run_with_bad_batches(tmp_path, {2}, max_steps=4)
+    assert module.skipped_steps == 1
+    changed = [
+        any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        for before, after in zip(snapshots, snapshots[1:], strict=False)
+    ]
+    assert changed == [True, False, True]  # step 3 (the NaN batch) changed nothing; the others trained
+
+
+def test_too_many_nonfinite_steps_stop_with_a_good_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="3 optimizer steps in a row had non-finite gradients"):
+        run_with_bad_batches(tmp_path, {1, 2, 3, 4}, max_steps=8, max_nonfinite_steps=3)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3  # Lightning counts the skipped steps too
+    assert all(value.isfinite().all() for value in checkpoint["state_dict"].values() if value.is_floating_point())
