@@ -39,4 +39,11 @@ eval-mnist: install ## FID/IS of checkpoints/mnist/last.ckpt (10,000 DPM-Solver+
 eval-cifar10: install ## FID/IS of checkpoints/cifar10/last.ckpt (10,000 DPM-Solver++ samples)
 	$(BIN)/lit-ddpm test --config configs/cifar10.yaml --ckpt_path checkpoints/cifar10/last.ckpt
 
-.PHONY: help install demo test test-all lint fit-mnist fit-cifar10 eval-mnist eval-cifar10
+bench: install ## Training/sampling throughput vs diffusers and denoising-diffusion-pytorch (CPU, a few minutes)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/throughput.py --json benchmarks/throughput-cpu.json
+
+gpu-check: install ## Speed, memory, TFLOP/s and MFU of the CIFAR-10 model on one GPU (synthetic data, < 5 min)
+	$(BIN)/python benchmarks/gpu_check.py --device cuda --json gpu-check.json
+
+.PHONY: help install demo test test-all lint fit-mnist fit-cifar10 eval-mnist eval-cifar10 bench gpu-check

@@ -15,6 +15,7 @@ for memory). Peak memory is CUDA's allocator peak; it is not measured on CPU.
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_lit.diffusion import NoiseSchedule, sample
 from diffusion_lit.diffusion.losses import DiffusionLoss
@@ -98,8 +100,11 @@ def measure(name: str, args, schedule: NoiseSchedule, device: torch.device) -> d
         sample(network, schedule, (args.batch, 3, 32, 32), "dpmpp", args.sample_steps, device=device)
         synchronize()
         sample_seconds = time.perf_counter() - start
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call(model, x0[:1], torch.zeros(1, dtype=torch.long, device=device))
     return {
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "forward_gflop": counter.get_total_flops() / 1e9,
         "train_images_per_s": args.batch * args.train_steps / train_seconds,
         "sample_images_per_s": args.batch / sample_seconds,
         "peak_train_mib": peak,
@@ -130,19 +135,21 @@ def main() -> None:
     medians = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
     print(f"\n{args.size} models, batch {args.batch}, {args.precision}, {device.type}, median of {args.repeats}:\n")
-    print("| model | params (M) | train img/s | sample img/s (DPM-Solver++ 20) | peak train MiB |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| model | params (M) | forward GFLOP / image | train img/s | sample img/s | peak train MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, m in medians.items():
-        print(f"| {name} | {m['params_m']:.1f} | {m['train_images_per_s']:.1f} | {m['sample_images_per_s']:.2f} "
-              f"| {m['peak_train_mib']:.0f} |")  # fmt: skip
+        memory = "n/a" if math.isnan(m["peak_train_mib"]) else f"{m['peak_train_mib']:.0f}"
+        print(f"| {name} | {m['params_m']:.1f} | {m['forward_gflop']:.2f} | {m['train_images_per_s']:.1f} "
+              f"| {m['sample_images_per_s']:.2f} | {memory} |")  # fmt: skip
     ours = medians.get("lit-ddpm")
     if ours:
         for name, m in medians.items():
             if name != "lit-ddpm":
-                print(f"| lit-ddpm / {name} | {ours['params_m'] / m['params_m']:.2f}x "
-                      f"| {ours['train_images_per_s'] / m['train_images_per_s']:.2f}x "
-                      f"| {ours['sample_images_per_s'] / m['sample_images_per_s']:.2f}x "
-                      f"| {ours['peak_train_mib'] / m['peak_train_mib']:.2f}x |")  # fmt: skip
+                ratio = {key: ours[key] / m[key] for key in m}
+                memory = "n/a" if math.isnan(ratio["peak_train_mib"]) else f"{ratio['peak_train_mib']:.2f}x"
+                speeds = f"{ratio['train_images_per_s']:.2f}x | {ratio['sample_images_per_s']:.2f}x"
+                print(f"| lit-ddpm / {name} | {ratio['params_m']:.2f}x | {ratio['forward_gflop']:.2f}x "
+                      f"| {speeds} | {memory} |")  # fmt: skip
     if args.json:
         report = {"settings": vars(args), "machine": platform.machine(), "torch": torch.__version__}
         Path(args.json).write_text(json.dumps({**report, "runs": runs, "medians": medians}, indent=2))

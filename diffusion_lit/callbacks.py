@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from rich.console import Console
@@ -52,9 +52,13 @@ class SampleGrid(Callback):
         labels = _cycled_labels(pl_module, 0, self.num_samples)  # a conditional model: classes in turn
         images = pl_module.sample(self.num_samples, generator=generator, labels=labels)
         grid = make_grid(images, nrow=int(self.num_samples**0.5), padding=2, pad_value=1.0)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step={trainer.global_step}.png"
-        save_image(grid, path)
+        try:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            save_image(grid, path)
+        except OSError as error:  # a full disk must not end the training run: the grid is expendable
+            rank_zero_warn(f"could not write the sample grid {path} ({error.strerror or error}); training goes on")
+            return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples", [str(path)], step=trainer.global_step)
@@ -148,6 +152,9 @@ class SampleQuality(Callback):
         datamodule = trainer.datamodule
         if not hasattr(datamodule, "reference_set"):
             raise UserError("FID needs a lit-ddpm datamodule (one with reference_set); set data.class_path")
+        if not 1 <= self.steps <= pl_module.schedule.timesteps:
+            timesteps = pl_module.schedule.timesteps
+            raise UserError(f"evaluation.steps must be between 1 and the model's {timesteps} timesteps")
         if self.extractor is None:
             self.extractor = load_inception(self.inception_weights, self.antialias)
         device = trainer.strategy.root_device
@@ -201,7 +208,13 @@ class SampleQuality(Callback):
         if self.save_samples != "none":
             images = self._gather(trainer, images)
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, scores, images)
+            try:
+                self._write(trainer, pl_module, scores, images)
+            except OSError as error:
+                raise UserError(
+                    f"FID {scores['fid']:.3f}, IS {scores['is']:.3f}, but the results could not be written beside "
+                    f"the checkpoint ({error.strerror or error}); free space, or set evaluation.save_samples: none"
+                ) from None
 
     def _gather(self, trainer: "pl.Trainer", images: Tensor) -> Tensor:
         """Every process's images on every process, in the global order (padded to equal size for all_gather)."""

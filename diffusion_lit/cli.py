@@ -5,11 +5,12 @@ import os
 import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_lit import sample
 from diffusion_lit.callbacks import SampleQuality
+from diffusion_lit.checkpoints import check_checkpoint
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 
@@ -25,6 +26,17 @@ class SaveRunConfig(SaveConfigCallback):
                 self.parser.save(self.config, path, skip_none=False, overwrite=True)
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """A parser whose final errors (unknown key, wrong type) are one line instead of usage plus message."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        """Raise UserError for errors that would exit; keep jsonargparse's internal ones as they are."""
+        if not self.exit_on_error:
+            super().error(message, ex)
+        flat = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        raise UserError(f"{flat} (`{self.prog.split(' [')[0]} --help` lists the options)")
+
+
 class DiffusionCLI(LightningCLI):
     """LightningCLI whose datamodule decides the image shape the model is built for."""
 
@@ -36,16 +48,19 @@ class DiffusionCLI(LightningCLI):
             "data.image_shape", "model.unet.init_args.in_channels", compute_fn=_channels, apply_on="instantiate"
         )
 
-    def before_instantiate_classes(self) -> None:
-        """Refuse what cannot run (predict, a --ckpt_path that is not a file) before anything is built."""
-        if self.subcommand == "predict":
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Refuse what cannot run (predict; a --ckpt_path that is missing, truncated or not a checkpoint)
+        right after parsing: LightningCLI reads the checkpoint's hyper-parameters next."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand == "predict":
             raise UserError(
                 "images come from `lit-ddpm sample --ckpt_path CKPT` (see `lit-ddpm sample --help`); "
                 "`lit-ddpm test` scores a checkpoint"
             )
-        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
-        if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and not os.path.isfile(ckpt_path):
-            raise UserError(f"--ckpt_path {ckpt_path!r} is not a file; give the path of a .ckpt file")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS:
+            check_checkpoint(ckpt_path)
 
 
 # Names the Trainer resolves itself rather than reading as paths.
@@ -70,10 +85,9 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of `lit-ddpm`; `args` replaces sys.argv[1:] (for tests)."""
     # W&B runs offline (files under ./wandb, `wandb sync` later) unless the user has logged in or set WANDB_MODE.
     os.environ.setdefault("WANDB_MODE", "online" if _wandb_logged_in() else "offline")
-    args = sys.argv[1:] if args is None else args
     try:
-        if args[:1] == ["sample"]:
-            sample.main(args[1:])
+        if (sys.argv[1:] if args is None else args)[:1] == ["sample"]:
+            sample.main((sys.argv[1:] if args is None else args)[1:])
             return
         DiffusionCLI(
             DiffusionModule,
@@ -81,6 +95,7 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             args=args,
             save_config_callback=SaveRunConfig,
+            parser_class=OneLineErrorParser,
             save_config_kwargs={"overwrite": True},
         )
     except UserError as error:

@@ -56,6 +56,15 @@ class EMA(WeightAveraging):
         if self._average_model is not None:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Not yet: ModelCheckpoint saves last.ckpt at train end after this hook, and that checkpoint must
+        still hold the training weights beside the average, or a resumed run would continue from the EMA."""
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """After fitting, leave the EMA weights in the module (what Lightning's callback does at train end)."""
+        if stage == "fit" and self._average_model is not None:
+            self._copy_average_to_current(pl_module)
+
     def on_validation_epoch_start(self, *args: Any) -> None:
         """Swapping happens in on_validation_start instead."""
 

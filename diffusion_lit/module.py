@@ -40,9 +40,14 @@ class DiffusionModule(LightningModule):
         label_dropout: for a class-conditional UNet (`num_classes` set), the share of training labels
             replaced by "no class", so that one model also learns the unconditional distribution that
             classifier-free guidance needs (Ho & Salimans 2022, algorithm 1).
+        compile: compile the UNet with torch.compile (in place: checkpoints keep their keys).
+        channels_last: keep the UNet's weights and the images in channels-last memory layout (faster
+            convolutions on tensor-core GPUs).
+        fused_adam: use Adam's fused CUDA kernel when training on a GPU (ignored on CPU).
         max_nonfinite_steps: stop after this many optimizer steps in a row whose gradients are not all
             finite (each one is skipped, counted and logged as train/skipped_steps); fp16 loss scaling
-            alone skips a handful in a row while it calibrates.
+            alone skips a handful in a row while it calibrates. None turns the check off (it reads one flag
+            from the GPU per step, which stops the CPU from queueing the next step early).
     """
 
     def __init__(
@@ -63,7 +68,10 @@ class DiffusionModule(LightningModule):
         perceptual_layer: str = "conv_4",
         vgg_weights: str | None = None,
         label_dropout: float = 0.1,
-        max_nonfinite_steps: int = 50,
+        compile: bool = False,
+        channels_last: bool = False,
+        fused_adam: bool = True,
+        max_nonfinite_steps: int | None = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet"])
@@ -73,9 +81,14 @@ class DiffusionModule(LightningModule):
         self.hparams["unet"] = {"class_path": f"{network.__module__}.{network.__qualname__}", "init_args": unet.config}
         self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
         if unet.in_channels != image_shape[0]:
-            raise ValueError(
+            raise UserError(
                 f"the data has {image_shape[0]}-channel images but the UNet takes {unet.in_channels};"
                 f" set model.unet.init_args.in_channels to {image_shape[0]}"
+            )
+        if min(image_shape[1:]) < 2 * unet.size_multiple:
+            raise UserError(
+                f"{image_shape[1]}x{image_shape[2]} images are too small for this UNet's "
+                f"{len(unet.config['channel_mults'])} levels: the sides must be at least {2 * unet.size_multiple}"
             )
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
@@ -105,7 +118,12 @@ class DiffusionModule(LightningModule):
             )  # fmt: skip
 
     def setup(self, stage: str) -> None:
-        """Load VGG19 before fitting when the perceptual term is on, so missing weights fail at start-up."""
+        """Memory layout and compilation; VGG19 before fitting when the perceptual term is on."""
+        if self.hparams.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.unet.compile()
+            self._compiled = True
         if stage == "fit" and self.hparams.perceptual_weight and self.criterion.perceptual is None:
             features = load_vgg19_features(self.hparams.perceptual_layer, self.hparams.vgg_weights)
             self.criterion.perceptual = PerceptualTerm(features)
@@ -114,6 +132,8 @@ class DiffusionModule(LightningModule):
         self, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None, labels: Tensor | None = None
     ) -> dict[str, Tensor]:
         """Every configured loss term and their weighted total ("loss"), for clean images x0 in [-1, 1]."""
+        if self.hparams.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(x0) if noise is None else noise
         t = self.schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
         return self.criterion(self.unet, self.schedule, x0, noise, t, labels)
@@ -214,6 +234,7 @@ class DiffusionModule(LightningModule):
             lr=self.hparams.lr,
             betas=tuple(self.hparams.adam_betas),
             weight_decay=self.hparams.weight_decay,
+            fused=self.hparams.fused_adam and self.device.type == "cuda",
         )
         warmup = max(self.hparams.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
@@ -226,7 +247,7 @@ class DiffusionModule(LightningModule):
         across processes here, so every process takes the same decision.
         """
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        if not grads or self.hparams.max_nonfinite_steps is None:
             return
         if torch.nn.utils.get_total_norm(grads).isfinite().item():
             self.nonfinite_streak = 0
@@ -244,6 +265,20 @@ class DiffusionModule(LightningModule):
                 f"(step {self.global_step}); the last good state is in {path}. Lower model.lr, or use "
                 f"--trainer.precision bf16-mixed or 32-true instead of 16-mixed"
             )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another model configuration is one clear line, not a page of size mismatches."""
+        expected = self.state_dict()
+        for name, value in checkpoint.get("state_dict", {}).items():
+            if name in expected and expected[name].shape != value.shape:
+                raise UserError(
+                    f"the checkpoint was trained with another model configuration: {name} has shape "
+                    f"{tuple(value.shape)} there but {tuple(expected[name].shape)} here; use the config it was "
+                    f"trained with (its hyper_parameters) or another checkpoint"
+                )
+        missing = sorted(set(expected) - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise UserError(f"the checkpoint lacks {len(missing)} of this model's weights (e.g. {missing[0]})")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Never write non-finite weights over a good checkpoint."""

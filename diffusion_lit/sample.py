@@ -11,6 +11,7 @@ from rich.progress import Progress
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from diffusion_lit.checkpoints import check_checkpoint
 from diffusion_lit.diffusion.samplers import SAMPLERS
 from diffusion_lit.errors import UserError
 from diffusion_lit.metrics import to_uint8
@@ -19,8 +20,7 @@ from diffusion_lit.module import DiffusionModule
 
 def load_checkpoint(ckpt_path: str, device: str = "cpu") -> DiffusionModule:
     """A DiffusionModule with the checkpoint's EMA weights, loaded safely (weights_only=True)."""
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"--ckpt_path {ckpt_path!r} is not a file; give the path of a .ckpt file")
+    check_checkpoint(ckpt_path)
     try:
         module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001  (truncated, foreign or not a checkpoint: the same advice)
@@ -124,5 +124,9 @@ def main(args: list[str]) -> None:
     )  # fmt: skip
     stem = Path(options.ckpt_path).stem
     output = Path(options.output or f"samples/{stem}-{options.sampler}{options.steps}")
-    write(images, labels, output, per_row, options.grid, options.png, options.npz)
+    try:
+        write(images, labels, output, per_row, options.grid, options.png, options.npz)
+    except OSError as error:
+        reason = error.strerror or error
+        raise UserError(f"could not write the samples to {output}/ ({reason}); free space or set --output") from None
     print(f"lit-ddpm: {len(images)} samples written to {output}/")

@@ -131,7 +131,7 @@ def short_run(image_folder, *extra: str) -> None:
         "--data.init_args.root",
         str(image_folder),
         "--data.init_args.image_size",
-        "8",
+        "16",
         "--trainer.logger",
         "lightning.pytorch.loggers.CSVLogger",
         "--trainer.logger.save_dir",
@@ -161,5 +161,5 @@ def test_resume_restores_step_optimizer_and_ema(image_folder):
 
     # A checkpoint describes itself: the module (UNet included) is rebuilt from it with the EMA weights.
     module = DiffusionModule.load_from_checkpoint("checkpoints/folder/last.ckpt", weights_only=True)
-    assert module.image_shape == (3, 8, 8) and module.unet.in_channels == 3
+    assert module.image_shape == (3, 16, 16) and module.unet.in_channels == 3
     assert torch.equal(module.unet.stem.weight, second["state_dict"]["unet.stem.weight"])

@@ -13,12 +13,12 @@ from diffusion_lit.nn import UNet
 def conditional_module(**kwargs) -> DiffusionModule:
     torch.manual_seed(0)
     unet = randomise(UNet(1, base_channels=8, num_heads=2, dropout=0.0, num_classes=10))
-    return DiffusionModule(unet, image_shape=(1, 8, 8), timesteps=20, **kwargs).eval()
+    return DiffusionModule(unet, image_shape=(1, 16, 16), timesteps=20, **kwargs).eval()
 
 
 def test_labels_condition_the_output_and_none_means_the_no_class_label():
     unet = conditional_module().unet
-    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 7])
     three, five = unet(x, t, torch.tensor([3, 3])), unet(x, t, torch.tensor([5, 5]))
     assert not torch.allclose(three, five)
     assert torch.equal(unet(x, t), unet(x, t, torch.tensor([10, 10])))  # label 10 = "no class"
@@ -28,12 +28,12 @@ def test_labels_condition_the_output_and_none_means_the_no_class_label():
 def test_an_unconditional_unet_refuses_labels():
     unet = UNet(1, base_channels=8, num_heads=2)
     with pytest.raises(ValueError, match="unconditional"):
-        unet(torch.randn(1, 1, 8, 8), torch.tensor([1]), torch.tensor([0]))
+        unet(torch.randn(1, 1, 16, 16), torch.tensor([1]), torch.tensor([0]))
 
 
 def test_guidance_zero_is_unconditional_one_is_conditional_and_others_extrapolate():
     module = conditional_module()
-    x, t, labels = torch.randn(4, 1, 8, 8), torch.tensor([1, 5, 9, 19]), torch.tensor([0, 1, 2, 3])
+    x, t, labels = torch.randn(4, 1, 16, 16), torch.tensor([1, 5, 9, 19]), torch.tensor([0, 1, 2, 3])
     cond, uncond = module.unet(x, t, labels), module.unet(x, t)
     assert torch.allclose(module.denoiser(labels, 0.0)(x, t), uncond, atol=1e-6)
     assert torch.allclose(module.denoiser(labels, 1.0)(x, t), cond, atol=1e-6)
@@ -60,7 +60,7 @@ def test_label_dropout_replaces_that_share_of_labels_with_no_class():
 
 
 def test_unconditional_model_refuses_labels_when_sampling():
-    module = DiffusionModule(UNet(1, base_channels=8, num_heads=2), image_shape=(1, 8, 8), timesteps=20)
+    module = DiffusionModule(UNet(1, base_channels=8, num_heads=2), image_shape=(1, 16, 16), timesteps=20)
     with pytest.raises(UserError, match="unconditional"):
         module.sample(2, "ddim", 2, labels=torch.tensor([0, 1]))
 

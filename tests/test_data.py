@@ -69,3 +69,44 @@ def test_demo_digits_split():
     images, labels = first_batch(datamodule)
     assert images.shape == (8, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
     assert len(datamodule.train_set) == 4500 and len(datamodule.val_set) == 500
+
+
+@pytest.mark.parametrize("cls,fixture", [(MNISTDataModule, "mnist_dir"), (CIFAR10DataModule, "cifar10_dir")])
+def test_in_memory_uint8_path_gives_the_same_images(cls, fixture, request):
+    from types import SimpleNamespace
+
+    root = str(request.getfixturevalue(fixture))
+    plain = cls(root, download=False, num_workers=0)
+    plain.setup("fit")
+    fast = cls(root, download=False, num_workers=0, in_memory=True)
+    fast.setup("fit")
+    fast.trainer = SimpleNamespace(training=False)
+    for split in ("train_set", "val_set"):
+        images, labels = getattr(fast, split).tensors
+        assert images.dtype == torch.uint8 and images.shape[1:] == cls.image_shape
+        converted, _ = fast.on_after_batch_transfer([images[:4], labels[:4]], 0)
+        expected = torch.stack([getattr(plain, split)[i][0] for i in range(4)]) if split == "val_set" else None
+        if expected is not None:
+            assert torch.allclose(converted, expected, atol=1e-6)
+    # The training split without flips equals torchvision's pipeline too (MNIST never flips).
+    if cls is MNISTDataModule:
+        images, labels = fast.train_set.tensors
+        converted, _ = fast.on_after_batch_transfer([images[:4], labels[:4]], 0)
+        assert torch.allclose(converted, torch.stack([plain.train_set[i][0] for i in range(4)]), atol=1e-6)
+
+
+def test_in_memory_flips_happen_only_while_training(cifar10_dir):
+    from types import SimpleNamespace
+
+    data = CIFAR10DataModule(str(cifar10_dir), download=False, num_workers=0, in_memory=True)
+    data.setup("fit")
+    images, labels = data.train_set.tensors
+    data.trainer = SimpleNamespace(training=False)
+    unflipped, _ = data.on_after_batch_transfer([images, labels], 0)
+    data.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)
+    augmented, _ = data.on_after_batch_transfer([images, labels], 0)
+    flipped = [torch.equal(a, u.flip(-1)) and not torch.equal(a, u) for a, u in zip(augmented, unflipped, strict=True)]
+    same = [torch.equal(a, u) for a, u in zip(augmented, unflipped, strict=True)]
+    assert all(f or s for f, s in zip(flipped, same, strict=True))
+    assert 5 <= sum(flipped) <= 35  # about half of the 40 images

@@ -26,7 +26,7 @@ def test_loss_is_mse_on_eps_target():
 
 
 def test_channel_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match="in_channels to 3"):
+    with pytest.raises(UserError, match="in_channels to 3"):
         DiffusionModule(UNet(1, base_channels=8, num_heads=2), image_shape=(3, 32, 32))
 
 

@@ -86,7 +86,7 @@ def test_unknown_sampler_and_bad_checkpoints_are_one_line(tmp_path, monkeypatch,
     (tmp_path / "junk.ckpt").write_bytes(b"\x00not a checkpoint")
     for args, message in [
         (["--ckpt_path", "missing.ckpt"], "is not a file"),
-        (["--ckpt_path", "junk.ckpt"], "is not a readable lit-ddpm checkpoint"),
+        (["--ckpt_path", "junk.ckpt"], "is not a readable checkpoint"),
         (["--ckpt_path", "junk.ckpt", "--sampler", "euler"], "euler"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

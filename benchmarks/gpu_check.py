@@ -1,0 +1,168 @@
+"""GPU check: training and sampling speed of the CIFAR-10 model on synthetic data, no network, a few minutes.
+
+    make gpu-check                                   # python benchmarks/gpu_check.py --device cuda
+    python benchmarks/gpu_check.py --device cpu --tiny --no-compile    # what the test suite runs
+
+For each variant (precision x eager/compiled x memory layout) it times --steps training steps of the
+CIFAR-10 UNet (40.7 M parameters at base 64) with lit-ddpm's loss and fused Adam on random 3x32x32
+images, then reports images/s, peak memory, achieved TFLOP/s (FLOPs of one step counted with
+torch.utils.flop_counter) and model-FLOPs utilisation against the card's dense peak, and whether any
+loss was non-finite. Then the same for sampling: DPM-Solver++ 20 steps under torch.inference_mode.
+"""
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion_lit.diffusion import NoiseSchedule, sample
+from diffusion_lit.diffusion.losses import DiffusionLoss
+from diffusion_lit.nn import UNet
+
+# Dense tensor-core peaks in TFLOP/s (bf16 / tf32), from NVIDIA's data sheets (SXM parts).
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0},
+               "A100": {"bf16": 312.0, "fp32": 156.0}}  # fmt: skip
+VARIANTS = [  # (precision, compiled, channels_last)
+    ("fp32", False, False), ("bf16", False, False), ("bf16", False, True), ("fp32", True, False),
+    ("bf16", True, False), ("bf16", True, True),
+]  # fmt: skip
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The card's dense peak for this precision, if known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[precision] for card, peaks in PEAK_TFLOPS.items() if card in name), None)
+
+
+def make_unet(args, compiled: bool, channels_last: bool, device: torch.device) -> UNet:
+    torch.manual_seed(0)
+    unet = UNet(3, base_channels=args.base, dropout=0.1).to(device)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compiled:
+        unet.compile()
+    return unet
+
+
+def train_variant(args, precision: str, compiled: bool, channels_last: bool, device, schedule) -> dict:
+    """Time training steps; count one step's FLOPs; note non-finite losses."""
+    unet = make_unet(args, compiled, channels_last, device)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4, fused=device.type == "cuda")
+    loss_fn = DiffusionLoss()
+    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x0 = (torch.rand(args.batch, 3, 32, 32, device=device) * 2 - 1).contiguous(memory_format=memory_format)
+    all_finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def step() -> None:
+        nonlocal all_finite
+        t = schedule.sample_timesteps(args.batch, device)
+        with autocast:
+            loss = loss_fn(unet, schedule, x0, torch.randn_like(x0), t)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        all_finite = all_finite & loss.isfinite()  # no host sync inside the loop
+
+    compile_start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    warmup_seconds = time.perf_counter() - compile_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    with FlopCounterMode(display=False) as counter:  # eager FLOPs of one step, forward and backward
+        eager = make_unet(args, False, False, device)
+        with autocast:
+            loss_fn(eager, schedule, x0, torch.randn_like(x0), schedule.sample_timesteps(args.batch, device))[
+                "loss"
+            ].backward()
+    tflops = counter.get_total_flops() * args.steps / seconds / 1e12
+    peak = peak_tflops(device, precision)
+    return {
+        "images_per_s": args.batch * args.steps / seconds,
+        "warmup_s": warmup_seconds,
+        "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "all_losses_finite": bool(all_finite.item()),
+    }
+
+
+def sample_variant(args, precision: str, compiled: bool, device, schedule) -> dict:
+    """DPM-Solver++ 20 steps for one batch, after a warm-up batch."""
+    unet = make_unet(args, compiled, False, device).eval()
+    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+    shape = (args.sample_batch, 3, 32, 32)
+    with torch.inference_mode(), autocast:
+        sample(unet, schedule, shape, "dpmpp", 2, device=device)
+        _sync(device)
+        start = time.perf_counter()
+        images = sample(unet, schedule, shape, "dpmpp", 20, device=device)
+        _sync(device)
+    return {"images_per_s": args.sample_batch / (time.perf_counter() - start), "finite": bool(images.isfinite().all())}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every variant, print two tables, optionally write JSON; returns the results."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--base", type=int, default=64, help="UNet base channels (64: the CIFAR-10 config)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--sample-batch", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="base 8, batch 4, 2 steps: a CPU smoke test")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.base, args.batch, args.sample_batch, args.steps, args.warmup = 8, 4, 4, 2, 1
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    schedule = NoiseSchedule().to(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    variants = [v for v in VARIANTS if not (args.no_compile and v[1])]
+    results = {"device": name, "torch": torch.__version__, "settings": vars(args), "train": [], "sample": []}
+
+    print(f"{name}, torch {torch.__version__}, UNet base {args.base}, batch {args.batch}\n")
+    print("| precision | compiled | channels_last | train img/s | warm-up s | peak MiB | TFLOP/s | MFU | finite |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for precision, compiled, channels_last in variants:
+        row = train_variant(args, precision, compiled, channels_last, device, schedule)
+        results["train"].append({"precision": precision, "compiled": compiled, "channels_last": channels_last, **row})
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+        peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "n/a"
+        print(f"| {precision} | {compiled} | {channels_last} | {row['images_per_s']:.0f} | {row['warmup_s']:.1f} "
+              f"| {peak} | {row['tflops']:.1f} | {mfu} | {row['all_losses_finite']} |", flush=True)  # fmt: skip
+    print("\n| sampling (DPM-Solver++ 20) | compiled | img/s | finite |")
+    print("| --- | --- | ---: | --- |")
+    for precision, compiled in [(p, c) for p, c, _ in variants if not _]:
+        row = sample_variant(args, precision, compiled, device, schedule)
+        results["sample"].append({"precision": precision, "compiled": compiled, **row})
+        print(f"| {precision} | {compiled} | {row['images_per_s']:.0f} | {row['finite']} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

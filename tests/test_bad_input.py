@@ -1,0 +1,193 @@
+"""The bad-input table: each row ends in one clear line on stderr and exit status 2, and loses no work.
+
+Rows covered elsewhere: a dataset missing offline (test_data, test_cli), an image folder with no images
+(test_data), missing VGG weights (test_losses), missing or unreadable Inception weights (test_metrics),
+a --ckpt_path that does not exist (test_cli), bad `sample` options and checkpoints (test_sample_cli).
+"""
+
+import errno
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY, StandInExtractor
+from diffusion_lit.cli import main
+from diffusion_lit.data import ImageFolderDataModule
+from diffusion_lit.errors import UserError
+from diffusion_lit.module import DiffusionModule
+from diffusion_lit.nn import UNet
+
+DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
+SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
+         "--trainer.limit_val_batches", "0"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def one_line_error(capsys, *args: str) -> str:
+    """Run lit-ddpm, expect exit status 2 and a single `lit-ddpm: error: ...` line on stderr; return it."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("lit-ddpm: error:")]
+    assert len(errors) == 1, lines
+    return errors[0]
+
+
+@pytest.fixture
+def demo_checkpoint(tmp_path) -> Path:
+    main(["fit", *DEMO, *SHORT, "--trainer.logger", "false"])
+    return tmp_path / "checkpoints" / "demo" / "last.ckpt"
+
+
+def test_unknown_config_key(capsys):
+    assert "unrecognized arguments: --model.lrr" in one_line_error(capsys, "fit", *DEMO, "--model.lrr", "1")
+
+
+def test_wrong_type(capsys):
+    error = one_line_error(capsys, "fit", *DEMO, "--model.lr", "fast")
+    assert "Parser key \"model.lr\": Expected a <class 'float'>. Got value: fast" in error
+
+
+def test_unknown_sampler_for_evaluation(capsys):
+    assert "evaluation.sampler" in one_line_error(capsys, "test", *DEMO, "--evaluation.sampler", "euler")
+
+
+def test_evaluation_steps_out_of_range(capsys, demo_checkpoint):
+    error = one_line_error(capsys, "test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--evaluation.steps", "21")
+    assert "evaluation.steps must be between 1 and the model's 20 timesteps" in error
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda path: path.write_bytes(path.read_bytes()[:2000]), "is not a readable checkpoint"),  # truncated
+        (lambda path: path.write_bytes(b"\x00" * 100), "is not a readable checkpoint"),  # corrupt
+        (lambda path: path.write_text("model: {}\n"), "is not a readable checkpoint"),  # not a checkpoint
+        (lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a Lightning checkpoint"),  # foreign
+    ],
+    ids=["truncated", "corrupt", "text", "foreign"],
+)
+def test_bad_checkpoint_files(capsys, demo_checkpoint, make, message):
+    make(demo_checkpoint)
+    for command in ("fit", "test"):
+        assert message in one_line_error(capsys, command, *DEMO, "--ckpt_path", str(demo_checkpoint))
+
+
+def test_the_cli_rebuilds_the_model_a_checkpoint_describes(demo_checkpoint, monkeypatch, tmp_path):
+    # LightningCLI applies the checkpoint's hyper-parameters, so a config with another UNet still loads it.
+    monkeypatch.setattr("diffusion_lit.callbacks.load_inception", lambda *args, **kwargs: StandInExtractor())
+    main(["test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--model.unet.init_args.base_channels", "16",
+          "--evaluation.num_samples", "2", "--evaluation.steps", "2", "--evaluation.reference", "test",
+          "--evaluation.cache_dir", str(tmp_path / "cache")])  # fmt: skip
+
+
+def test_checkpoint_of_another_model_config(demo_checkpoint):
+    from lightning.pytorch import Trainer
+
+    from diffusion_lit.data import DemoMNISTDataModule
+
+    other = DiffusionModule(UNet(1, base_channels=16, num_heads=2), image_shape=(1, 28, 28), timesteps=20)
+    trainer = Trainer(logger=False, enable_progress_bar=False, limit_val_batches=1)
+    with pytest.raises(UserError, match=r"trained with another model configuration: unet\..* has shape"):
+        trainer.validate(other, DemoMNISTDataModule(batch_size=4), ckpt_path=str(demo_checkpoint))
+
+
+def test_image_size_the_model_cannot_take(capsys, image_folder):
+    error = one_line_error(
+        capsys, "fit", "--config", f"{ROOT}/configs/folder.yaml", "--config", TINY,
+        "--data.init_args.root", str(image_folder), "--data.init_args.image_size", "8",
+    )  # fmt: skip
+    assert "8x8 images are too small for this UNet's 4 levels: the sides must be at least 16" in error
+
+
+def test_one_channel_data_into_a_three_channel_model():
+    with pytest.raises(UserError, match="1-channel images but the UNet takes 3; set model.unet.init_args.in_channels"):
+        DiffusionModule(UNet(3, base_channels=8, num_heads=2), image_shape=(1, 28, 28))
+
+
+def test_the_cli_builds_the_model_for_the_data_channels(mnist_dir, tmp_path):
+    # The CLI links data.image_shape into the UNet's in_channels: gray data never meets an RGB model.
+    main(["fit", "--config", f"{ROOT}/configs/cifar10.yaml", "--config", TINY, "--config",
+          f"{ROOT}/configs/ablation/mse_only.yaml", "--data.class_path", "diffusion_lit.data.MNISTDataModule",
+          "--data.init_args.data_dir", str(mnist_dir)])  # fmt: skip
+
+
+def broken_folder(image_folder: Path) -> Path:
+    (image_folder / "part0" / "truncated.png").write_bytes((image_folder / "part0" / "0.jpg").read_bytes()[:50])
+    (image_folder / "part1" / "text.png").write_text("not an image")
+    return image_folder
+
+
+def test_folder_with_unreadable_files_skips_them_by_default(image_folder):
+    data = ImageFolderDataModule(str(broken_folder(image_folder)), image_size=8, val_fraction=0.2)
+    with pytest.warns(UserWarning, match="skipped 2 unreadable image files"):
+        data.setup("fit")
+    assert len(data.train_set) + len(data.val_set) == 10
+
+
+def test_folder_with_unreadable_files_can_refuse(image_folder):
+    data = ImageFolderDataModule(str(broken_folder(image_folder)), image_size=8, bad_files="error")
+    with pytest.raises(UserError, match="2 files in .* are not readable images .*truncated.png"):
+        data.setup("fit")
+
+
+def test_folder_of_mixed_sizes_and_modes_gives_uniform_batches(image_folder):
+    # The fixture mixes widths 40-76, RGB PNGs and grayscale JPEGs.
+    for channels in (1, 3):
+        data = ImageFolderDataModule(str(image_folder), image_size=16, channels=channels, batch_size=9)
+        data.setup("fit")
+        images, labels = next(iter(data.train_dataloader()))
+        assert images.shape == (9, channels, 16, 16) and images.min() >= -1 and images.max() <= 1
+
+
+def test_disk_full_while_writing_samples_does_not_end_training(monkeypatch, tmp_path):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("diffusion_lit.callbacks.save_image", full)
+    with pytest.warns(UserWarning, match="could not write the sample grid .*No space left on device"):
+        main(["fit", *DEMO, *SHORT, "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
+              "--trainer.val_check_interval", "2", "--trainer.logger", "false"])  # fmt: skip
+    checkpoint = torch.load(tmp_path / "checkpoints" / "demo" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2  # the run finished and saved its work
+
+
+def test_disk_full_while_writing_sample_files_is_one_line(capsys, demo_checkpoint, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("diffusion_lit.sample.save_image", full)
+    error = one_line_error(capsys, "sample", "--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2")
+    assert "could not write the samples to" in error and "No space left on device" in error
+
+
+def test_secrets_never_reach_saved_configs_or_checkpoints(monkeypatch, tmp_path, demo_checkpoint):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    main(["fit", *DEMO, *SHORT, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+          "--trainer.logger.save_dir", "logs"])  # fmt: skip
+    for path in [*tmp_path.rglob("*.yaml"), *tmp_path.rglob("*.ckpt"), *tmp_path.rglob("*.csv")]:
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_demo_pixels_are_unchanged_by_the_checks():
+    # Guard against a check that "fixes" data silently: a readable PNG passes through unchanged.
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    folder = Path("plain")
+    (folder / "a").mkdir(parents=True)
+    for name in ("x.png", "y.png"):
+        Image.fromarray(pixels, "L").save(folder / "a" / name)
+    data = ImageFolderDataModule(str(folder), image_size=8, channels=1, hflip=False, val_fraction=0.5)
+    data.setup("fit")
+    image, _ = data.train_set[0]
+    assert torch.equal(((image + 1) * 127.5).round().to(torch.uint8)[0], torch.from_numpy(pixels))
+    shutil.rmtree(folder)

@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end on tiny settings (their numbers are not checked: timing is noisy)."""
+
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_gpu_check_runs_on_cpu_with_tiny_settings(capsys):
+    import gpu_check
+
+    results = gpu_check.main(["--device", "cpu", "--tiny", "--no-compile"])
+    assert [(r["precision"], r["channels_last"]) for r in results["train"]] == [
+        ("fp32", False), ("bf16", False), ("bf16", True)
+    ]  # fmt: skip
+    assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in results["train"])
+    assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 2
+    assert "| precision | compiled |" in capsys.readouterr().out
+
+
+def test_throughput_runs_for_lit_ddpm_alone(monkeypatch, capsys):
+    import throughput
+
+    argv = ["throughput.py", "--models", "lit-ddpm", "--batch", "2", "--train-steps", "1", "--sample-steps", "2",
+            "--repeats", "1"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    throughput.main()
+    assert "| lit-ddpm | 10.2 | " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_throughput_against_the_peers(monkeypatch, capsys):
+    pytest.importorskip("denoising_diffusion_pytorch")
+    import throughput
+
+    argv = ["throughput.py", "--batch", "2", "--train-steps", "1", "--sample-steps", "2", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    throughput.main()
+    assert "lit-ddpm / diffusers" in capsys.readouterr().out
