@@ -2,6 +2,7 @@
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,3 +79,29 @@ def test_sigkill_mid_epoch_then_resume_ends_at_the_same_step(tmp_path):
     just_after = mean([after[s] for s in range(resumed_from, resumed_from + 5)])
     at_start = mean([before[s] for s in range(5)])
     assert abs(just_after - just_before) < 0.5 * (at_start - just_before), (at_start, just_before, just_after)
+
+
+def test_sigterm_saves_last_ckpt_at_the_current_step(tmp_path):
+    # Checkpoints every 1,000 steps only: the one written after SIGTERM must come from the signal handler.
+    overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"], "max_steps": 100_000}}
+    overlay["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "checkpoints/demo", "save_last": True, "every_n_train_steps": 1000}},
+        {"class_path": "diffusion_lit.callbacks.CheckpointOnSigterm"},
+    ]  # fmt: skip
+    command = fit_command(tmp_path)
+    (tmp_path / "kill.yaml").write_text(yaml.safe_dump(overlay))
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and run.poll() is None:  # wait until it is training
+        time.sleep(0.5)
+        metrics = list((tmp_path / "logs").rglob("metrics.csv"))
+        if metrics and len(metrics[0].read_text().splitlines()) > 10:
+            break
+    run.send_signal(signal.SIGTERM)
+    stderr = run.communicate(timeout=120)[1].decode()
+    last = tmp_path / "checkpoints" / "demo" / "last.ckpt"
+    assert last.is_file(), stderr[-2000:]
+    step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    assert 5 < step < 1000  # saved where the signal arrived, not at a scheduled save
