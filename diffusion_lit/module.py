@@ -191,7 +191,7 @@ class DiffusionModule(LightningModule):
 
         return guided
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         num_samples: int,

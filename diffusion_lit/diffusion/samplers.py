@@ -138,7 +138,7 @@ def dpmpp_2m(model: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Ten
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp": dpmpp_2m}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(
     model: Denoiser,
     schedule: NoiseSchedule,
