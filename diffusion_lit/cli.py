@@ -34,6 +34,7 @@ class OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)
         flat = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        flat = flat.replace("'test', 'predict')", "'test', 'predict', 'sample')")  # sample has its own parser
         raise UserError(f"{flat} (`{self.prog.split(' [')[0]} --help` lists the options)")
 
 

@@ -191,3 +191,8 @@ def test_demo_pixels_are_unchanged_by_the_checks():
     image, _ = data.train_set[0]
     assert torch.equal(((image + 1) * 127.5).round().to(torch.uint8)[0], torch.from_numpy(pixels))
     shutil.rmtree(folder)
+
+
+def test_unknown_subcommand_lists_sample_too(capsys):
+    error = one_line_error(capsys, "fitt")
+    assert "invalid choice: 'fitt'" in error and "'sample'" in error
