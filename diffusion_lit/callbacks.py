@@ -156,7 +156,12 @@ class SampleQuality(Callback):
             timesteps = pl_module.schedule.timesteps
             raise UserError(f"evaluation.steps must be between 1 and the model's {timesteps} timesteps")
         if self.extractor is None:
-            self.extractor = load_inception(self.inception_weights, self.antialias)
+            try:
+                self.extractor = load_inception(self.inception_weights, self.antialias)
+            except UserError as error:
+                if stage != "fit":
+                    raise
+                raise UserError(f"{error} (or fit without FID: --evaluation.every_n_epochs null)") from None
         device = trainer.strategy.root_device
         self.metrics = QualityMetrics(self.extractor).to(device)
         shape = "x".join(map(str, datamodule.image_shape))
