@@ -147,6 +147,8 @@ class SampleQuality(Callback):
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Load the extractor and the reference statistics (computing them once) before any sampling."""
+        if stage == "fit":
+            self._check_fid_checkpoints(trainer)
         if stage not in ("fit", "test") or (stage == "fit" and not self.every_n_epochs) or self.metrics is not None:
             return
         datamodule = trainer.datamodule
@@ -175,6 +177,22 @@ class SampleQuality(Callback):
             if reference_statistics(self.metrics, self.reference_file, batches, description):
                 rank_zero_info(f"FID reference statistics of {len(real)} images saved to {self.reference_file}")
         trainer.strategy.barrier("fid-reference")
+
+    def _check_fid_checkpoints(self, trainer: "pl.Trainer") -> None:
+        """A ModelCheckpoint on val/fid must run on epochs that have one, or Lightning stops the run there
+        (it does so only once validation has run: not with fast_dev_run or without validation batches)."""
+        if trainer.fast_dev_run or trainer.limit_val_batches == 0:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "monitor", None) not in ("val/fid", "val/is"):
+                continue
+            every = getattr(callback, "_every_n_epochs", 1)
+            if not self.every_n_epochs or every % self.every_n_epochs:
+                raise UserError(
+                    f"a ModelCheckpoint monitors {callback.monitor} every {every} epochs but FID runs "
+                    f"{'never' if not self.every_n_epochs else f'every {self.every_n_epochs} epochs'} while "
+                    f"fitting; match its every_n_epochs to evaluation.every_n_epochs, or remove that callback"
+                )
 
     def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", num_samples: int) -> Tensor:
         """Generate this process's share of `num_samples` images into the metrics; returns them (uint8)."""

@@ -196,3 +196,12 @@ def test_demo_pixels_are_unchanged_by_the_checks():
 def test_unknown_subcommand_lists_sample_too(capsys):
     error = one_line_error(capsys, "fitt")
     assert "invalid choice: 'fitt'" in error and "'sample'" in error
+
+
+def test_fid_checkpoint_without_fid_is_refused_before_training(capsys, image_folder):
+    # The folder config keeps the best val/fid every 5 epochs; without FID Lightning would stop at epoch 5.
+    error = one_line_error(
+        capsys, "fit", "--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--trainer.fast_dev_run", "false",
+        "--data.init_args.root", str(image_folder), "--data.init_args.image_size", "16",
+    )  # fmt: skip
+    assert "a ModelCheckpoint monitors val/fid every 5 epochs but FID runs never while fitting" in error
