@@ -1,6 +1,7 @@
 """`lit-ddpm sample`: images from a checkpoint's EMA weights, without the dataset or the training config."""
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--png", type=bool, default=False, help="write images/000000.png, ...")
     p.add_argument("--npz", type=bool, default=True, help="write samples.npz")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for the network")
     return p
 
 
@@ -118,10 +120,13 @@ def main(args: list[str]) -> None:
     if not 1 <= options.steps <= module.schedule.timesteps:
         raise UserError(f"--steps must be between 1 and the model's {module.schedule.timesteps} timesteps")
     labels, per_row = class_labels(module, options.label, options.num_samples)
-    images = generate(
-        module, len(labels) if labels is not None else options.num_samples, options.sampler, options.steps,
-        options.eta, options.guidance, labels, options.seed, options.batch_size,
-    )  # fmt: skip
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+    with torch.autocast(module.device.type, dtype) if dtype else nullcontext():
+        images = generate(
+            module, len(labels) if labels is not None else options.num_samples, options.sampler, options.steps,
+            options.eta, options.guidance, labels, options.seed, options.batch_size,
+        )  # fmt: skip
+    images = images.float()
     stem = Path(options.ckpt_path).stem
     output = Path(options.output or f"samples/{stem}-{options.sampler}{options.steps}")
     try:

@@ -102,3 +102,10 @@ def test_class_count_mismatch_between_model_and_data_is_one_line(image_folder, t
               "--data.init_args.image_size", "16", "--model.unet.init_args.num_classes", "10"])  # fmt: skip
     err = capsys.readouterr().err
     assert "conditional on 10 classes but the data has no classes" in err and "class_folders: true" in err
+
+
+def test_sample_under_bf16_autocast(demo_checkpoint, tmp_path):
+    sample("--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "3", "--precision", "bf16",
+           "--output", "bf16")  # fmt: skip
+    images = np.load(tmp_path / "bf16" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 28, 28, 1) and images.dtype == np.uint8
