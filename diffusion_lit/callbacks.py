@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from diffusion_lit.diffusion.samplers import SamplerName
+from diffusion_lit.diffusion.samplers import SamplerName, batch_generator
 from diffusion_lit.errors import UserError
 from diffusion_lit.metrics import QualityMetrics, load_inception, reference_statistics, to_uint8
 
@@ -167,16 +167,22 @@ class SampleQuality(Callback):
         device = trainer.strategy.root_device
         self.metrics = QualityMetrics(self.extractor).to(device)
         shape = "x".join(map(str, datamodule.image_shape))
-        name = f"{datamodule.reference_name(self.reference)}-{shape}-{self.extractor.name}.pt"
-        self.reference_file = self.cache_dir / name
+        dataset_name = datamodule.reference_name(self.reference)  # hashes an image folder's files: once
+        self.reference_file = self.cache_dir / f"{dataset_name}-{shape}-{self.extractor.name}.pt"
         if trainer.is_global_zero:  # loaded on one process only: the reference states are summed across them
-            real = datamodule.reference_set(self.reference)
-            loader = DataLoader(real, batch_size=self.batch_size, num_workers=getattr(datamodule, "num_workers", 0))
-            batches = (to_uint8((images.to(device) + 1) / 2) for images, *_ in loader)
-            description = {"dataset": datamodule.reference_name(self.reference), "extractor": self.extractor.name}
-            if reference_statistics(self.metrics, self.reference_file, batches, description):
-                rank_zero_info(f"FID reference statistics of {len(real)} images saved to {self.reference_file}")
+            description = {"dataset": dataset_name, "extractor": self.extractor.name}
+            if reference_statistics(self.metrics, self.reference_file, self._real_batches(datamodule), description):
+                count = int(self.metrics.fid.real_features_num_samples)
+                rank_zero_info(f"FID reference statistics of {count} images saved to {self.reference_file}")
         trainer.strategy.barrier("fid-reference")
+
+    def _real_batches(self, datamodule: "pl.LightningDataModule"):
+        """The reference images as uint8 batches on the metrics' device; opened only when iterated."""
+        real = datamodule.reference_set(self.reference)
+        loader = DataLoader(real, batch_size=self.batch_size, num_workers=getattr(datamodule, "num_workers", 0))
+        device = self.metrics.fid.real_features_sum.device
+        for images, *_ in loader:
+            yield to_uint8((images.to(device) + 1) / 2)
 
     def _check_fid_checkpoints(self, trainer: "pl.Trainer") -> None:
         """A ModelCheckpoint on val/fid must run on epochs that have one, or Lightning stops the run there
@@ -199,7 +205,7 @@ class SampleQuality(Callback):
         self.metrics.reset()
         images = []
         for batch, size in _shard(num_samples, self.batch_size, trainer.global_rank, trainer.world_size):
-            generator = torch.Generator(pl_module.device).manual_seed(self.seed * 1_000_000 + batch)
+            generator = batch_generator(self.seed, batch, pl_module.device)
             labels = _cycled_labels(pl_module, batch * self.batch_size, size)
             samples = pl_module.sample(
                 size, self.sampler, self.steps, self.eta, generator=generator, labels=labels, guidance=self.guidance

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from diffusion_lit.checkpoints import check_checkpoint
-from diffusion_lit.diffusion.samplers import SAMPLERS
+from diffusion_lit.diffusion.samplers import SAMPLERS, batch_generator
 from diffusion_lit.errors import UserError
 from diffusion_lit.metrics import to_uint8
 from diffusion_lit.module import DiffusionModule
@@ -64,7 +64,7 @@ def generate(
         try:
             for batch, first in enumerate(range(0, num_samples, batch_size)):
                 size = min(batch_size, num_samples - first)
-                generator = torch.Generator(module.device).manual_seed(seed * 1_000_000 + batch)
+                generator = batch_generator(seed, batch, module.device)
                 batch_labels = None if labels is None else labels[first : first + size].to(module.device)
                 options = {"generator": generator, "labels": batch_labels, "guidance": guidance}
                 images.append(module.sample(size, sampler, steps, eta, **options))

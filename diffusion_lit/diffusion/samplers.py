@@ -138,6 +138,12 @@ def dpmpp_2m(model: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Ten
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp": dpmpp_2m}
 
 
+def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The noise generator of batch `batch` of a seeded run, seeded seed * 1,000,000 + batch, so that the
+    images of a run do not depend on how its batches are shared out among processes."""
+    return torch.Generator(device).manual_seed(seed * 1_000_000 + batch)
+
+
 @torch.inference_mode()
 def sample(
     model: Denoiser,
