@@ -13,14 +13,13 @@ loss was non-finite. Then the same for sampling: DPM-Solver++ 20 steps under tor
 import argparse
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from training_step import LOSS, autocast, synchronize, train_step
 
 from diffusion_lit.diffusion import NoiseSchedule, sample
-from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.nn import UNet
 
 # Dense tensor-core peaks in TFLOP/s (bf16 / tf32), from NVIDIA's data sheets (SXM parts).
@@ -54,40 +53,32 @@ def train_variant(args, precision: str, compiled: bool, channels_last: bool, dev
     """Time training steps; count one step's FLOPs; note non-finite losses."""
     unet = make_unet(args, compiled, channels_last, device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4, fused=device.type == "cuda")
-    loss_fn = DiffusionLoss()
-    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x0 = (torch.rand(args.batch, 3, 32, 32, device=device) * 2 - 1).contiguous(memory_format=memory_format)
     all_finite = torch.ones((), dtype=torch.bool, device=device)
 
     def step() -> None:
         nonlocal all_finite
-        t = schedule.sample_timesteps(args.batch, device)
-        with autocast:
-            loss = loss_fn(unet, schedule, x0, torch.randn_like(x0), t)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(unet, schedule, optimizer, x0, precision)
         all_finite = all_finite & loss.isfinite()  # no host sync inside the loop
 
     compile_start = time.perf_counter()
     for _ in range(args.warmup):
         step()
-    _sync(device)
+    synchronize(device)
     warmup_seconds = time.perf_counter() - compile_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     with FlopCounterMode(display=False) as counter:  # eager FLOPs of one step, forward and backward
         eager = make_unet(args, False, False, device)
-        with autocast:
-            loss_fn(eager, schedule, x0, torch.randn_like(x0), schedule.sample_timesteps(args.batch, device))[
-                "loss"
-            ].backward()
+        with autocast(device, precision):
+            t = schedule.sample_timesteps(args.batch, device)
+            LOSS(eager, schedule, x0, torch.randn_like(x0), t)["loss"].backward()
     tflops = counter.get_total_flops() * args.steps / seconds / 1e12
     peak = peak_tflops(device, precision)
     return {
@@ -103,20 +94,14 @@ def train_variant(args, precision: str, compiled: bool, channels_last: bool, dev
 def sample_variant(args, precision: str, compiled: bool, device, schedule) -> dict:
     """DPM-Solver++ 20 steps for one batch, after a warm-up batch."""
     unet = make_unet(args, compiled, False, device).eval()
-    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
     shape = (args.sample_batch, 3, 32, 32)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, precision):
         sample(unet, schedule, shape, "dpmpp", 2, device=device)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         images = sample(unet, schedule, shape, "dpmpp", 20, device=device)
-        _sync(device)
+        synchronize(device)
     return {"images_per_s": args.sample_batch / (time.perf_counter() - start), "finite": bool(images.isfinite().all())}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,15 +20,14 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+from training_step import autocast, synchronize, train_step
 
 from diffusion_lit.diffusion import NoiseSchedule, sample
-from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.nn import UNet
 
 SIZES = {  # lit-ddpm base channels, diffusers block_out_channels, denoising-diffusion-pytorch dim
@@ -64,41 +63,30 @@ def measure(name: str, args, schedule: NoiseSchedule, device: torch.device) -> d
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-    loss_fn = DiffusionLoss()
     network = lambda x, t: call(model, x, t)  # noqa: E731
-    autocast = torch.autocast(device.type, torch.bfloat16) if args.precision == "bf16" else nullcontext()
     x0 = torch.rand(args.batch, 3, 32, 32, device=device) * 2 - 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def train_step() -> None:
-        t = schedule.sample_timesteps(args.batch, device)
-        with autocast:
-            loss = loss_fn(network, schedule, x0, torch.randn_like(x0), t)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
+        train_step(network, schedule, optimizer, x0, args.precision)
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    train_step()  # warm-up: allocator, kernels, Adam state
-    synchronize()
+    step()  # warm-up: allocator, kernels, Adam state
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(args.train_steps):
-        train_step()
-    synchronize()
+        step()
+    synchronize(device)
     train_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
     model.eval()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, args.precision):
         sample(network, schedule, (args.batch, 3, 32, 32), "dpmpp", 2, device=device)  # warm-up
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         sample(network, schedule, (args.batch, 3, 32, 32), "dpmpp", args.sample_steps, device=device)
-        synchronize()
+        synchronize(device)
         sample_seconds = time.perf_counter() - start
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         call(model, x0[:1], torch.zeros(1, dtype=torch.long, device=device))
