@@ -59,29 +59,46 @@ def assert_same_trajectory(ours: ReplayModel, theirs: ReplayModel, x_ours, x_the
         assert (a - b).abs().max() <= bound, f"x differs at step {step}: {(a - b).abs().max():.2e} > {bound:.1e}"
 
 
+def assert_matches_diffusers(scheduler, spacing: str, steps: int, run_ours, final_is_mean: bool = False, **step):
+    """Same timesteps, initial noise, replayed outputs and step noise (seed 2) through both; same x at every step.
+
+    run_ours(model, noise, timesteps) -> x. With final_is_mean, the result is compared before the last
+    step (diffusers adds noise on the last step too).
+    """
+    timesteps = timestep_spacing(1000, steps, spacing)
+    assert timesteps.tolist() == scheduler.timesteps.tolist()
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours, theirs = ReplayModel(steps), ReplayModel(steps)
+    x_ours = run_ours(ours, noise, timesteps)
+    x_theirs = run_diffusers(scheduler, theirs, noise, seed=2, **step)
+    if final_is_mean:
+        x_ours, x_theirs = ours.inputs[-1], theirs.inputs[-1]
+    assert_same_trajectory(ours, theirs, x_ours, x_theirs)
+
+
+DIFFUSERS_SPACING = {"uniform": "leading", "trailing": "trailing"}
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 @pytest.mark.parametrize("spacing,steps", [("uniform", 50), ("trailing", 50), ("trailing", 1000)])
 @pytest.mark.parametrize("variance", ["small", "large"])
 def test_ddpm_matches_diffusers_ddpm_scheduler(prediction, spacing, steps, variance):
     schedule = NoiseSchedule("cosine", 1000, prediction)
-    diffusers_spacing = {"uniform": "leading", "trailing": "trailing"}[spacing]
     variance_type = {"small": "fixed_small", "large": "fixed_large"}[variance]
     scheduler = make_scheduler(
         schedulers.DDPMScheduler, schedule, prediction, clip_sample=False, variance_type=variance_type,
-        timestep_spacing=diffusers_spacing, steps_offset=0,
+        timestep_spacing=DIFFUSERS_SPACING[spacing], steps_offset=0,
     )  # fmt: skip
     scheduler.set_timesteps(steps)
-    timesteps = timestep_spacing(1000, steps, spacing)
-    assert timesteps.tolist() == scheduler.timesteps.tolist()
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ours, theirs = ReplayModel(steps), ReplayModel(steps)
-    x_ours = ddpm(ours, schedule, noise, timesteps, variance, clip_x0=False, generator=torch.Generator().manual_seed(2))
-    x_theirs = run_diffusers(scheduler, theirs, noise, seed=2)
-    if variance == "large":
-        # diffusers adds beta_t-sized noise on the last step too; we stop at the mean, as Ho et al. do.
-        x_theirs = theirs.inputs[-1]
-        x_ours = ours.inputs[-1]
-    assert_same_trajectory(ours, theirs, x_ours, x_theirs)
+
+    def run_ours(model, noise, timesteps):
+        return ddpm(
+            model, schedule, noise, timesteps, variance, clip_x0=False, generator=torch.Generator().manual_seed(2)
+        )
+
+    # diffusers adds beta_t-sized noise on the last step too with the large variance; we stop at the mean,
+    # as Ho et al. do.
+    assert_matches_diffusers(scheduler, spacing, steps, run_ours, final_is_mean=variance == "large")
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -89,19 +106,16 @@ def test_ddpm_matches_diffusers_ddpm_scheduler(prediction, spacing, steps, varia
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_matches_diffusers_ddim_scheduler(prediction, spacing, steps, eta):
     schedule = NoiseSchedule("cosine", 1000, prediction)
-    diffusers_spacing = {"uniform": "leading", "trailing": "trailing"}[spacing]
     scheduler = make_scheduler(
         schedulers.DDIMScheduler, schedule, prediction, clip_sample=False, set_alpha_to_one=True,
-        timestep_spacing=diffusers_spacing, steps_offset=0,
+        timestep_spacing=DIFFUSERS_SPACING[spacing], steps_offset=0,
     )  # fmt: skip
     scheduler.set_timesteps(steps)
-    timesteps = timestep_spacing(1000, steps, spacing)
-    assert timesteps.tolist() == scheduler.timesteps.tolist()
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ours, theirs = ReplayModel(steps), ReplayModel(steps)
-    x_ours = ddim(ours, schedule, noise, timesteps, eta, clip_x0=False, generator=torch.Generator().manual_seed(2))
-    x_theirs = run_diffusers(scheduler, theirs, noise, seed=2, eta=eta)
-    assert_same_trajectory(ours, theirs, x_ours, x_theirs)
+
+    def run_ours(model, noise, timesteps):
+        return ddim(model, schedule, noise, timesteps, eta, clip_x0=False, generator=torch.Generator().manual_seed(2))
+
+    assert_matches_diffusers(scheduler, spacing, steps, run_ours, eta=eta)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -117,10 +131,8 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(prediction, steps):
     # diffusers rounds its sigma table to float32 here; the same formula in float64 instead.
     alpha_bar = schedule.alpha_bar[scheduler.timesteps]
     scheduler.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
-    timesteps = timestep_spacing(1000, steps, "trailing")
-    assert timesteps.tolist() == scheduler.timesteps.tolist()
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ours, theirs = ReplayModel(steps), ReplayModel(steps)
-    x_ours = dpmpp_2m(ours, schedule, noise, timesteps, clip_x0=False)
-    x_theirs = run_diffusers(scheduler, theirs, noise, seed=2)
-    assert_same_trajectory(ours, theirs, x_ours, x_theirs)
+
+    def run_ours(model, noise, timesteps):
+        return dpmpp_2m(model, schedule, noise, timesteps, clip_x0=False)
+
+    assert_matches_diffusers(scheduler, "trailing", steps, run_ours)
