@@ -87,8 +87,9 @@ def main(args: list[str] | None = None) -> None:
     # W&B runs offline (files under ./wandb, `wandb sync` later) unless the user has logged in or set WANDB_MODE.
     os.environ.setdefault("WANDB_MODE", "online" if _wandb_logged_in() else "offline")
     try:
-        if (sys.argv[1:] if args is None else args)[:1] == ["sample"]:
-            sample.main((sys.argv[1:] if args is None else args)[1:])
+        argv = sys.argv[1:] if args is None else args
+        if argv[:1] == ["sample"]:
+            sample.main(argv[1:])
             return
         DiffusionCLI(
             DiffusionModule,

@@ -104,7 +104,7 @@ class DiffusionModule(LightningModule):
 
     def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """Network output for noisy images x_t (B, C, H, W) at timesteps t (B,), for labels (B,) or none."""
-        return self.unet(x_t, t) if labels is None else self.unet(x_t, t, labels)
+        return self.unet(x_t, t, labels)
 
     def on_fit_start(self) -> None:
         """A conditional model needs labels with as many classes as it has."""
@@ -180,7 +180,7 @@ class DiffusionModule(LightningModule):
         if labels is not None and self.num_classes is None:
             raise UserError("this model is unconditional: it takes no class labels (or guidance)")
         if labels is None or guidance == 0:
-            return lambda x, t: self.unet(x, t) if self.num_classes is None else self.unet(x, t, None)
+            return lambda x, t: self.unet(x, t)  # a conditional UNet reads no labels as "no class"
         if guidance == 1:
             return lambda x, t: self.unet(x, t, labels)
         no_class = torch.full_like(labels, self.num_classes)
