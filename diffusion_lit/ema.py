@@ -8,21 +8,13 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
 
-def ema_with_warmup(decay: float):
-    """multi_avg_fn for AveragedModel: decay min(decay, (1 + n) / (10 + n)) after n updates.
+def warmup_decay(decay: float, updates: int) -> float:
+    """The decay for the update after `updates` earlier ones: min(decay, (1 + n) / (10 + n)).
 
     The warm-up (Tan & Le 2019's EfficientNet recipe, also in TF's ExponentialMovingAverage) keeps the
-    average from being dominated by the random initial weights in short runs. It stays a tensor so that
-    no step synchronises with the host.
+    average from being dominated by the random initial weights in short runs.
     """
-
-    @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        warm = (1 + num_averaged.float()) / (10 + num_averaged.float())
-        weight = 1 - warm.clamp(max=decay)
-        torch._foreach_lerp_(averaged, current, weight.to(averaged[0].dtype))
-
-    return update
+    return min(decay, (1 + updates) / (10 + updates))
 
 
 class EMA(WeightAveraging):
@@ -36,8 +28,37 @@ class EMA(WeightAveraging):
     def __init__(self, decay: float = 0.9999) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        super().__init__(multi_avg_fn=ema_with_warmup(decay))
+        super().__init__()
         self.decay = decay
+        self._updates: int | None = None  # the average's n_averaged, kept on the host
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """A fresh average for each fit (Lightning's setup builds it)."""
+        super().setup(trainer, pl_module, stage)
+        self._updates = None
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+        """Update the average after every optimizer step.
+
+        This replaces AveragedModel.update_parameters, which compares its device-side update count with 0
+        twice per step (two host synchronisations) and regroups every tensor each time. Here the count
+        lives on the host and the update is one foreach lerp over parameters and buffers.
+        """
+        if trainer.global_step <= self._latest_update_step:
+            return  # no optimizer step in this batch (gradient accumulation)
+        average = self._average_model
+        if self._updates is None:
+            self._updates = int(average.n_averaged)  # once per run (0, or the count of a resumed average)
+        averaged = [*average.module.parameters(), *average.module.buffers()]
+        current = [t.detach() for t in (*pl_module.parameters(), *pl_module.buffers())]
+        with torch.no_grad():
+            if self._updates == 0:
+                torch._foreach_copy_(averaged, current)
+            else:
+                torch._foreach_lerp_(averaged, current, 1 - warmup_decay(self.decay, self._updates))
+            average.n_averaged += 1
+        self._updates += 1
+        self._latest_update_step = trainer.global_step
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Put the EMA weights into the module for the whole validation loop."""

@@ -43,11 +43,14 @@ class DiffusionModule(LightningModule):
         compile: compile the UNet with torch.compile (in place: checkpoints keep their keys).
         channels_last: keep the UNet's weights and the images in channels-last memory layout (faster
             convolutions on tensor-core GPUs).
-        fused_adam: use Adam's fused CUDA kernel when training on a GPU (ignored on CPU).
-        max_nonfinite_steps: stop after this many optimizer steps in a row whose gradients are not all
-            finite (each one is skipped, counted and logged as train/skipped_steps); fp16 loss scaling
-            alone skips a handful in a row while it calibrates. None turns the check off (it reads one flag
-            from the GPU per step, which stops the CPU from queueing the next step early).
+        fused_adam: use Adam's fused kernel (CUDA and CPU): fewer kernel launches, and a non-finite step is
+            skipped on the device, without the host waiting for the GPU.
+        max_nonfinite_steps: skip every optimizer step whose gradients are not all finite (counted and
+            logged as train/skipped_steps), and stop training when, at a check every
+            `max_nonfinite_steps` steps, that many steps in a row have been skipped; fp16 loss scaling alone
+            skips a handful in a row while it calibrates. None turns the guard off. With fused Adam the guard
+            reads nothing from the GPU between checks; without it, it reads one flag per step, which stops
+            the CPU from queueing the next step early.
     """
 
     def __init__(
@@ -94,8 +97,12 @@ class DiffusionModule(LightningModule):
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
         self.criterion = DiffusionLoss(perceptual_weight, feature_matching_weight)
-        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, this run
-        self.nonfinite_streak = 0
+        self._skipped = self._streak = None  # device counters of skipped steps (this run / in a row)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients in this run (reads the count from the device)."""
+        return 0 if self._skipped is None else int(self._skipped)
 
     @property
     def num_classes(self) -> int | None:
@@ -234,37 +241,60 @@ class DiffusionModule(LightningModule):
             lr=self.hparams.lr,
             betas=tuple(self.hparams.adam_betas),
             weight_decay=self.hparams.weight_decay,
-            fused=self.hparams.fused_adam and self.device.type == "cuda",
+            fused=self.hparams.fused_adam,
         )
         warmup = max(self.hparams.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip a step whose gradients are not all finite: without gradients, Adam leaves the weights alone.
+        """Skip a step whose gradients are not all finite, so that neither the weights nor Adam's moments move.
 
-        This costs one host synchronisation per step (reading one flag). Gradients are already reduced
-        across processes here, so every process takes the same decision.
+        Fused Adam skips on the device (its `found_inf` input, the one GradScaler uses), so nothing is read
+        back until the check every `max_nonfinite_steps` steps. Otherwise the gradients are dropped, which
+        needs the flag on the host every step. Gradients are already reduced across processes here, so
+        every process takes the same decision.
         """
+        limit = self.hparams.max_nonfinite_steps
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads or self.hparams.max_nonfinite_steps is None:
+        if limit is None or not grads:
             return
-        if torch.nn.utils.get_total_norm(grads).isfinite().item():
-            self.nonfinite_streak = 0
-            return
-        for parameter in self.parameters():
-            parameter.grad = None
-        self.skipped_steps += 1
-        self.nonfinite_streak += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
-        if self.nonfinite_streak >= self.hparams.max_nonfinite_steps:
+        bad = torch.nn.utils.get_total_norm(grads).isfinite().logical_not().long()
+        if self._skipped is None:
+            self._skipped, self._streak = torch.zeros_like(bad), torch.zeros_like(bad)
+        self._skipped += bad
+        self._streak = (self._streak + 1) * bad
+        self.log("train/skipped_steps", self._skipped.float())
+        if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused; fp16's GradScaler sets its own
+            optimizer.found_inf = bad.float()
+        elif bad.item():
+            for parameter in self.parameters():
+                parameter.grad = None
+        if (self.global_step + 1) % limit == 0 and int(self._streak) >= limit:
             path = os.path.join(getattr(self.trainer.checkpoint_callback, "dirpath", None) or ".", "last.ckpt")
             self.trainer.save_checkpoint(path)  # the weights are still those of the last good step
             raise UserError(
-                f"training stopped: {self.nonfinite_streak} optimizer steps in a row had non-finite gradients "
+                f"training stopped: the last {int(self._streak)} optimizer steps had non-finite gradients "
                 f"(step {self.global_step}); the last good state is in {path}. Lower model.lr, or use "
                 f"--trainer.precision bf16-mixed or 32-true instead of 16-mixed"
             )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """trainer.gradient_clip_val / _algorithm, also for fused Adam under mixed precision.
+
+        Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales fp16 gradients
+        inside its step (fused Adam), in bf16 as well. Here the fp16 loss scaler, if any, unscales them
+        first (GradScaler.unscale_, which the fused step then takes into account), and the clipping follows.
+        """
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another model configuration is one clear line, not a page of size mismatches."""

@@ -3,7 +3,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lit.ema import EMA, ema_with_warmup
+from diffusion_lit.ema import EMA, warmup_decay
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
@@ -51,14 +51,38 @@ def test_warmup_schedule():
 
 
 def test_ema_warmup_formula():
-    update = ema_with_warmup(0.9)
-    averaged, current = [torch.zeros(3)], [torch.ones(3)]
-    # After n updates the decay is min(0.9, (1 + n) / (10 + n)): n = 1 -> 2/11, n = 100 -> 0.9.
-    update(averaged, current, torch.tensor(1))
-    assert torch.allclose(averaged[0], torch.full((3,), 1 - 2 / 11))
-    averaged = [torch.zeros(3)]
-    update(averaged, current, torch.tensor(100))
-    assert torch.allclose(averaged[0], torch.full((3,), 0.1))
+    # After n updates the decay is min(decay, (1 + n) / (10 + n)): n = 1 -> 2/11, n = 100 -> 0.9.
+    assert warmup_decay(0.9, 1) == pytest.approx(2 / 11)
+    assert warmup_decay(0.9, 100) == 0.9
+    assert warmup_decay(0.999, 0) == pytest.approx(0.1)
+
+
+def test_ema_matches_torch_averaged_model(tmp_path):
+    """Our host-counted foreach update gives what torch's AveragedModel gives for the same formula."""
+    from copy import deepcopy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    module = tiny_module(lr=1e-2, ema_decay=0.5)
+    weights = WeightsAfterEachStep()
+    trainer = quiet_trainer(tmp_path, max_steps=6, num_sanity_val_steps=0, callbacks=[weights])
+    trainer.fit(module, random_digits())
+    assert len(weights.snapshots) == 6
+
+    def ema(average, current, n):
+        return torch.lerp(average, current, 1 - min(0.5, (1 + n.item()) / (10 + n.item())))
+
+    replay = deepcopy(module)
+    reference = AveragedModel(replay, avg_fn=ema, use_buffers=True)
+    for snapshot in weights.snapshots:
+        with torch.no_grad():
+            for parameter, value in zip(replay.parameters(), snapshot, strict=True):
+                parameter.copy_(value)
+        reference.update_parameters(replay)
+    # After fitting, the module holds the average (EMA.teardown).
+    for ours, theirs in zip(module.parameters(), reference.module.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(next(module.parameters()), weights.snapshots[-1][0])  # an average, not the last step
 
 
 def quiet_trainer(tmp_path, **kwargs) -> Trainer:
@@ -112,21 +136,25 @@ def test_validation_epoch_hooks_see_the_ema_weights(tmp_path):
 
 
 class WeightsAfterEachStep(Callback):
+    """Copies of the weights and of Adam's state after every training batch."""
+
     def __init__(self):
-        self.snapshots = []
+        self.snapshots, self.adam = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.snapshots.append([p.detach().clone() for p in pl_module.parameters()])
+        state = trainer.optimizers[0].state
+        self.adam.append([{k: v.clone() for k, v in state[p].items()} for p in pl_module.parameters()])
 
 
-def run_with_bad_batches(tmp_path, bad: set[int], max_steps: int, **module_kwargs) -> tuple[DiffusionModule, list]:
+def run_with_bad_batches(tmp_path, bad: set[int], max_steps: int, **module_kwargs) -> tuple[DiffusionModule, Callback]:
     """Fit a tiny model on 1x28x28 batches of 2 where the batches in `bad` contain a NaN pixel."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    images = torch.rand(16, 1, 28, 28) * 2 - 1
+    images = torch.rand(32, 1, 28, 28) * 2 - 1
     for index in bad:
         images[2 * index, 0, 0, 0] = float("nan")
-    loader = DataLoader(TensorDataset(images, torch.zeros(16, dtype=torch.long)), batch_size=2)
+    loader = DataLoader(TensorDataset(images, torch.zeros(32, dtype=torch.long)), batch_size=2)
     module = tiny_module(ema_decay=None, **module_kwargs)
     weights = WeightsAfterEachStep()
     trainer = Trainer(
@@ -134,22 +162,55 @@ def run_with_bad_batches(tmp_path, bad: set[int], max_steps: int, **module_kwarg
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt"), weights], default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(module, loader)
-    return module, weights.snapshots
+    return module, weights
 
 
-def test_a_nonfinite_step_is_skipped_and_leaves_the_weights_alone(tmp_path):
-    module, snapshots = run_with_bad_batches(tmp_path, {2}, max_steps=4)
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_nonfinite_step_is_skipped_and_leaves_the_weights_alone(tmp_path, fused):
+    module, after = run_with_bad_batches(tmp_path, {2}, max_steps=4, fused_adam=fused)
     assert module.skipped_steps == 1
-    changed = [
-        any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
-        for before, after in zip(snapshots, snapshots[1:], strict=False)
-    ]
-    assert changed == [True, False, True]  # step 3 (the NaN batch) changed nothing; the others trained
+
+    def changed(snapshots):
+        return [
+            any(not torch.equal(a, b) for a, b in zip(before, later, strict=True))
+            for before, later in zip(snapshots, snapshots[1:], strict=False)
+        ]
+
+    assert changed(after.snapshots) == [True, False, True]  # step 3 (the NaN batch) changed nothing
+    moments = [[t for state in step for t in state.values()] for step in after.adam]
+    assert changed(moments) == [True, False, True]  # nor Adam's moments and step count
+    assert int(after.adam[-1][0]["step"]) == 3
 
 
-def test_too_many_nonfinite_steps_stop_with_a_good_checkpoint(tmp_path):
-    with pytest.raises(UserError, match="3 optimizer steps in a row had non-finite gradients"):
-        run_with_bad_batches(tmp_path, {1, 2, 3, 4}, max_steps=8, max_nonfinite_steps=3)
+@pytest.mark.parametrize("fused", [True, False])
+def test_too_many_nonfinite_steps_stop_with_a_good_checkpoint(tmp_path, fused):
+    # Checked every 3 steps: after step 3 the streak is 2 (steps 2-3), after step 6 it is 5.
+    with pytest.raises(UserError, match="the last 5 optimizer steps had non-finite gradients"):
+        run_with_bad_batches(tmp_path, {1, 2, 3, 4, 5}, max_steps=12, max_nonfinite_steps=3, fused_adam=fused)
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 3  # Lightning counts the skipped steps too
+    assert checkpoint["global_step"] == 5  # Lightning counts the skipped steps too
     assert all(value.isfinite().all() for value in checkpoint["state_dict"].values() if value.is_floating_point())
+
+
+def test_a_streak_that_ends_before_the_check_does_not_stop_training(tmp_path):
+    module, _ = run_with_bad_batches(tmp_path, {1, 2, 3}, max_steps=9, max_nonfinite_steps=3)
+    assert module.skipped_steps == 3 and module.global_step == 9
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_gradient_clipping_with_fused_adam_under_mixed_precision(tmp_path, precision):
+    """Lightning's mixed-precision plugin refuses to clip for fused Adam; the module clips itself, after
+    the fp16 loss scaler has unscaled, and the fused step must not unscale a second time."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if precision == "16-mixed" else None
+    plugin = MixedPrecision(precision, "cpu", scaler)  # a Trainer refuses precision="16-mixed" on a CPU
+    module = tiny_module(ema_decay=None, lr=1e-3)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = quiet_trainer(tmp_path, max_steps=1, plugins=[plugin], gradient_clip_val=1e-3)
+    trainer.fit(module, random_digits())
+    grads = [p.grad for p in module.parameters()]
+    assert torch.nn.utils.get_total_norm(grads) == pytest.approx(1e-3, rel=1e-3)  # unscaled, then clipped
+    for parameter, start, grad in zip(module.parameters(), before, grads, strict=True):
+        # Adam's first step: m^ = g, v^ = g^2, so each weight moves by lr * g / (|g| + eps).
+        torch.testing.assert_close(parameter.detach() - start, -1e-3 * grad / (grad.abs() + 1e-8), rtol=1e-4, atol=1e-8)
