@@ -5,7 +5,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
-from torch import Tensor
 
 
 def warmup_decay(decay: float, updates: int) -> float:
