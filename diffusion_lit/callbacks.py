@@ -8,7 +8,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -22,6 +22,35 @@ from torchvision.utils import make_grid, save_image
 from diffusion_lit.diffusion.samplers import SamplerName, batch_generator
 from diffusion_lit.errors import UserError
 from diffusion_lit.metrics import QualityMetrics, load_inception, reference_statistics, to_uint8
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, showing logged training values read only on logging steps.
+
+    Lightning turns every value logged with `prog_bar=True` into a Python number after every training
+    batch: a host synchronisation per step, which keeps the CPU from queueing the next step while the GPU
+    works. The module therefore logs `train/loss` without `prog_bar`, and this bar shows it (and any other
+    `metrics`) from the values Lightning keeps on the device, read every `trainer.log_every_n_steps`
+    optimizer steps, when the logger reads them anyway.
+
+    Args:
+        metrics: logged training values to show beside the ones logged with `prog_bar=True`.
+    """
+
+    def __init__(self, metrics: tuple[str, ...] = ("train/loss",)) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self._read: dict[str, float] = {}
+        self._read_at = -1
+
+    def get_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict:
+        """The bar's numbers: the prog_bar ones, and the training values last read."""
+        step = trainer.global_step
+        if trainer.training and self._read_at != step and (step % trainer.log_every_n_steps == 0 or self._read_at < 0):
+            logged = trainer.callback_metrics
+            self._read = {name: float(logged[name]) for name in self.metrics if name in logged}
+            self._read_at = step
+        return {**super().get_metrics(trainer, pl_module), **self._read}
 
 
 class SampleGrid(Callback):
