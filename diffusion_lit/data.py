@@ -85,20 +85,22 @@ def _torchvision_dataset(cls: type, name: str, data_dir: str, train: bool, downl
 class _TorchvisionDataModule(_ImageDataModule):
     """A torchvision dataset: train split for training, test split for validation.
 
-    With `in_memory`, both splits are held as one uint8 tensor each and batches travel as uint8; the
-    conversion to [-1, 1] and the flips happen after the transfer, on the training device, so that
-    decoding and augmentation on the CPU never limit a GPU (MNIST is 47 MB, CIFAR-10 150 MB).
+    With `on_device`, each split is one uint8 tensor (MNIST 47 MB, CIFAR-10 150 MB) that moves to the
+    training device with the first batch and stays there; the data loaders hand out only indices, and
+    the images are gathered, converted to [-1, 1] and flipped on the device, so decoding and augmentation
+    on the CPU never limit a GPU.
     """
 
     dataset_class: type
     name: str
     hflip = False
 
-    def __init__(self, data_dir: str, download: bool, batch_size: int, num_workers: int, in_memory: bool) -> None:
+    def __init__(self, data_dir: str, download: bool, batch_size: int, num_workers: int, on_device: bool) -> None:
         super().__init__(batch_size, num_workers)
         self.data_dir = data_dir
         self.download = download
-        self.in_memory = in_memory
+        self.on_device = on_device
+        self.tensors: dict[str, tuple[Tensor, Tensor]] = {}  # with on_device: split -> (uint8 images, labels)
 
     def train_transform(self) -> transforms.Compose:
         """Training augmentation: none by default."""
@@ -110,42 +112,59 @@ class _TorchvisionDataModule(_ImageDataModule):
             _torchvision_dataset(self.dataset_class, self.name, self.data_dir, train, self.download, None)
 
     def setup(self, stage: str) -> None:
-        """Open the train and test splits from disk (as uint8 tensors with `in_memory`)."""
+        """Open the train and test splits from disk (with `on_device`: as uint8 tensors, indexed by the loaders)."""
         plain = transforms.Compose([transforms.ToTensor(), TO_SIGNED])
         cls, name = self.dataset_class, self.name
         self.train_set = _torchvision_dataset(cls, name, self.data_dir, True, False, self.train_transform())
         self.val_set = _torchvision_dataset(cls, name, self.data_dir, False, False, plain)
-        if self.in_memory:
-            self.train_set, self.val_set = _uint8_tensors(self.train_set), _uint8_tensors(self.val_set)
+        if self.on_device:
+            self.tensors = {"train": _uint8_tensors(self.train_set), "val": _uint8_tensors(self.val_set)}
+            self.train_set, self.val_set = _Indices(len(self.train_set)), _Indices(len(self.val_set))
+            self.num_workers = 0  # handing out indices needs no worker processes
 
-    def on_after_batch_transfer(self, batch: list[Tensor], dataloader_idx: int) -> list[Tensor]:
-        """With `in_memory`: uint8 -> [-1, 1] on the device, and random horizontal flips while training."""
-        images, labels = batch
-        if images.dtype != torch.uint8:
+    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> list[Tensor]:
+        """With `on_device`: the batch of indices becomes images in [-1, 1] (flipped while training) and labels."""
+        if not self.on_device:
             return batch
-        images = images.float() / 127.5 - 1
-        if self.hflip and self.trainer is not None and self.trainer.training:
+        training = self.trainer is not None and self.trainer.training
+        split = "train" if training else "val"
+        images, labels = self.tensors[split]
+        if images.device != batch.device:  # the first batch: the whole split moves to the device, once
+            images, labels = self.tensors[split] = images.to(batch.device), labels.to(batch.device)
+        images = images[batch].float() / 127.5 - 1
+        if self.hflip and training:
             flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
             images = torch.where(flip, images.flip(-1), images)
-        return [images, labels]
+        return [images, labels[batch]]
 
     def reference_set(self, split: Split) -> Dataset:
         """The train split without augmentation, or the test split."""
-        if split == "test":
-            return self.val_set
         plain = transforms.Compose([transforms.ToTensor(), TO_SIGNED])
-        return _torchvision_dataset(self.dataset_class, self.name, self.data_dir, True, False, plain)
+        return _torchvision_dataset(self.dataset_class, self.name, self.data_dir, split == "train", False, plain)
 
     def reference_name(self, split: Split) -> str:
         """e.g. cifar-10-train."""
         return f"{self.name.lower()}-{split}"
 
 
-def _uint8_tensors(dataset: Dataset) -> TensorDataset:
-    """A torchvision MNIST/CIFAR-10 split as uint8 images (N, C, H, W) and long labels."""
+class _Indices(Dataset):
+    """0, 1, ..., n - 1: what the loaders hand out when the images live on the training device."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def _uint8_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
+    """A torchvision MNIST/CIFAR-10 split as uint8 images (N, C, H, W) and long labels (N,)."""
     images = torch.as_tensor(dataset.data)
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
-    return TensorDataset(images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long))
+    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
 
 
 class MNISTDataModule(_TorchvisionDataModule):
@@ -156,7 +175,8 @@ class MNISTDataModule(_TorchvisionDataModule):
         download: download when missing.
         batch_size: images per batch (per process).
         num_workers: data-loading processes.
-        in_memory: keep the images as uint8 tensors, convert them on the training device.
+        on_device: keep both splits as uint8 tensors on the training device (47 MB); the loaders hand
+            out indices and the images are converted there.
     """
 
     image_shape = (1, 28, 28)
@@ -169,9 +189,9 @@ class MNISTDataModule(_TorchvisionDataModule):
         download: bool = True,
         batch_size: int = 64,
         num_workers: int = 4,
-        in_memory: bool = False,
+        on_device: bool = False,
     ):
-        super().__init__(data_dir, download, batch_size, num_workers, in_memory)
+        super().__init__(data_dir, download, batch_size, num_workers, on_device)
 
 
 class CIFAR10DataModule(_TorchvisionDataModule):
@@ -183,7 +203,8 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         hflip: randomly flip training images horizontally (as Ho et al. 2020 did).
         batch_size: images per batch (per process).
         num_workers: data-loading processes.
-        in_memory: keep the images as uint8 tensors, convert and flip them on the training device.
+        on_device: keep both splits as uint8 tensors on the training device (150 MB); the loaders hand
+            out indices and the images are converted and flipped there.
     """
 
     image_shape = (3, 32, 32)
@@ -197,9 +218,9 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         hflip: bool = True,
         batch_size: int = 64,
         num_workers: int = 4,
-        in_memory: bool = False,
+        on_device: bool = False,
     ):
-        super().__init__(data_dir, download, batch_size, num_workers, in_memory)
+        super().__init__(data_dir, download, batch_size, num_workers, on_device)
         self.hflip = hflip
 
     def train_transform(self) -> transforms.Compose:

@@ -40,3 +40,14 @@ def test_throughput_against_the_peers(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
     assert "lit-ddpm / diffusers" in capsys.readouterr().out
+
+
+def test_pipeline_runs_on_cpu_with_tiny_settings(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    import pipeline
+
+    results = pipeline.main(["--warmup", "1", "--steps", "2", "--base-channels", "8", "--images", "40",
+                             "--batch", "8", "--json", str(tmp_path / "pipeline.json")])  # fmt: skip
+    assert results["loop"]["fit_steps_per_s"] > 0 and results["loop"]["bare_steps_per_s"] > 0
+    assert results["data"]["on_device_images_per_s"] > 0 and results["data"]["torchvision_images_per_s"] > 0
+    assert "on_device / torchvision" in capsys.readouterr().out and (tmp_path / "pipeline.json").exists()

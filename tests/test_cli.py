@@ -31,7 +31,8 @@ def test_fit_mnist(mnist_dir, vgg):
     fit("--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, "--data.init_args.data_dir", str(mnist_dir), *vgg)
 
 
-def test_fit_cifar10(cifar10_dir, vgg):
+@pytest.mark.parametrize("on_device", ["false", "true"])
+def test_fit_cifar10(cifar10_dir, vgg, on_device):
     fit(
         "--config",
         f"{ROOT}/configs/cifar10.yaml",
@@ -39,6 +40,8 @@ def test_fit_cifar10(cifar10_dir, vgg):
         TINY,
         "--data.init_args.data_dir",
         str(cifar10_dir),
+        "--data.init_args.on_device",
+        on_device,
         *vgg,
     )
 

@@ -71,42 +71,69 @@ def test_demo_digits_split():
     assert len(datamodule.train_set) == 4500 and len(datamodule.val_set) == 500
 
 
+def on_device_batches(data, split: str, training: bool, device: str = "cpu"):
+    """The batches of a datamodule with `on_device`, as the training loop sees them."""
+    from types import SimpleNamespace
+
+    data.trainer = SimpleNamespace(training=training)
+    loader = data.train_dataloader() if split == "train" else data.val_dataloader()
+    for indices in loader:
+        assert indices.dtype == torch.long and indices.dim() == 1  # the loader carries no image data
+        yield data.on_after_batch_transfer(indices.to(device), 0)
+
+
 @pytest.mark.parametrize("cls,fixture", [(MNISTDataModule, "mnist_dir"), (CIFAR10DataModule, "cifar10_dir")])
-def test_in_memory_uint8_path_gives_the_same_images(cls, fixture, request):
-    from types import SimpleNamespace
-
+def test_on_device_gives_the_same_batches(cls, fixture, request):
     root = str(request.getfixturevalue(fixture))
-    plain = cls(root, download=False, num_workers=0)
+    plain = cls(root, download=False, num_workers=0, batch_size=4)
     plain.setup("fit")
-    fast = cls(root, download=False, num_workers=0, in_memory=True)
+    fast = cls(root, download=False, num_workers=0, batch_size=4, on_device=True)
     fast.setup("fit")
-    fast.trainer = SimpleNamespace(training=False)
-    for split in ("train_set", "val_set"):
-        images, labels = getattr(fast, split).tensors
-        assert images.dtype == torch.uint8 and images.shape[1:] == cls.image_shape
-        converted, _ = fast.on_after_batch_transfer([images[:4], labels[:4]], 0)
-        expected = torch.stack([getattr(plain, split)[i][0] for i in range(4)]) if split == "val_set" else None
-        if expected is not None:
-            assert torch.allclose(converted, expected, atol=1e-6)
-    # The training split without flips equals torchvision's pipeline too (MNIST never flips).
+    # Validation: the same images and labels in the same order.
+    expected = list(plain.val_dataloader())
+    for (images, labels), (want, want_labels) in zip(on_device_batches(fast, "val", False), expected, strict=True):
+        torch.testing.assert_close(images, want, atol=1e-6, rtol=0)
+        assert torch.equal(labels, want_labels)
+    # Training: the same shuffle for the same seed (MNIST never flips; CIFAR-10 flips are compared below).
     if cls is MNISTDataModule:
-        images, labels = fast.train_set.tensors
-        converted, _ = fast.on_after_batch_transfer([images[:4], labels[:4]], 0)
-        assert torch.allclose(converted, torch.stack([plain.train_set[i][0] for i in range(4)]), atol=1e-6)
+        torch.manual_seed(3)
+        expected = list(plain.train_dataloader())
+        torch.manual_seed(3)
+        got = list(on_device_batches(fast, "train", True))
+        assert len(got) == len(expected) == 4
+        for (images, labels), (want, want_labels) in zip(got, expected, strict=True):
+            torch.testing.assert_close(images, want, atol=1e-6, rtol=0)
+            assert torch.equal(labels, want_labels)
 
 
-def test_in_memory_flips_happen_only_while_training(cifar10_dir):
+def test_on_device_moves_each_split_to_the_device_once(mnist_dir):
+    data = MNISTDataModule(str(mnist_dir), download=False, batch_size=4, on_device=True)
+    data.setup("fit")
+    assert data.num_workers == 0
+    batches = on_device_batches(data, "train", True, device="meta")  # a device other than the CPU
+    images, labels = next(batches)
+    assert images.device.type == labels.device.type == "meta" and images.shape == (4, 1, 28, 28)
+    stored = data.tensors["train"][0]
+    assert stored.device.type == "meta" and data.tensors["val"][0].device.type == "cpu"
+    next(batches)
+    assert data.tensors["train"][0] is stored  # not copied again
+
+
+def test_on_device_flips_happen_only_while_training(cifar10_dir):
     from types import SimpleNamespace
 
-    data = CIFAR10DataModule(str(cifar10_dir), download=False, num_workers=0, in_memory=True)
+    data = CIFAR10DataModule(str(cifar10_dir), download=False, num_workers=0, on_device=True)
     data.setup("fit")
-    images, labels = data.train_set.tensors
+    data.tensors["val"] = data.tensors["train"]  # the training images through the validation path
+    everything = torch.arange(40)
     data.trainer = SimpleNamespace(training=False)
-    unflipped, _ = data.on_after_batch_transfer([images, labels], 0)
+    unflipped, _ = data.on_after_batch_transfer(everything, 0)
     data.trainer = SimpleNamespace(training=True)
     torch.manual_seed(0)
-    augmented, _ = data.on_after_batch_transfer([images, labels], 0)
+    augmented, _ = data.on_after_batch_transfer(everything, 0)
     flipped = [torch.equal(a, u.flip(-1)) and not torch.equal(a, u) for a, u in zip(augmented, unflipped, strict=True)]
     same = [torch.equal(a, u) for a, u in zip(augmented, unflipped, strict=True)]
     assert all(f or s for f, s in zip(flipped, same, strict=True))
     assert 5 <= sum(flipped) <= 35  # about half of the 40 images
+
+

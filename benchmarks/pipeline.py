@@ -1,0 +1,195 @@
+"""What surrounds the network: the Lightning training loop's cost over a bare loop, and the data path.
+
+    python benchmarks/pipeline.py                  # CPU, about a minute
+    python benchmarks/pipeline.py --device cuda
+
+Loop: the demo config's UNet, loss, Adam, gradient clipping and EMA, trained on the demo digits by
+(a) a bare PyTorch loop and (b) `lit-ddpm fit --config configs/demo.yaml` with its callbacks (progress
+bar, checkpointing, EMA, non-finite guard), logger off. Steps/second after --warmup steps; the ratio
+bare / fit is the share of the bare loop's speed that the Lightning loop keeps (1.0: no overhead).
+
+Data: --images CIFAR-10-shaped images written to a temporary folder as CIFAR-10's files, read by
+CIFAR10DataModule through torchvision's pipeline (PIL, ToTensor, flips; num_workers 0, so one
+process's rate) and with `on_device` (indices from the loader, gather + convert + flip on the device).
+Images/second handed to the training step, and their ratio.
+"""
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch import Callback
+from training_step import synchronize
+
+from diffusion_lit.cli import main as lit_ddpm
+from diffusion_lit.data import CIFAR10DataModule, DemoMNISTDataModule
+from diffusion_lit.diffusion import NoiseSchedule
+from diffusion_lit.diffusion.losses import DiffusionLoss
+from diffusion_lit.nn import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def bare_loop(device: torch.device, warmup: int, steps: int, base_channels: int) -> float:
+    """Steps/second of a plain loop doing the demo config's work: loss, backward, clip, fused Adam, EMA."""
+    config = yaml.safe_load(DEMO.read_text())
+    torch.manual_seed(0)
+    unet_args = {**config["model"]["unet"]["init_args"], "base_channels": base_channels}
+    unet = UNet(in_channels=1, **unet_args).to(device)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    schedule = NoiseSchedule("cosine", 1000).to(device)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=float(config["model"]["lr"]), fused=True)
+    data = DemoMNISTDataModule(batch_size=config["data"]["init_args"]["batch_size"])
+    data.setup("fit")
+    loss_fn, done, start = DiffusionLoss(), 0, 0.0
+    while done < warmup + steps:
+        for x0, _ in data.train_dataloader():
+            if done == warmup:
+                synchronize(device)
+                start = time.perf_counter()
+            x0 = x0.to(device, non_blocking=True)
+            t = schedule.sample_timesteps(x0.shape[0], device)
+            loss = loss_fn(unet, schedule, x0, torch.randn_like(x0), t)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), config["trainer"]["gradient_clip_val"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - config["model"]["ema_decay"])
+            done += 1
+            if done == warmup + steps:
+                break
+    synchronize(device)
+    return steps / (time.perf_counter() - start)
+
+
+class StepTimer(Callback):
+    """Wall time from the start of optimizer step `warmup` to the end of training."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device, self.start, self.seconds = warmup, device, None, None
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.warmup and self.start is None:
+            synchronize(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, *args) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def fit_loop(device: torch.device, warmup: int, steps: int, base_channels: int) -> float:
+    """Steps/second of `lit-ddpm fit --config configs/demo.yaml` (its callbacks, no logger), in a temp dir."""
+    timer = StepTimer(warmup, device)
+    args = ["fit", "--config", str(DEMO), "--trainer.accelerator", device.type, "--trainer.max_steps",
+            str(warmup + steps), "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+            "--model.unet.init_args.base_channels", str(base_channels)]  # fmt: skip
+    from diffusion_lit.module import DiffusionModule
+
+    configured = DiffusionModule.configure_callbacks
+    DiffusionModule.configure_callbacks = lambda self: [*configured(self), timer]
+    cwd = os.getcwd()
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            os.chdir(folder)
+            lit_ddpm(args)
+    finally:
+        os.chdir(cwd)
+        DiffusionModule.configure_callbacks = configured
+    return steps / timer.seconds
+
+
+def write_cifar(folder: Path, images: int) -> None:
+    """Random images in CIFAR-10's python pickle layout (5 training files and a test file)."""
+    rng = np.random.default_rng(0)
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        count = images // 5
+        batch = {
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            "labels": list(rng.integers(0, 10, count)),
+        }
+        (batches / name).write_bytes(pickle.dumps(batch))
+    (batches / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+
+
+def data_rate(device: torch.device, images: int, batch: int, on_device: bool) -> float:
+    """Training images/second handed to the step (after the device transfer and the datamodule's hook)."""
+    import torchvision.datasets.cifar as cifar
+
+    check_integrity, cifar.check_integrity = cifar.check_integrity, lambda *args: True  # the files are fakes
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            write_cifar(Path(folder), images)
+            data = CIFAR10DataModule(folder, download=False, batch_size=batch, num_workers=0, on_device=on_device)
+            data.setup("fit")
+            data.trainer = SimpleNamespace(training=True)
+            for _ in range(2):  # the first epoch warms up (and moves on_device's tensors to the device)
+                synchronize(device)
+                start, seen = time.perf_counter(), 0
+                for loaded in data.train_dataloader():
+                    loaded = loaded.to(device) if on_device else [t.to(device) for t in loaded]
+                    images_on_device, _ = data.on_after_batch_transfer(loaded, 0)
+                    seen += images_on_device.shape[0]
+                synchronize(device)
+    finally:
+        cifar.check_integrity = check_integrity
+    return seen / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=10, help="optimizer steps before the clock starts")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps timed")
+    parser.add_argument(
+        "--base-channels", type=int, default=16, help="UNet width (the demo's: 16; smaller shows overhead)"
+    )
+    parser.add_argument("--images", type=int, default=10000, help="synthetic CIFAR-10 images for the data path")
+    parser.add_argument("--batch", type=int, default=64, help="data-path batch size")
+    parser.add_argument("--only", choices=["loop", "data"], help="measure one of the two")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "args": vars(args),
+    }
+    if args.only in (None, "loop"):
+        bare = bare_loop(device, args.warmup, args.steps, args.base_channels)
+        fit = fit_loop(device, args.warmup, args.steps, args.base_channels)
+        results["loop"] = {"bare_steps_per_s": bare, "fit_steps_per_s": fit, "fit_over_bare": fit / bare}
+    if args.only in (None, "data"):
+        plain = data_rate(device, args.images, args.batch, on_device=False)
+        fast = data_rate(device, args.images, args.batch, on_device=True)
+        results["data"] = {"torchvision_images_per_s": plain, "on_device_images_per_s": fast, "ratio": fast / plain}
+    print(f"\n{results['device']}")
+    if "loop" in results:
+        r = results["loop"]
+        print("| training loop | steps/s |\n| --- | ---: |")
+        print(f"| bare PyTorch | {r['bare_steps_per_s']:.1f} |")
+        print(f"| lit-ddpm fit (demo config) | {r['fit_steps_per_s']:.1f} |")
+        print(f"fit / bare: {r['fit_over_bare']:.2f}\n")
+    if "data" in results:
+        r = results["data"]
+        print("| CIFAR-10 data path | images/s |\n| --- | ---: |")
+        print(f"| torchvision (1 process) | {r['torchvision_images_per_s']:.0f} |")
+        print(f"| on_device | {r['on_device_images_per_s']:.0f} |\non_device / torchvision: {r['ratio']:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
