@@ -5,7 +5,7 @@
 
 Loop: the demo config's UNet, loss, Adam, gradient clipping and EMA, trained on the demo digits by
 (a) a bare PyTorch loop and (b) `lit-ddpm fit --config configs/demo.yaml` with its callbacks (progress
-bar, checkpointing, EMA, non-finite guard), logger off. Steps/second after --warmup steps; the ratio
+bar, checkpointing, EMA, non-finite guard), logging to CSV. Steps/second after --warmup steps; the ratio
 bare / fit is the share of the bare loop's speed that the Lightning loop keeps (1.0: no overhead).
 
 Data: --images CIFAR-10-shaped images written to a temporary folder as CIFAR-10's files, read by
@@ -34,6 +34,7 @@ from diffusion_lit.cli import main as lit_ddpm
 from diffusion_lit.data import CIFAR10DataModule, DemoMNISTDataModule
 from diffusion_lit.diffusion import NoiseSchedule
 from diffusion_lit.diffusion.losses import DiffusionLoss
+from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,14 +89,12 @@ class StepTimer(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def fit_loop(device: torch.device, warmup: int, steps: int, base_channels: int) -> float:
-    """Steps/second of `lit-ddpm fit --config configs/demo.yaml` (its callbacks, no logger), in a temp dir."""
+def fit_rate(config: Path, overrides: list[str], device: torch.device, warmup: int, steps: int) -> float:
+    """Steps/second of `lit-ddpm fit --config CONFIG OVERRIDES` after `warmup` steps, in a temp dir, CSV logger."""
     timer = StepTimer(warmup, device)
-    args = ["fit", "--config", str(DEMO), "--trainer.accelerator", device.type, "--trainer.max_steps",
-            str(warmup + steps), "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-            "--model.unet.init_args.base_channels", str(base_channels)]  # fmt: skip
-    from diffusion_lit.module import DiffusionModule
-
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs"]
+    args = ["fit", "--config", str(config), "--trainer.accelerator", device.type, *logger, "--trainer.max_steps",
+            str(warmup + steps), "--trainer.limit_val_batches", "0", *overrides]  # fmt: skip
     configured = DiffusionModule.configure_callbacks
     DiffusionModule.configure_callbacks = lambda self: [*configured(self), timer]
     cwd = os.getcwd()
@@ -168,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.only in (None, "loop"):
         bare = bare_loop(device, args.warmup, args.steps, args.base_channels)
-        fit = fit_loop(device, args.warmup, args.steps, args.base_channels)
+        width = ["--model.unet.init_args.base_channels", str(args.base_channels)]
+        fit = fit_rate(DEMO, width, device, args.warmup, args.steps)
         results["loop"] = {"bare_steps_per_s": bare, "fit_steps_per_s": fit, "fit_over_bare": fit / bare}
     if args.only in (None, "data"):
         plain = data_rate(device, args.images, args.batch, on_device=False)

@@ -18,6 +18,8 @@ def test_gpu_check_runs_on_cpu_with_tiny_settings(capsys):
     ]  # fmt: skip
     assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in results["train"])
     assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 2
+    assert [(r["precision"], r["on_device"]) for r in results["fit"]] == [("bf16-mixed", True)]
+    assert results["fit"][0]["images_per_s"] > 0  # lit-ddpm fit with configs/cifar10.yaml ran
     assert "| precision | compiled |" in capsys.readouterr().out
 
 
