@@ -39,9 +39,10 @@ eval-mnist: install ## FID/IS of checkpoints/mnist/last.ckpt (10,000 DPM-Solver+
 eval-cifar10: install ## FID/IS of checkpoints/cifar10/last.ckpt (10,000 DPM-Solver++ samples)
 	$(BIN)/lit-ddpm test --config configs/cifar10.yaml --ckpt_path checkpoints/cifar10/last.ckpt
 
-bench: install ## Training/sampling throughput vs diffusers and denoising-diffusion-pytorch (CPU, a few minutes)
+bench: install ## Throughput vs diffusers and denoising-diffusion-pytorch, loop overhead, data path (CPU, minutes)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/throughput.py --json benchmarks/throughput-cpu.json
+	$(BIN)/python benchmarks/pipeline.py --json benchmarks/pipeline-cpu.json
 
 gpu-check: install ## Speed, memory, TFLOP/s and MFU of the CIFAR-10 model on one GPU (synthetic data, < 5 min)
 	$(BIN)/python benchmarks/gpu_check.py --device cuda --json gpu-check.json
