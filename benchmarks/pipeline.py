@@ -147,6 +147,14 @@ def data_rate(device: torch.device, images: int, batch: int, on_device: bool) ->
     return seen / (time.perf_counter() - start)
 
 
+def print_table(header: str, rows: dict[str, float], ratio: str) -> None:
+    """A two-column markdown table and its ratio line."""
+    print(f"| {header} |\n| --- | ---: |")
+    for name, value in rows.items():
+        print(f"| {name} | {value:,.1f} |")
+    print(f"{ratio}\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -177,15 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{results['device']}")
     if "loop" in results:
         r = results["loop"]
-        print("| training loop | steps/s |\n| --- | ---: |")
-        print(f"| bare PyTorch | {r['bare_steps_per_s']:.1f} |")
-        print(f"| lit-ddpm fit (demo config) | {r['fit_steps_per_s']:.1f} |")
-        print(f"fit / bare: {r['fit_over_bare']:.2f}\n")
+        rows = {"bare PyTorch": r["bare_steps_per_s"], "lit-ddpm fit (demo config)": r["fit_steps_per_s"]}
+        print_table("training loop | steps/s", rows, f"fit / bare: {r['fit_over_bare']:.2f}")
     if "data" in results:
         r = results["data"]
-        print("| CIFAR-10 data path | images/s |\n| --- | ---: |")
-        print(f"| torchvision (1 process) | {r['torchvision_images_per_s']:.0f} |")
-        print(f"| on_device | {r['on_device_images_per_s']:.0f} |\non_device / torchvision: {r['ratio']:.1f}")
+        rows = {"torchvision (1 process)": r["torchvision_images_per_s"], "on_device": r["on_device_images_per_s"]}
+        print_table("CIFAR-10 data path | images/s", rows, f"on_device / torchvision: {r['ratio']:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
