@@ -135,5 +135,3 @@ def test_on_device_flips_happen_only_while_training(cifar10_dir):
     same = [torch.equal(a, u) for a, u in zip(augmented, unflipped, strict=True)]
     assert all(f or s for f, s in zip(flipped, same, strict=True))
     assert 5 <= sum(flipped) <= 35  # about half of the 40 images
-
-

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, TINY
@@ -109,3 +110,19 @@ def test_sample_under_bf16_autocast(demo_checkpoint, tmp_path):
            "--output", "bf16")  # fmt: skip
     images = np.load(tmp_path / "bf16" / "samples.npz")["arr_0"]
     assert images.shape == (2, 28, 28, 1) and images.dtype == np.uint8
+
+
+def test_sample_compiled_gives_the_same_images(demo_checkpoint, tmp_path, monkeypatch):
+    compiled = []
+
+    def compile_spy(function):  # stands in for torch.compile (no C++ toolchain needed); records the target
+        compiled.append(function)
+        return lambda *args: function(*args)
+
+    args = ("--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "3")
+    sample(*args, "--output", "eager")
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    sample(*args, "--output", "compiled", "--compile", "true")
+    assert len(compiled) == 1 and compiled[0].__name__ == "forward"
+    eager, fast = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("eager", "compiled"))
+    assert np.array_equal(eager, fast)
