@@ -46,7 +46,8 @@ class ProgressBar(RichProgressBar):
     def get_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict:
         """The bar's numbers: the prog_bar ones, and the training values last read."""
         step = trainer.global_step
-        if trainer.training and self._read_at != step and (step % trainer.log_every_n_steps == 0 or self._read_at < 0):
+        every = max(trainer.log_every_n_steps, 1)
+        if trainer.training and self._read_at != step and (step % every == 0 or self._read_at < 0):
             logged = trainer.callback_metrics
             self._read = {name: float(logged[name]) for name in self.metrics if name in logged}
             self._read_at = step
