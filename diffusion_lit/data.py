@@ -21,6 +21,7 @@ from diffusion_lit.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TO_SIGNED = transforms.Normalize(0.5, 0.5)  # [0, 1] -> [-1, 1]
+PLAIN = transforms.Compose([transforms.ToTensor(), TO_SIGNED])  # an image as a tensor in [-1, 1]
 Split = Literal["train", "test"]
 
 
@@ -104,7 +105,7 @@ class _TorchvisionDataModule(_ImageDataModule):
 
     def train_transform(self) -> transforms.Compose:
         """Training augmentation: none by default."""
-        return transforms.Compose([transforms.ToTensor(), TO_SIGNED])
+        return PLAIN
 
     def prepare_data(self) -> None:
         """Download once, on one process."""
@@ -113,10 +114,9 @@ class _TorchvisionDataModule(_ImageDataModule):
 
     def setup(self, stage: str) -> None:
         """Open the train and test splits from disk (with `on_device`: as uint8 tensors, indexed by the loaders)."""
-        plain = transforms.Compose([transforms.ToTensor(), TO_SIGNED])
         cls, name = self.dataset_class, self.name
         self.train_set = _torchvision_dataset(cls, name, self.data_dir, True, False, self.train_transform())
-        self.val_set = _torchvision_dataset(cls, name, self.data_dir, False, False, plain)
+        self.val_set = _torchvision_dataset(cls, name, self.data_dir, False, False, PLAIN)
         if self.on_device:
             self.tensors = {"train": _uint8_tensors(self.train_set), "val": _uint8_tensors(self.val_set)}
             self.train_set, self.val_set = _Indices(len(self.train_set)), _Indices(len(self.val_set))
@@ -139,8 +139,7 @@ class _TorchvisionDataModule(_ImageDataModule):
 
     def reference_set(self, split: Split) -> Dataset:
         """The train split without augmentation, or the test split."""
-        plain = transforms.Compose([transforms.ToTensor(), TO_SIGNED])
-        return _torchvision_dataset(self.dataset_class, self.name, self.data_dir, split == "train", False, plain)
+        return _torchvision_dataset(self.dataset_class, self.name, self.data_dir, split == "train", False, PLAIN)
 
     def reference_name(self, split: Split) -> str:
         """e.g. cifar-10-train."""

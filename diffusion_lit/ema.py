@@ -49,7 +49,7 @@ class EMA(WeightAveraging):
         if self._updates is None:
             self._updates = int(average.n_averaged)  # once per run (0, or the count of a resumed average)
         averaged = [*average.module.parameters(), *average.module.buffers()]
-        current = [t.detach() for t in (*pl_module.parameters(), *pl_module.buffers())]
+        current = [*pl_module.parameters(), *pl_module.buffers()]
         with torch.no_grad():
             if self._updates == 0:
                 torch._foreach_copy_(averaged, current)
