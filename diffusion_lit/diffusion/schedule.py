@@ -69,8 +69,6 @@ class NoiseSchedule(nn.Module):
             "posterior_log_variance": torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
             "posterior_mean_x0_coef": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),
             "posterior_mean_xt_coef": (1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar),
-            # "large" variance beta_t, with beta~_1 at t = 0 so the last step stays small (improved-diffusion).
-            "large_log_variance": torch.cat([posterior_variance[1:2], betas[1:]]).log(),
         }
         for name, values in tables.items():
             self.register_buffer(name, values, persistent=False)
