@@ -21,6 +21,8 @@ import pickle
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,42 +110,46 @@ def fit_rate(config: Path, overrides: list[str], device: torch.device, warmup: i
     return steps / timer.seconds
 
 
-def write_cifar(folder: Path, images: int) -> None:
-    """Random images in CIFAR-10's python pickle layout (5 training files and a test file)."""
+@contextmanager
+def synthetic_cifar(images: int) -> Iterator[Path]:
+    """A temporary folder holding `images` random training images (and as many test images) in CIFAR-10's
+    python pickle layout, readable by torchvision while the context lasts (its checksums are bypassed)."""
+    import torchvision.datasets.cifar as cifar
+
     rng = np.random.default_rng(0)
-    batches = folder / "cifar-10-batches-py"
-    batches.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        count = images // 5
-        batch = {
-            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-            "labels": list(rng.integers(0, 10, count)),
-        }
-        (batches / name).write_bytes(pickle.dumps(batch))
-    (batches / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    check_integrity, cifar.check_integrity = cifar.check_integrity, lambda *args: True  # the files are fakes
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            batches = Path(folder) / "cifar-10-batches-py"
+            batches.mkdir()
+            for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+                count = images // 5
+                batch = {
+                    "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                    "labels": list(rng.integers(0, 10, count)),
+                }
+                (batches / name).write_bytes(pickle.dumps(batch))
+            labels = {"label_names": [f"class{i}" for i in range(10)]}
+            (batches / "batches.meta").write_bytes(pickle.dumps(labels))
+            yield Path(folder)
+    finally:
+        cifar.check_integrity = check_integrity
 
 
 def data_rate(device: torch.device, images: int, batch: int, on_device: bool) -> float:
     """Training images/second handed to the step (after the device transfer and the datamodule's hook)."""
-    import torchvision.datasets.cifar as cifar
-
-    check_integrity, cifar.check_integrity = cifar.check_integrity, lambda *args: True  # the files are fakes
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            write_cifar(Path(folder), images)
-            data = CIFAR10DataModule(folder, download=False, batch_size=batch, num_workers=0, on_device=on_device)
-            data.setup("fit")
-            data.trainer = SimpleNamespace(training=True)
-            for _ in range(2):  # the first epoch warms up (and moves on_device's tensors to the device)
-                synchronize(device)
-                start, seen = time.perf_counter(), 0
-                for loaded in data.train_dataloader():
-                    loaded = loaded.to(device) if on_device else [t.to(device) for t in loaded]
-                    images_on_device, _ = data.on_after_batch_transfer(loaded, 0)
-                    seen += images_on_device.shape[0]
-                synchronize(device)
-    finally:
-        cifar.check_integrity = check_integrity
+    with synthetic_cifar(images) as folder:
+        data = CIFAR10DataModule(str(folder), download=False, batch_size=batch, num_workers=0, on_device=on_device)
+        data.setup("fit")
+        data.trainer = SimpleNamespace(training=True)
+        for _ in range(2):  # the first epoch warms up (and moves on_device's tensors to the device)
+            synchronize(device)
+            start, seen = time.perf_counter(), 0
+            for loaded in data.train_dataloader():
+                loaded = loaded.to(device) if on_device else [t.to(device) for t in loaded]
+                images_on_device, _ = data.on_after_batch_transfer(loaded, 0)
+                seen += images_on_device.shape[0]
+            synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
