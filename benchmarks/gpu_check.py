@@ -23,7 +23,7 @@ from pipeline import ROOT, fit_rate, synthetic_cifar
 from torch.utils.flop_counter import FlopCounterMode
 from training_step import LOSS, autocast, synchronize, train_step
 
-from diffusion_lit.diffusion import NoiseSchedule, sample
+from diffusion_lit.diffusion import NoiseSchedule, Sampling, sample
 from diffusion_lit.nn import UNet
 
 # Dense tensor-core peaks in TFLOP/s (bf16 / tf32), from NVIDIA's data sheets (SXM parts).
@@ -100,10 +100,10 @@ def sample_variant(args, precision: str, compiled: bool, device, schedule) -> di
     unet = make_unet(args, compiled, False, device).eval()
     shape = (args.sample_batch, 3, 32, 32)
     with torch.inference_mode(), autocast(device, precision):
-        sample(unet, schedule, shape, "dpmpp", 2, device=device)
+        sample(unet, schedule, shape, Sampling("dpmpp", 2), device=device)
         synchronize(device)
         start = time.perf_counter()
-        images = sample(unet, schedule, shape, "dpmpp", 20, device=device)
+        images = sample(unet, schedule, shape, Sampling("dpmpp", 20), device=device)
         synchronize(device)
     return {"images_per_s": args.sample_batch / (time.perf_counter() - start), "finite": bool(images.isfinite().all())}
 

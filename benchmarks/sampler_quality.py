@@ -1,12 +1,14 @@
-"""Sample quality against sampler steps, for one model trained on the offline MNIST digits.
+"""Sample quality against NFE for every sampler, on models trained on the offline MNIST digits.
 
-    lit-ddpm fit --config configs/demo.yaml          # (make demo) -> checkpoints/demo/last.ckpt
-    python benchmarks/sampler_quality.py --num-samples 500 --json sampler_quality.json --picture docs/sampler_steps.png
+    lit-ddpm fit --config configs/demo.yaml           # (make demo) -> checkpoints/demo/last.ckpt
+    python benchmarks/sampler_quality.py --model demo=checkpoints/demo/last.ckpt --json quality.json
 
-Every row draws --num-samples digits from the checkpoint's EMA weights with the same seed, and scores
-them by classifier FID (benchmarks/digits_classifier.py: a small CNN's 64-d features, not Inception)
-against the 500 held-out digits, plus the share of the 10 classes the classifier recognises. Time is
-wall time per image for the whole batch on this machine, under torch.inference_mode.
+Every row draws --num-samples digits from each checkpoint's EMA weights, through the same path as
+`lit-ddpm sample` (the same seeds give the same images), and scores them by classifier FID
+(benchmarks/digits_classifier.py: a small CNN's 64-d features, not Inception) against the 500 held-out
+digits. Cost is the number of network evaluations (NFE): every sampler here costs one forward pass per
+step and next to nothing else, so NFE is wall time up to a constant (printed once, measured on the first
+row). With two or more --seeds the table shows the mean and the spread (max - min) over them.
 """
 
 import argparse
@@ -19,23 +21,41 @@ from digits_classifier import features, train_classifier
 from torchvision.utils import make_grid, save_image
 
 from diffusion_lit.data import DemoMNISTDataModule
+from diffusion_lit.diffusion import Sampling
+from diffusion_lit.generation import generate_all
 from diffusion_lit.metrics import frechet_distance
+from diffusion_lit.pixels import to_signed
 from diffusion_lit.sample import load_checkpoint
 
-ROWS = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 100), ("ddpm", 50), ("ddim", 100), ("ddim", 50), ("ddim", 20),
-        ("ddim", 10), ("dpmpp", 20), ("dpmpp", 10)]  # fmt: skip
-PICTURE_ROWS = [("dpmpp", 10), ("dpmpp", 20), ("ddim", 10), ("ddim", 50), ("ddpm", 50), ("ddpm", 1000)]
+SAMPLERS = ["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
+ROWS = [Sampling(name, nfe) for name in SAMPLERS for nfe in (10, 20, 50)] + [Sampling("ddpm", 1000)]
+ROWS += [Sampling(name, 20, threshold="dynamic") for name in SAMPLERS]
+PICTURE_ROWS = [Sampling("ddim", 20), Sampling("dpmpp", 20), Sampling("unipc", 10), Sampling("dpmpp_sde", 20),
+                Sampling("dpmpp_sde", 50), Sampling("ddpm", 50), Sampling("ddpm", 1000)]  # fmt: skip
+
+
+def parse_rows(text: str | None) -> list[Sampling]:
+    """ "dpmpp_sde:20,ddpm:1000,unipc:10:dynamic" -> Sampling rows; None: every row."""
+    if not text:
+        return ROWS
+    rows = []
+    for item in text.split(","):
+        name, nfe, *threshold = item.split(":")
+        rows.append(Sampling(name, int(nfe), threshold=threshold[0] if threshold else "clip"))
+    return rows
 
 
 def main() -> None:
-    """Sample every row, score it, print a markdown table; optionally a JSON file and a picture."""
+    """Sample every row from every model, score it, print a markdown table; optionally JSON and a picture."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="checkpoints/demo/last.ckpt")
-    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--model", action="append", required=True, help="LABEL=CHECKPOINT, once per model")
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rows", help='only these rows, e.g. "dpmpp_sde:20,ddpm:1000,unipc:10:dynamic"')
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--picture", help="a PNG of the same 8 seeds at several samplers and step counts")
+    parser.add_argument("--picture", help="a PNG: the same 8 seeds, one row per sampler, one block per model")
     args = parser.parse_args()
-    torch.manual_seed(0)
+    models = dict(item.split("=", 1) for item in args.model)
 
     data = DemoMNISTDataModule()
     data.setup("fit")
@@ -43,36 +63,59 @@ def main() -> None:
     net = train_classifier(images[data.train_set.indices], labels[data.train_set.indices])
     reference = features(net, images[data.val_set.indices])
     floor = frechet_distance(*features(net, images[data.train_set.indices][: args.num_samples]), *reference)
-    module = load_checkpoint(args.ckpt)
-    print(f"checkpoint {args.ckpt}; real-vs-real floor at {args.num_samples} samples: {floor:.2f}", flush=True)
+    print(f"real-vs-real floor at {args.num_samples} samples: {floor:.2f}", flush=True)
 
-    rows = []
-    for sampler, steps in ROWS:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            samples = module.sample(args.num_samples, sampler, steps, generator=torch.Generator().manual_seed(0))
-        seconds = time.perf_counter() - start
-        samples = samples * 2 - 1
-        with torch.inference_mode():
-            fid = frechet_distance(*features(net, samples), *reference)
-            classes = int(net(samples).argmax(1).unique().numel())
-        rows.append({"sampler": sampler, "steps": steps, "classifier_fid": fid, "classes": classes,
-                     "ms_per_image": 1000 * seconds / args.num_samples})  # fmt: skip
-        print(rows[-1], flush=True)
+    results, seconds_per_nfe = [], None
+    for label, path in models.items():
+        module = load_checkpoint(path)
+        for settings in parse_rows(args.rows):
+            for seed in args.seeds:
+                start = time.perf_counter()
+                samples, _ = generate_all(module, args.num_samples, settings=settings, seed=seed,
+                                          batch_size=args.num_samples)  # fmt: skip
+                elapsed = time.perf_counter() - start
+                seconds_per_nfe = seconds_per_nfe or elapsed / settings.steps / args.num_samples
+                with torch.inference_mode():
+                    fid = frechet_distance(*features(net, to_signed(samples)), *reference)
+                results.append({"model": label, "checkpoint": path, "sampling": settings.name, "nfe": settings.steps,
+                                 "seed": seed, "classifier_fid": fid, "seconds": elapsed})  # fmt: skip
+                print(results[-1], flush=True)
 
-    print(f"\n| sampler | steps | classifier FID ({args.num_samples} samples) | classes | ms / image |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for row in rows:
-        print(f"| {row['sampler']} | {row['steps']} | {row['classifier_fid']:.2f} | {row['classes']}/10 "
-              f"| {row['ms_per_image']:.1f} |")  # fmt: skip
-    print(f"| real training digits (floor) | | {floor:.2f} | | |")
+    print_table(results, list(models), args.seeds, floor, args.num_samples)
+    print(f"\nwall time: {1000 * seconds_per_nfe:.2f} ms per image and NFE (batch {args.num_samples}, this machine)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "floor": floor, "rows": rows}, indent=2))
+        report = {"settings": vars(args), "floor": floor, "ms_per_image_nfe": 1000 * seconds_per_nfe, "rows": results}
+        Path(args.json).write_text(json.dumps(report, indent=2))
     if args.picture:
-        with torch.inference_mode():
-            grid = [module.sample(8, s, n, generator=torch.Generator().manual_seed(1)) for s, n in PICTURE_ROWS]
-        save_image(make_grid(torch.cat(grid), nrow=8, padding=2, pad_value=1.0), args.picture)
-        print(f"rows of {args.picture}: " + ", ".join(f"{s}-{n}" for s, n in PICTURE_ROWS))
+        save_picture(models, args.picture)
+
+
+def print_table(results: list[dict], models: list[str], seeds: list[int], floor: float, num_samples: int) -> None:
+    """One row per sampler setting, one column per model: the mean FID (and the spread over seeds)."""
+    print(f"\n| sampler | NFE | {' | '.join(models)} |")
+    print("| --- | ---: |" + " ---: |" * len(models))
+    names = dict.fromkeys(row["sampling"] for row in results)
+    for name in names:
+        cells, nfe = [], None
+        for model in models:
+            fids = [r["classifier_fid"] for r in results if r["model"] == model and r["sampling"] == name]
+            nfe = next(r["nfe"] for r in results if r["sampling"] == name)
+            spread = f" ± {(max(fids) - min(fids)) / 2:.1f}" if len(fids) > 1 else ""
+            cells.append(f"{sum(fids) / len(fids):.1f}{spread}" if fids else "")
+        print(f"| {name} | {nfe} | {' | '.join(cells)} |")
+    print(f"| real training digits (the floor at {num_samples}) | | {floor:.1f} |" + " |" * (len(models) - 1))
+    print(f"(seeds {seeds})")
+
+
+def save_picture(models: dict[str, str], path: str) -> None:
+    """8 digits per row, the same seed in every row; a block of PICTURE_ROWS per model."""
+    grids = []
+    for checkpoint in models.values():
+        module = load_checkpoint(checkpoint)
+        for settings in PICTURE_ROWS:
+            grids.append(generate_all(module, 8, settings=settings, seed=1, batch_size=8)[0])
+    save_image(make_grid(torch.cat(grids).float() / 255, nrow=8, padding=2, pad_value=1.0), path)
+    print(f"rows of {path}, per model ({', '.join(models)}): " + ", ".join(s.name for s in PICTURE_ROWS))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 from torchmetrics.image.fid import NoTrainInceptionV3
 
 from diffusion_lit.errors import UserError
+from diffusion_lit.pixels import to_rgb
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -42,12 +43,6 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     eigenvalues = torch.linalg.eigvals(sigma1 @ sigma2).real.clamp(min=0)
     distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * eigenvalues.sqrt().sum()
     return distance.item()
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Images (N, 1 or 3, H, W) in [0, 1] -> uint8 (N, 3, H, W), rounded as PNG writers do."""
-    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 class InceptionFeatures(NoTrainInceptionV3):
@@ -127,13 +122,13 @@ class QualityMetrics(nn.Module):
 
     @torch.no_grad()
     def add_reference(self, images: Tensor) -> None:
-        """Accumulate real images (uint8) into the reference statistics."""
-        self.fid.update(self.extractor(images)[0], real=True)
+        """Accumulate real images (uint8, 1 or 3 channels) into the reference statistics."""
+        self.fid.update(self.extractor(to_rgb(images))[0], real=True)
 
     @torch.no_grad()
     def update(self, images: Tensor) -> None:
-        """Accumulate generated images (uint8)."""
-        features, logits = self.extractor(images)
+        """Accumulate generated images (uint8, 1 or 3 channels)."""
+        features, logits = self.extractor(to_rgb(images))
         self.fid.update(features, real=False)
         self.inception_score.update(logits)
 

@@ -6,13 +6,15 @@ import torch
 from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 
+from diffusion_lit.diffusion.guidance import guided
 from diffusion_lit.diffusion.losses import DiffusionLoss, PerceptualTerm
 from diffusion_lit.diffusion.perceptual import load_vgg19_features
-from diffusion_lit.diffusion.samplers import SamplerName, Spacing, Variance, sample
+from diffusion_lit.diffusion.samplers import Sampling, sample
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
 from diffusion_lit.ema import EMA
 from diffusion_lit.errors import UserError
 from diffusion_lit.nn import UNet
+from diffusion_lit.pixels import to_unit
 
 MSE_ONLY = DiffusionLoss()  # validation and test score the MSE term alone, whatever the training loss
 
@@ -31,7 +33,6 @@ class DiffusionModule(LightningModule):
         weight_decay: Adam's L2 weight decay.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0: none).
         ema_decay: decay of the EMA of the weights used for sampling, validation and test; None: no EMA.
-        sample_variance: reverse-process variance, "small" (posterior beta~_t) or "large" (beta_t).
         perceptual_weight: weight of the VGG19 perceptual term (0: not computed, VGG never loaded).
         feature_matching_weight: weight of the term on the UNet's own features (0: not computed).
         perceptual_layer: the VGG19 layer compared, "conv_N" = the N-th conv (conv_4 is conv2_2).
@@ -65,7 +66,6 @@ class DiffusionModule(LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         ema_decay: float | None = 0.9999,
-        sample_variance: Variance = "small",
         perceptual_weight: float = 0.0,
         feature_matching_weight: float = 0.0,
         perceptual_layer: str = "conv_4",
@@ -178,61 +178,31 @@ class DiffusionModule(LightningModule):
         """Loss on the test images with fixed noise."""
         self.log("test/loss", self._fixed_noise_loss(batch, batch_idx), sync_dist=True)
 
-    def denoiser(self, labels: Tensor | None = None, guidance: float = 1.0):
-        """The (x_t, t) -> output callable the samplers take, with classifier-free guidance for labels.
-
-        output = uncond + guidance * (cond - uncond) (Ho & Salimans 2022, eq. 6 with w = guidance - 1):
-        0 is the unconditional model, 1 the conditional one; both halves come from one batched forward.
-        """
-        if labels is not None and self.num_classes is None:
-            raise UserError("this model is unconditional: it takes no class labels (or guidance)")
-        if labels is None or guidance == 0:
-            return lambda x, t: self.unet(x, t)  # a conditional UNet reads no labels as "no class"
-        if guidance == 1:
-            return lambda x, t: self.unet(x, t, labels)
-        no_class = torch.full_like(labels, self.num_classes)
-
-        def guided(x: Tensor, t: Tensor) -> Tensor:
-            cond, uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, no_class])).chunk(2)
-            return uncond + guidance * (cond - uncond)
-
-        return guided
-
     @torch.inference_mode()
     def sample(
         self,
         num_samples: int,
-        sampler: SamplerName = "ddpm",
-        steps: int | None = None,
-        eta: float = 0.0,
-        spacing: Spacing = "trailing",
+        settings: Sampling | None = None,
         generator: torch.Generator | None = None,
         labels: Tensor | None = None,
-        guidance: float = 1.0,
     ) -> Tensor:
         """Draw images (N, C, H, W) in [0, 1] with the current weights (the EMA ones during validation).
 
-        sampler/steps/eta/spacing are those of `diffusion.samplers.sample`; steps None means all T.
-        labels (N,) and guidance are for class-conditional models; without labels they sample unconditionally.
+        settings: the sampler and its options (default: `Sampling()`); labels (N,): classes for a
+        class-conditional model, guided by `settings.guidance`; without labels it samples unconditionally.
         """
+        settings = settings or Sampling()
+        if labels is not None and self.num_classes is None:
+            raise UserError("this model is unconditional: it takes no class labels (or guidance)")
+        labels = None if labels is None else labels.to(self.device)
+        denoiser = guided(self.unet, labels, settings.guidance, self.num_classes)
         was_training = self.training
         self.eval()
         try:
-            x = sample(
-                self.denoiser(None if labels is None else labels.to(self.device), guidance),
-                self.schedule,
-                (num_samples, *self.image_shape),
-                sampler=sampler,
-                steps=steps,
-                spacing=spacing,
-                eta=eta,
-                variance=self.hparams.sample_variance,
-                generator=generator,
-                device=self.device,
-            )
+            x = sample(denoiser, self.schedule, (num_samples, *self.image_shape), settings, generator, self.device)
         finally:
             self.train(was_training)
-        return ((x + 1) / 2).clamp(0, 1)
+        return to_unit(x).clamp(0, 1)
 
     def configure_optimizers(self):
         """Adam with an optional linear learning-rate warm-up, stepped every optimizer step."""

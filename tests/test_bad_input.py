@@ -58,12 +58,14 @@ def test_wrong_type(capsys):
 
 
 def test_unknown_sampler_for_evaluation(capsys):
-    assert "evaluation.sampler" in one_line_error(capsys, "test", *DEMO, "--evaluation.sampler", "euler")
+    error = one_line_error(capsys, "test", *DEMO, "--evaluation.sampling.sampler", "euler")
+    assert "evaluation.sampling.sampler" in error
 
 
 def test_evaluation_steps_out_of_range(capsys, demo_checkpoint):
-    error = one_line_error(capsys, "test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--evaluation.steps", "21")
-    assert "evaluation.steps must be between 1 and the model's 20 timesteps" in error
+    steps = ["--evaluation.sampling.steps", "21"]
+    error = one_line_error(capsys, "test", *DEMO, "--ckpt_path", str(demo_checkpoint), *steps)
+    assert "evaluation.sampling.steps must be between 1 and the model's 20 timesteps" in error
 
 
 @pytest.mark.parametrize(
@@ -86,7 +88,7 @@ def test_the_cli_rebuilds_the_model_a_checkpoint_describes(demo_checkpoint, monk
     # LightningCLI applies the checkpoint's hyper-parameters, so a config with another UNet still loads it.
     monkeypatch.setattr("diffusion_lit.callbacks.load_inception", lambda *args, **kwargs: StandInExtractor())
     main(["test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--model.unet.init_args.base_channels", "16",
-          "--evaluation.num_samples", "2", "--evaluation.steps", "2", "--evaluation.reference", "test",
+          "--evaluation.num_samples", "2", "--evaluation.sampling.steps", "2", "--evaluation.reference", "test",
           "--evaluation.cache_dir", str(tmp_path / "cache")])  # fmt: skip
 
 
@@ -153,7 +155,7 @@ def test_disk_full_while_writing_samples_does_not_end_training(monkeypatch, tmp_
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("diffusion_lit.callbacks.save_image", full)
+    monkeypatch.setattr("diffusion_lit.generation.save_image", full)
     with pytest.warns(UserWarning, match="could not write the sample grid .*No space left on device"):
         main(["fit", *DEMO, *SHORT, "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
               "--trainer.val_check_interval", "2", "--trainer.logger", "false"])  # fmt: skip
@@ -165,7 +167,7 @@ def test_disk_full_while_writing_sample_files_is_one_line(capsys, demo_checkpoin
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("diffusion_lit.sample.save_image", full)
+    monkeypatch.setattr("diffusion_lit.generation.save_image", full)
     error = one_line_error(capsys, "sample", "--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2")
     assert "could not write the samples to" in error and "No space left on device" in error
 

@@ -5,6 +5,8 @@ import torch
 
 from conftest import randomise
 from diffusion_lit.data import ImageFolderDataModule
+from diffusion_lit.diffusion import Sampling
+from diffusion_lit.diffusion.guidance import guided
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
@@ -35,16 +37,16 @@ def test_guidance_zero_is_unconditional_one_is_conditional_and_others_extrapolat
     module = conditional_module()
     x, t, labels = torch.randn(4, 1, 16, 16), torch.tensor([1, 5, 9, 19]), torch.tensor([0, 1, 2, 3])
     cond, uncond = module.unet(x, t, labels), module.unet(x, t)
-    assert torch.allclose(module.denoiser(labels, 0.0)(x, t), uncond, atol=1e-6)
-    assert torch.allclose(module.denoiser(labels, 1.0)(x, t), cond, atol=1e-6)
-    assert torch.allclose(module.denoiser(labels, 3.0)(x, t), uncond + 3 * (cond - uncond), atol=1e-5)
+    assert torch.allclose(guided(module.unet, labels, 0.0, 10)(x, t), uncond, atol=1e-6)
+    assert torch.allclose(guided(module.unet, labels, 1.0, 10)(x, t), cond, atol=1e-6)
+    assert torch.allclose(guided(module.unet, labels, 3.0, 10)(x, t), uncond + 3 * (cond - uncond), atol=1e-5)
 
 
 def test_guided_sampling_batches_both_halves_in_one_forward():
     module = conditional_module()
     calls = []
     module.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
-    module.sample(3, "ddim", 4, labels=torch.tensor([1, 2, 3]), guidance=2.0)
+    module.sample(3, Sampling("ddim", 4, guidance=2.0), labels=torch.tensor([1, 2, 3]))
     assert calls == [6, 6, 6, 6]
 
 
@@ -62,7 +64,7 @@ def test_label_dropout_replaces_that_share_of_labels_with_no_class():
 def test_unconditional_model_refuses_labels_when_sampling():
     module = DiffusionModule(UNet(1, base_channels=8, num_heads=2), image_shape=(1, 16, 16), timesteps=20)
     with pytest.raises(UserError, match="unconditional"):
-        module.sample(2, "ddim", 2, labels=torch.tensor([0, 1]))
+        module.sample(2, Sampling("ddim", 2), labels=torch.tensor([0, 1]))
 
 
 def test_image_folder_classes_come_from_sub_folders(image_folder):

@@ -9,12 +9,15 @@ import torch
 from lightning.pytorch import Trainer
 
 from conftest import ROOT, TINY, StandInExtractor
-from diffusion_lit.callbacks import SampleQuality, _shard
+from diffusion_lit.callbacks import SampleQuality
 from diffusion_lit.cli import main
 from diffusion_lit.data import DemoMNISTDataModule
+from diffusion_lit.diffusion import Sampling
+from diffusion_lit.generation import shard
 from diffusion_lit.module import DiffusionModule
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
+DPMPP5 = ["--evaluation.sampling.sampler", "dpmpp", "--evaluation.sampling.steps", "5"]
 
 
 @pytest.fixture
@@ -45,11 +48,11 @@ def run_test(checkpoint: Path, cache: Path, *extra: str) -> None:
 
 def test_test_writes_scores_json_and_samples_and_reuses_reference(demo_checkpoint, extractors, tmp_path, capsys):
     cache = tmp_path / "cache"
-    run_test(demo_checkpoint, cache, "--evaluation.save_samples", "both", "--evaluation.steps", "5")
+    run_test(demo_checkpoint, cache, "--evaluation.save_samples", "both", *DPMPP5)
     stem = demo_checkpoint.with_name("last-fid-dpmpp5-n10-seed0")
     report = json.loads(stem.with_suffix(".json").read_text())
     assert report["fid"] > 0 and report["is"] >= 1.0
-    assert report["num_samples"] == 10 and report["sampler"] == "dpmpp" and report["steps"] == 5
+    assert report["num_samples"] == 10 and report["sampling"]["sampler"] == "dpmpp" and report["sampling"]["steps"] == 5
     assert report["reference"] == {
         "split": "train",
         "images": 4500,
@@ -58,7 +61,7 @@ def test_test_writes_scores_json_and_samples_and_reuses_reference(demo_checkpoin
     assert report["checkpoint"] == str(demo_checkpoint.resolve()) and report["extractor"] == "stand-in"
     assert "TensorFlow" in report["resize"]
     images = np.load(stem.with_suffix(".npz"))["arr_0"]
-    assert images.shape == (10, 28, 28, 3) and images.dtype == np.uint8
+    assert images.shape == (10, 28, 28, 1) and images.dtype == np.uint8  # native channels, as `sample` writes
     assert (
         sorted(p.name for p in stem.iterdir())[:2] == ["000000.png", "000001.png"] and len(list(stem.iterdir())) == 10
     )
@@ -66,7 +69,7 @@ def test_test_writes_scores_json_and_samples_and_reuses_reference(demo_checkpoin
     reference_calls = extractors[0].calls - 3  # 3 batches of samples, the rest was the 4,500 reference digits
     assert reference_calls > 0
 
-    run_test(demo_checkpoint, cache, "--evaluation.save_samples", "npz", "--evaluation.steps", "5")
+    run_test(demo_checkpoint, cache, "--evaluation.save_samples", "npz", *DPMPP5)
     assert extractors[1].calls == 3  # the reference statistics came from the cache
     again = json.loads(stem.with_suffix(".json").read_text())
     assert again["fid"] == pytest.approx(report["fid"], rel=1e-9)  # same seed, same samples, same score
@@ -75,9 +78,9 @@ def test_test_writes_scores_json_and_samples_and_reuses_reference(demo_checkpoin
 
 def test_the_set_of_samples_does_not_depend_on_the_number_of_processes():
     for num_samples, batch_size in [(10, 4), (10_000, 250), (7, 7), (3, 5)]:
-        single = _shard(num_samples, batch_size, 0, 1)
+        single = shard(num_samples, batch_size, 0, 1)
         for world in (2, 3, 8):
-            shards = [_shard(num_samples, batch_size, rank, world) for rank in range(world)]
+            shards = [shard(num_samples, batch_size, rank, world) for rank in range(world)]
             assert [batch for shard in shards for batch in shard] == single
         assert sum(size for _, size in single) == num_samples
 
@@ -92,7 +95,7 @@ def _evaluate(world_size: int, cache: str, out: str) -> None:
     torch.manual_seed(0)
     module = tiny_demo_module()
     # 12 samples in batches of 5: the two processes get uneven shares (5 and 7 images).
-    callback = SampleQuality(num_samples=12, steps=3, batch_size=5, cache_dir=cache, save_samples="npz")
+    callback = SampleQuality(12, Sampling(steps=3), batch_size=5, cache_dir=cache, save_samples="npz")
     callback.extractor = StandInExtractor()
     trainer = Trainer(
         accelerator="cpu",

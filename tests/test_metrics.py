@@ -13,8 +13,8 @@ from diffusion_lit.metrics import (
     frechet_distance,
     load_inception,
     reference_statistics,
-    to_uint8,
 )
+from diffusion_lit.pixels import to_rgb, to_uint8
 
 
 def scipy_frechet(mu1, s1, mu2, s2) -> float:
@@ -56,7 +56,7 @@ def random_images(n: int, seed: int, size: int = 8, shift: int = 0) -> torch.Ten
 
 def test_to_uint8_rounds_and_repeats_gray_channels():
     gray = torch.tensor([0.0, 0.5, 1.0, 1.2, -0.1, 0.3 / 255, 0.6 / 255]).view(1, 1, 1, 7)
-    out = to_uint8(gray)
+    out = to_rgb(to_uint8(gray))
     assert out.dtype == torch.uint8 and out.shape == (1, 3, 1, 7)
     assert out[0, 0, 0].tolist() == [0, 128, 255, 255, 0, 0, 1]
     assert torch.equal(out[:, 0], out[:, 2])

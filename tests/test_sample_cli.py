@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY
 from diffusion_lit.cli import main
+from diffusion_lit.diffusion import Sampling
 
 SHORT = ["--config", TINY, "--config", f"{ROOT}/configs/ablation/mse_only.yaml", "--trainer.fast_dev_run", "false",
          "--trainer.max_steps", "2", "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
@@ -52,7 +53,7 @@ def test_sample_writes_grid_pngs_and_npz_and_is_seeded(demo_checkpoint, tmp_path
 
 def test_sample_default_output_folder(demo_checkpoint, tmp_path):
     sample("--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2")
-    assert (tmp_path / "samples" / "last-dpmpp2" / "grid.png").is_file()
+    assert (tmp_path / "samples" / f"last-{Sampling().sampler}2" / "grid.png").is_file()
 
 
 def test_conditional_checkpoint_samples_one_class_or_all(conditional_checkpoint, tmp_path):

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from diffusion_lit.diffusion import NoiseSchedule, sample, timestep_spacing
-from diffusion_lit.diffusion.samplers import ddim, ddpm
+from diffusion_lit.diffusion import NoiseSchedule, Sampling, sample, timestep_spacing
+from diffusion_lit.diffusion.samplers import ddim, ddpm, threshold_x0
+from diffusion_lit.errors import UserError
 
-SAMPLER_STEPS = [("ddpm", 1000), ("ddpm", 50), ("ddim", 20), ("dpmpp", 20)]
+SAMPLER_STEPS = [("ddpm", 1000), ("ddpm", 50), ("ddim", 20), ("dpmpp", 20), ("dpmpp_sde", 20), ("unipc", 10)]
 
 
 def gaussian_denoiser(schedule: NoiseSchedule, data_std: float):
@@ -38,6 +39,9 @@ GAUSSIAN_STD_TOLERANCE = {
     ("ddpm", 20, "large"): 0.05,  # 3%
     ("ddim", 20, "small"): 0.09,  # 7%
     ("dpmpp", 20, "small"): 0.01,  # 0.02%
+    ("dpmpp_sde", 20, "small"): 0.04,  # 2.4% wide (3.5% with seed 1); 0.1-0.4% at 200 and 1000 steps
+    ("unipc", 10, "small"): 0.04,  # 3.4% narrow
+    ("unipc", 20, "small"): 0.01,  # 0.01%
 }
 
 
@@ -48,7 +52,8 @@ def test_every_sampler_recovers_gaussian_data(sampler, steps, variance):
     data_std = 0.5
     generator = torch.Generator().manual_seed(0)
     model = gaussian_denoiser(schedule, data_std)
-    x = sample(model, schedule, (20_000, 1), sampler, steps, variance=variance, clip_x0=False, generator=generator)
+    settings = Sampling(sampler, steps, variance=variance, threshold="none")
+    x = sample(model, schedule, (20_000, 1), settings, generator=generator)
     assert x.mean().item() == pytest.approx(0.0, abs=0.02)
     assert x.std().item() == pytest.approx(data_std, rel=GAUSSIAN_STD_TOLERANCE[sampler, steps, variance])
 
@@ -58,9 +63,8 @@ def test_every_sampler_recovers_gaussian_data(sampler, steps, variance):
 def test_point_mass_data_is_recovered_for_every_sampler_and_prediction(sampler, steps, prediction):
     schedule = NoiseSchedule("cosine", prediction=prediction)
     c = torch.tensor([0.3, -0.6])
-    x = sample(
-        point_mass_model(schedule, c), schedule, (64, 2), sampler, steps, generator=torch.Generator().manual_seed(1)
-    )
+    generator = torch.Generator().manual_seed(1)
+    x = sample(point_mass_model(schedule, c), schedule, (64, 2), Sampling(sampler, steps), generator)
     assert torch.allclose(x, c.expand(64, 2), atol=1e-3)
 
 
@@ -68,9 +72,10 @@ def test_point_mass_data_is_recovered_for_every_sampler_and_prediction(sampler, 
 def test_seeded_samplers_are_deterministic_and_clipped(sampler, steps):
     schedule = NoiseSchedule()
     model = lambda x, t: -3 * x  # noqa: E731  (drives x0 far outside [-1, 1])
-    first = sample(model, schedule, (2, 1, 4, 4), sampler, steps, generator=torch.Generator().manual_seed(3))
-    second = sample(model, schedule, (2, 1, 4, 4), sampler, steps, generator=torch.Generator().manual_seed(3))
-    other = sample(model, schedule, (2, 1, 4, 4), sampler, steps, generator=torch.Generator().manual_seed(4))
+    first, second, other = (
+        sample(model, schedule, (2, 1, 4, 4), Sampling(sampler, steps), torch.Generator().manual_seed(seed))
+        for seed in (3, 3, 4)
+    )
     assert torch.equal(first, second) and first.shape == (2, 1, 4, 4)
     assert not torch.equal(first, other)
     assert first.abs().max() <= 1.0 + 1e-5  # the last step returns (a mean around) the clipped x0
@@ -95,8 +100,8 @@ def test_ddim_eta_one_is_ancestral_ddpm(steps):
     model = gaussian_denoiser(schedule, 0.5)
     noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     timesteps = timestep_spacing(1000, steps)
-    a = ddim(model, schedule, noise, timesteps, 1.0, clip_x0=False, generator=torch.Generator().manual_seed(5))
-    b = ddpm(model, schedule, noise, timesteps, "small", clip_x0=False, generator=torch.Generator().manual_seed(5))
+    a = ddim(model, schedule, noise, timesteps, 1.0, "none", generator=torch.Generator().manual_seed(5))
+    b = ddpm(model, schedule, noise, timesteps, "small", "none", generator=torch.Generator().manual_seed(5))
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -119,18 +124,20 @@ def test_timestep_spacing_values():
 def test_bad_sampler_settings_are_refused():
     schedule = NoiseSchedule(timesteps=10)
     model = lambda x, t: x  # noqa: E731
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        sample(model, schedule, (1, 1), "euler")
-    with pytest.raises(ValueError, match="steps must be between 1 and the 10"):
-        sample(model, schedule, (1, 1), "ddim", steps=11)
-    with pytest.raises(ValueError, match="eta is a DDIM setting"):
-        sample(model, schedule, (1, 1), "dpmpp", eta=0.5)
+    with pytest.raises(UserError, match="unknown sampler 'euler'"):
+        sample(model, schedule, (1, 1), Sampling("euler"))
+    with pytest.raises(UserError, match="steps must be between 1 and the model's 10"):
+        sample(model, schedule, (1, 1), Sampling("ddim", steps=11))
+    with pytest.raises(UserError, match="eta is a DDIM setting"):
+        sample(model, schedule, (1, 1), Sampling("dpmpp", steps=5, eta=0.5))
+    with pytest.raises(UserError, match="unknown threshold 'soft'"):
+        sample(model, schedule, (1, 1), Sampling("ddim", steps=5, threshold="soft"))
     with pytest.raises(ValueError, match="unknown timestep spacing"):
         timestep_spacing(10, 5, "cubic")
 
 
 def test_ddpm_step_without_respacing_is_the_textbook_posterior_step():
-    # From t = 30 to 29 the respaced step must equal the posterior mean and beta~_t of NoiseSchedule.
+    # From t = 30 to 29 the respaced step must equal the textbook posterior mean and beta~_t.
     schedule = NoiseSchedule(timesteps=50)
     x0 = torch.full((4, 1), 0.25)
     inputs = []
@@ -141,6 +148,26 @@ def test_ddpm_step_without_respacing_is_the_textbook_posterior_step():
 
     x_t = torch.randn(4, 1, generator=torch.Generator().manual_seed(0))
     ddpm(model, schedule, x_t, torch.tensor([30, 29]), generator=torch.Generator().manual_seed(9))
-    mean, variance, _ = schedule.q_posterior(x0, x_t, torch.full((4,), 30))
+    # Ho et al. 2020 eq. 7 from the schedule's own betas.
+    alpha_bar = torch.cumprod(1 - schedule.betas, 0)
+    beta, ab, ab_prev = schedule.betas[30], alpha_bar[30], alpha_bar[29]
+    mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * x_t) / (1 - ab)
+    variance = beta * (1 - ab_prev) / (1 - ab)
     noise = torch.randn(4, 1, generator=torch.Generator().manual_seed(9))
-    assert torch.allclose(inputs[1], mean + variance.sqrt() * noise, atol=1e-6)
+    assert torch.allclose(inputs[1], (mean + variance.sqrt() * noise).float(), atol=1e-6)
+
+
+def test_thresholds_keep_x0_in_range_and_dynamic_rescales_instead_of_saturating():
+    x0 = torch.tensor([[0.5, -0.5, 0.9, -0.2] * 50, [3.0, -1.5, 0.5, 0.25] * 50])  # (2, 200)
+    assert torch.equal(threshold_x0(x0, "none"), x0)
+    assert torch.equal(threshold_x0(x0, "clip"), x0.clamp(-1, 1))
+    dynamic = threshold_x0(x0, "dynamic")
+    assert torch.equal(dynamic[0], x0[0])  # the 99.5th percentile of |x0| is below 1: nothing to do
+    assert torch.allclose(dynamic[1], x0[1] / 3.0)  # s = 3: the whole image is divided, nothing saturates
+    assert (dynamic[1] == 1.0).sum() == 50 and (x0[1].clamp(-1, 1).abs() == 1.0).sum() == 100
+
+
+def test_sampling_settings_name_their_files():
+    assert Sampling("dpmpp_sde", 20).name == "dpmpp_sde20"
+    assert Sampling("ddim", 50, eta=0.5, threshold="dynamic").name == "ddim50-eta0.5-dynamic"
+    assert Sampling("ddpm", None).name == "ddpmT"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion_lit.diffusion import NoiseSchedule, timestep_spacing
-from diffusion_lit.diffusion.samplers import ddim, ddpm, dpmpp_2m
+from diffusion_lit.diffusion.samplers import ddim, ddpm, dpmpp_2m, threshold_x0, unipc
 
 schedulers = pytest.importorskip("diffusers.schedulers")
 
@@ -29,11 +29,27 @@ class ReplayModel:
         return self.outputs[len(self.inputs) - 1]
 
 
-def run_diffusers(scheduler, model: ReplayModel, x: torch.Tensor, seed: int, **step_kwargs) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
+def run_diffusers(scheduler, model: ReplayModel, x: torch.Tensor, seed: int | None, **step_kwargs) -> torch.Tensor:
+    if seed is not None:  # a stochastic scheduler
+        step_kwargs["generator"] = torch.Generator().manual_seed(seed)
     for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x, generator=generator, **step_kwargs).prev_sample
+        x = scheduler.step(model(x, t), t, x, **step_kwargs).prev_sample
     return x
+
+
+class InjectedNoise:
+    """Hands diffusers' SDE step, as `variance_noise`, the noise our sampler draws: float64 draws of
+    `generator` in step order (none on the last step, whose noise term is zero)."""
+
+    def __init__(self, steps: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.noise = [torch.randn(SHAPE, generator=generator, dtype=torch.float64) for _ in range(steps - 1)]
+        self.noise.append(torch.zeros(SHAPE, dtype=torch.float64))
+
+    def step(self, scheduler, model: ReplayModel, x: torch.Tensor) -> torch.Tensor:
+        for t, noise in zip(scheduler.timesteps, self.noise, strict=True):
+            x = scheduler.step(model(x, t), t, x, variance_noise=noise).prev_sample
+        return x
 
 
 def make_scheduler(cls, schedule: NoiseSchedule, prediction: str, **config):
@@ -59,18 +75,25 @@ def assert_same_trajectory(ours: ReplayModel, theirs: ReplayModel, x_ours, x_the
         assert (a - b).abs().max() <= bound, f"x differs at step {step}: {(a - b).abs().max():.2e} > {bound:.1e}"
 
 
-def assert_matches_diffusers(scheduler, spacing: str, steps: int, run_ours, final_is_mean: bool = False, **step):
+def assert_matches_diffusers(
+    scheduler, spacing: str, steps: int, run_ours, final_is_mean: bool = False, inject: bool = False,
+    deterministic: bool = False, **step,
+):  # fmt: skip
     """Same timesteps, initial noise, replayed outputs and step noise (seed 2) through both; same x at every step.
 
     run_ours(model, noise, timesteps) -> x. With final_is_mean, the result is compared before the last
-    step (diffusers adds noise on the last step too).
+    step (diffusers adds noise on the last step too). With inject, diffusers is handed our step noise;
+    a deterministic scheduler takes none.
     """
     timesteps = timestep_spacing(1000, steps, spacing)
     assert timesteps.tolist() == scheduler.timesteps.tolist()
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours, theirs = ReplayModel(steps), ReplayModel(steps)
     x_ours = run_ours(ours, noise, timesteps)
-    x_theirs = run_diffusers(scheduler, theirs, noise, seed=2, **step)
+    if inject:
+        x_theirs = InjectedNoise(steps, seed=2).step(scheduler, theirs, noise)
+    else:
+        x_theirs = run_diffusers(scheduler, theirs, noise, seed=None if deterministic else 2, **step)
     if final_is_mean:
         x_ours, x_theirs = ours.inputs[-1], theirs.inputs[-1]
     assert_same_trajectory(ours, theirs, x_ours, x_theirs)
@@ -92,9 +115,7 @@ def test_ddpm_matches_diffusers_ddpm_scheduler(prediction, spacing, steps, varia
     scheduler.set_timesteps(steps)
 
     def run_ours(model, noise, timesteps):
-        return ddpm(
-            model, schedule, noise, timesteps, variance, clip_x0=False, generator=torch.Generator().manual_seed(2)
-        )
+        return ddpm(model, schedule, noise, timesteps, variance, "none", torch.Generator().manual_seed(2))
 
     # diffusers adds beta_t-sized noise on the last step too with the large variance; we stop at the mean,
     # as Ho et al. do.
@@ -113,26 +134,62 @@ def test_ddim_matches_diffusers_ddim_scheduler(prediction, spacing, steps, eta):
     scheduler.set_timesteps(steps)
 
     def run_ours(model, noise, timesteps):
-        return ddim(model, schedule, noise, timesteps, eta, clip_x0=False, generator=torch.Generator().manual_seed(2))
+        return ddim(model, schedule, noise, timesteps, eta, "none", torch.Generator().manual_seed(2))
 
     assert_matches_diffusers(scheduler, spacing, steps, run_ours, eta=eta)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-@pytest.mark.parametrize("steps", [10, 20, 50])
-def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(prediction, steps):
-    schedule = NoiseSchedule("cosine", 1000, prediction)
-    scheduler = make_scheduler(
-        schedulers.DPMSolverMultistepScheduler, schedule, prediction, algorithm_type="dpmsolver++",
-        solver_order=2, solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
-        timestep_spacing="trailing", steps_offset=0,
-    )  # fmt: skip
-    scheduler.set_timesteps(steps)
-    # diffusers rounds its sigma table to float32 here; the same formula in float64 instead.
+def float64_sigmas(scheduler, schedule: NoiseSchedule) -> None:
+    """diffusers rounds its sigma table to float32; the same formula in float64 instead."""
     alpha_bar = schedule.alpha_bar[scheduler.timesteps]
     scheduler.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
 
-    def run_ours(model, noise, timesteps):
-        return dpmpp_2m(model, schedule, noise, timesteps, clip_x0=False)
 
-    assert_matches_diffusers(scheduler, "trailing", steps, run_ours)
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("steps", [10, 20, 50])
+@pytest.mark.parametrize("sde", [False, True])
+def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(prediction, steps, sde):
+    schedule = NoiseSchedule("cosine", 1000, prediction)
+    scheduler = make_scheduler(
+        schedulers.DPMSolverMultistepScheduler, schedule, prediction,
+        algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++", solver_order=2, solver_type="midpoint",
+        lower_order_final=True, final_sigmas_type="zero", timestep_spacing="trailing", steps_offset=0,
+    )  # fmt: skip
+    scheduler.set_timesteps(steps)
+    float64_sigmas(scheduler, schedule)
+
+    def run_ours(model, noise, timesteps):
+        return dpmpp_2m(model, schedule, noise, timesteps, "none", torch.Generator().manual_seed(2), sde=sde)
+
+    assert_matches_diffusers(scheduler, "trailing", steps, run_ours, inject=sde)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("steps", [2, 3, 5, 10, 20, 50])
+def test_unipc_matches_diffusers_unipc_multistep(prediction, steps):
+    schedule = NoiseSchedule("cosine", 1000, prediction)
+    scheduler = make_scheduler(
+        schedulers.UniPCMultistepScheduler, schedule, prediction, solver_order=2, solver_type="bh2",
+        predict_x0=True, lower_order_final=True, final_sigmas_type="zero", timestep_spacing="trailing",
+        steps_offset=0,
+    )  # fmt: skip
+    scheduler.set_timesteps(steps)
+    float64_sigmas(scheduler, schedule)
+
+    def run_ours(model, noise, timesteps):
+        return unipc(model, schedule, noise, timesteps, "none")
+
+    assert_matches_diffusers(scheduler, "trailing", steps, run_ours, deterministic=True)
+
+
+@pytest.mark.parametrize("percentile_value", [0.5, 1.0, 3.0])
+def test_dynamic_threshold_matches_diffusers(percentile_value):
+    # diffusers' _threshold_sample with no upper bound on s is Saharia et al.'s dynamic thresholding.
+    scheduler = schedulers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1e9)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64) * percentile_value
+    ours = threshold_x0(x0, "dynamic")
+    assert torch.allclose(ours, scheduler._threshold_sample(x0), atol=1e-6)
+    assert ours.abs().max() <= 1
+    if percentile_value <= 0.25:  # inside [-1, 1] already: untouched
+        assert torch.equal(ours, x0)

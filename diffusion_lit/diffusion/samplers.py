@@ -2,21 +2,75 @@
 
 Every sampler walks a decreasing subsequence of the training timesteps (`timestep_spacing`) and works
 with any prediction target, through `NoiseSchedule.to_x0_eps`. The last step goes to alpha_bar = 1 (clean
-images) and adds no noise. All arithmetic is in the dtype of the initial noise.
+images) and adds no noise. All arithmetic is in the dtype of the initial noise. `Sampling` holds every
+setting of a draw; `sample` is the one entry point.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from diffusion_lit.diffusion.schedule import NoiseSchedule
+from diffusion_lit.diffusion.schedule import NoiseSchedule, posterior
+from diffusion_lit.errors import UserError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> network output
+SamplerName = Literal["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
 Variance = Literal["small", "large"]
 Spacing = Literal["uniform", "trailing", "quadratic"]
-SamplerName = Literal["ddpm", "ddim", "dpmpp"]
+Threshold = Literal["clip", "dynamic", "none"]
+DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022, sec. 2.3 and appendix E
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How images are drawn from a model: the one place these settings are defined.
+
+    Args:
+        sampler: "ddpm" (ancestral), "ddim", "dpmpp" (DPM-Solver++(2M)), "dpmpp_sde" (DPM-Solver++(2M) SDE)
+            or "unipc" (UniPC-2, B(h) = e^h - 1).
+        steps: network evaluations (NFE); None: all T training timesteps.
+        eta: DDIM's eta (0: deterministic; 1: ancestral DDPM); other samplers take none.
+        spacing: which timesteps the steps visit: "trailing" (starts at t = T - 1), "uniform" or "quadratic".
+        variance: DDPM's reverse variance, "small" (the posterior's beta~) or "large" (beta).
+        threshold: what happens to each predicted x0: "clip" to [-1, 1], "dynamic" (percentile) thresholding
+            (Saharia et al. 2022), or "none".
+        guidance: classifier-free guidance scale for class-conditional models (0: unconditional, 1: conditional).
+    """
+
+    sampler: SamplerName = "dpmpp_sde"
+    steps: int | None = 20
+    eta: float = 0.0
+    spacing: Spacing = "trailing"
+    variance: Variance = "small"
+    threshold: Threshold = "clip"
+    guidance: float = 1.0
+
+    @property
+    def name(self) -> str:
+        """A short name for files and tables, e.g. dpmpp_sde50 (and -dynamic / -eta0.5 where not default)."""
+        name = f"{self.sampler}{self.steps or 'T'}"
+        if self.eta:
+            name += f"-eta{self.eta:g}"
+        if self.threshold != "clip":
+            name += f"-{self.threshold}"
+        return name
+
+    def check(self, timesteps: int, prefix: str = "") -> None:
+        """One clear line for settings that cannot run on a model with `timesteps` training steps; `prefix` is
+        how the user spells the settings (e.g. "--" or "evaluation.sampling.")."""
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown {prefix}sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.steps is not None and not 1 <= self.steps <= timesteps:
+            raise UserError(f"{prefix}steps must be between 1 and the model's {timesteps} timesteps, got {self.steps}")
+        if self.eta and self.sampler != "ddim":
+            raise UserError(f"{prefix}eta is a DDIM setting; the {self.sampler} sampler does not take it")
+        if self.variance not in ("small", "large"):
+            raise UserError(f"unknown {prefix}variance {self.variance!r}; choose small or large")
+        if self.threshold not in ("clip", "dynamic", "none"):
+            raise UserError(f"unknown {prefix}threshold {self.threshold!r}; choose clip, dynamic or none")
 
 
 def timestep_spacing(timesteps: int, steps: int, spacing: Spacing = "trailing") -> Tensor:
@@ -48,12 +102,35 @@ def _alpha_bars(schedule: NoiseSchedule, timesteps: Tensor, like: Tensor) -> tup
     return list(alpha_bar), list(after)
 
 
-def _denoise(model: Denoiser, schedule: NoiseSchedule, x: Tensor, t: int, clip_x0: bool) -> tuple[Tensor, Tensor]:
-    """The network's (x0, eps) at x_t; with clip_x0, x0 is clipped to [-1, 1] and eps made consistent with it."""
+def _log_snr_halves(alpha_bar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha, sigma and lambda = log(alpha / sigma) for one alpha_bar (lambda = inf at alpha_bar = 1)."""
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return alpha, sigma, alpha.log() - sigma.log()
+
+
+def threshold_x0(x0: Tensor, threshold: Threshold) -> Tensor:
+    """Keep a predicted x0 (B, ...) in the data range: clip to [-1, 1], or dynamic thresholding.
+
+    Dynamic (Saharia et al. 2022, sec. 2.3): s = the 99.5th percentile of |x0| per image, at least 1; x0 is
+    clipped to [-s, s] and divided by s, so saturated pixels are pushed inwards instead of piling up at +-1.
+    """
+    if threshold == "clip":
+        return x0.clamp(-1, 1)
+    if threshold == "dynamic":
+        s = torch.quantile(x0.flatten(1).abs().float(), DYNAMIC_PERCENTILE, dim=1).to(x0).clamp(min=1)
+        s = s.view(-1, *([1] * (x0.dim() - 1)))
+        return torch.minimum(torch.maximum(x0, -s), s) / s
+    return x0
+
+
+def _denoise(
+    model: Denoiser, schedule: NoiseSchedule, x: Tensor, t: int, threshold: Threshold
+) -> tuple[Tensor, Tensor]:
+    """The network's (x0, eps) at x_t; x0 thresholded, and eps made consistent with it."""
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     x0, eps = schedule.to_x0_eps(x, t_batch, model(x, t_batch))
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
+    if threshold != "none":
+        x0 = threshold_x0(x0, threshold)
         alpha_bar = schedule.alpha_bar[t].to(x)
         eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
     return x0, eps
@@ -69,7 +146,7 @@ def ddpm(
     x: Tensor,
     timesteps: Tensor,
     variance: Variance = "small",
-    clip_x0: bool = True,
+    threshold: Threshold = "clip",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, algorithm 2) on a respaced schedule (Nichol & Dhariwal 2021, sec. 4).
@@ -79,13 +156,10 @@ def ddpm(
     """
     alpha_bars, alpha_bars_prev = _alpha_bars(schedule, timesteps, x)
     for i, t in enumerate(timesteps.tolist()):
-        alpha_bar, alpha_bar_prev = alpha_bars[i], alpha_bars_prev[i]
-        beta = 1 - alpha_bar / alpha_bar_prev
-        x0, _ = _denoise(model, schedule, x, t, clip_x0)
-        # Posterior mean of q(x_prev | x_t, x0), Ho et al. 2020 eq. 7.
-        x = (alpha_bar_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - alpha_bar_prev) * x) / (1 - alpha_bar)
+        x0, _ = _denoise(model, schedule, x, t, threshold)
+        x, posterior_variance = posterior(x0, x, alpha_bars[i], alpha_bars_prev[i])
         if i < len(timesteps) - 1:
-            var = beta * (1 - alpha_bar_prev) / (1 - alpha_bar) if variance == "small" else beta
+            var = posterior_variance if variance == "small" else 1 - alpha_bars[i] / alpha_bars_prev[i]
             x = x + var.sqrt() * _noise(x, generator)
     return x
 
@@ -96,14 +170,14 @@ def ddim(
     x: Tensor,
     timesteps: Tensor,
     eta: float = 0.0,
-    clip_x0: bool = True,
+    threshold: Threshold = "clip",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12 and 16): eta = 0 is deterministic, eta = 1 is ancestral DDPM."""
     alpha_bars, alpha_bars_prev = _alpha_bars(schedule, timesteps, x)
     for i, t in enumerate(timesteps.tolist()):
         alpha_bar, alpha_bar_prev = alpha_bars[i], alpha_bars_prev[i]
-        x0, eps = _denoise(model, schedule, x, t, clip_x0)
+        x0, eps = _denoise(model, schedule, x, t, threshold)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).sqrt() * eps
         if eta > 0:
@@ -111,31 +185,103 @@ def ddim(
     return x
 
 
-def dpmpp_2m(model: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, clip_x0: bool = True) -> Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022, algorithm 2: multistep second order in lambda = log(alpha / sigma).
+def dpmpp_2m(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    timesteps: Tensor,
+    threshold: Threshold = "clip",
+    generator: torch.Generator | None = None,
+    sde: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2), or with `sde` its stochastic twin SDE-DPM-Solver++(2M)
+    (Lu et al. 2022, appendix; diffusers' "sde-dpmsolver++"): multistep second order in lambda = log(alpha / sigma).
 
-    The first step is first order (no history yet) and so is the last, to sigma = 0, where the update
-    reduces to the data prediction itself.
+    Both use the same second-order data estimate D = x0 + (x0 - x0_prev) / (2 r). The SDE step shrinks x by a
+    further e^-h and replaces that share of it with fresh noise, which washes out the errors of an imperfect
+    model as ancestral sampling does (Karras et al. 2022, sec. 4). The first step is first order (no history
+    yet) and so is the last, to sigma = 0, where the update is the data prediction itself (diffusers'
+    `lower_order_final`).
     """
     alpha_bars, alpha_bars_next = _alpha_bars(schedule, timesteps, x)
     x0_prev, h_prev = None, None
     for i, t in enumerate(timesteps.tolist()):
-        x0, _ = _denoise(model, schedule, x, t, clip_x0)
+        x0, _ = _denoise(model, schedule, x, t, threshold)
         if i == len(timesteps) - 1:
             return x0
-        alpha, sigma = alpha_bars[i].sqrt(), (1 - alpha_bars[i]).sqrt()
-        alpha_next, sigma_next = alpha_bars_next[i].sqrt(), (1 - alpha_bars_next[i]).sqrt()
-        h = (alpha_next / sigma_next).log() - (alpha / sigma).log()
-        data = x0
-        if x0_prev is not None:
-            r = h_prev / h
-            data = (1 + 1 / (2 * r)) * x0 - x0_prev / (2 * r)
-        x = sigma_next / sigma * x - alpha_next * torch.expm1(-h) * data
+        _, sigma, lam = _log_snr_halves(alpha_bars[i])
+        alpha_next, sigma_next, lam_next = _log_snr_halves(alpha_bars_next[i])
+        h = lam_next - lam
+        data = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)
+        if sde:
+            x = (
+                sigma_next / sigma * (-h).exp() * x
+                - alpha_next * torch.expm1(-2 * h) * data
+                + sigma_next * (-torch.expm1(-2 * h)).sqrt() * _noise(x, generator)
+            )
+        else:
+            x = sigma_next / sigma * x - alpha_next * torch.expm1(-h) * data
         x0_prev, h_prev = x0, h
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp": dpmpp_2m}
+def _unipc_update(
+    x: Tensor, x0: Tensor, x0_prev: Tensor | None, r: Tensor | None, step: tuple[Tensor, ...], corrector: Tensor | None
+) -> Tensor:
+    """One UniPC update from (x at lambda_s, its x0) to lambda_t (Zhao et al. 2023, eq. 8 with B(h) = e^h - 1).
+
+    step = (sigma_t / sigma_s, alpha_t, h). With the previous x0 at r = (lambda_prev - lambda_s) / h it is
+    second order; the predictor UniP-2 then weighs the difference by 1/2, which makes it DPM-Solver++(2M).
+    With `corrector`, the network's x0 at the predicted point, it is UniC: the weights solve the order
+    conditions R rho = b over the nodes (r, 1) (or (1,) alone, with rho = 1/2).
+    """
+    sigma_ratio, alpha_t, h = step
+    hh = -h  # the data-prediction form runs in -lambda
+    phi_1 = torch.expm1(hh)  # h phi_1(h) = e^hh - 1, and also B(h) for "bh2"
+    g1 = phi_1 / hh - 1  # b_k = k! phi_{k+1}(hh) / B(h)
+    b1, b2 = g1 / phi_1, 2 * (g1 / hh - 0.5) / phi_1
+    x = sigma_ratio * x - alpha_t * phi_1 * x0
+    d_prev = None if x0_prev is None else (x0_prev - x0) / r
+    if corrector is None:
+        return x if d_prev is None else x - alpha_t * phi_1 * 0.5 * d_prev
+    if d_prev is None:
+        return x - alpha_t * phi_1 * 0.5 * (corrector - x0)
+    rho_prev = (b1 - b2) / (1 - r)  # the 2x2 system [[1, 1], [r, 1]] (rho_prev, rho_new) = (b1, b2)
+    return x - alpha_t * phi_1 * (rho_prev * d_prev + (b1 - rho_prev) * (corrector - x0))
+
+
+def unipc(
+    model: Denoiser, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, threshold: Threshold = "clip"
+) -> Tensor:
+    """UniPC-2 with B(h) = e^h - 1 ("bh2"), data prediction (Zhao et al. 2023, algorithms 1 and 2).
+
+    Each step predicts with UniP (order 1 on the first step, 2 after it), and once the network has been
+    evaluated at the predicted point, corrects that point with UniC at the predictor's order, from the same
+    evaluation: one order more accuracy at no extra NFE. The last step returns the network's x0 there
+    (a first-order step to sigma = 0, diffusers' `lower_order_final`).
+    """
+    alpha_bars, _ = _alpha_bars(schedule, timesteps, x)
+    points = [_log_snr_halves(alpha_bar) for alpha_bar in alpha_bars]  # (alpha, sigma, lambda) at each step
+
+    def step(i: int) -> tuple[Tensor, Tensor, Tensor]:  # from point i to point i + 1
+        return points[i + 1][1] / points[i][1], points[i + 1][0], points[i + 1][2] - points[i][2]
+
+    def ratio(i: int) -> Tensor | None:  # where point i - 1 lies, in units of the step from point i
+        return None if i == 0 else (points[i - 1][2] - points[i][2]) / (points[i + 1][2] - points[i][2])
+
+    x_prev = x0_prev = x0_older = None  # the corrected x and the x0 of the step before, and its x0 before that
+    for i, t in enumerate(timesteps.tolist()):
+        x0, _ = _denoise(model, schedule, x, t, threshold)
+        if i == len(timesteps) - 1:
+            return x0
+        if i > 0:
+            x = _unipc_update(x_prev, x0_prev, x0_older, ratio(i - 1), step(i - 1), corrector=x0)
+        x_prev, x0_older, x0_prev = x, x0_prev, x0
+        x = _unipc_update(x, x0, x0_older, ratio(i), step(i), corrector=None)
+    return x
+
+
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc")
 
 
 def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -149,26 +295,19 @@ def sample(
     model: Denoiser,
     schedule: NoiseSchedule,
     shape: tuple[int, ...],
-    sampler: SamplerName = "ddpm",
-    steps: int | None = None,
-    spacing: Spacing = "trailing",
-    eta: float = 0.0,
-    variance: Variance = "small",
-    clip_x0: bool = True,
+    settings: Sampling = Sampling(),
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Draw x_T ~ N(0, I) of `shape` and run the named sampler for `steps` steps (None: all T)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if eta and sampler != "ddim":
-        raise ValueError(f"eta is a DDIM setting; the {sampler} sampler does not take it")
-    if variance not in ("small", "large"):
-        raise ValueError(f"unknown variance {variance!r}; choose small or large")
-    timesteps = timestep_spacing(schedule.timesteps, steps or schedule.timesteps, spacing)
+    """Draw x_T ~ N(0, I) of `shape` and run the sampler `settings` name (guidance is the denoiser's business)."""
+    settings.check(schedule.timesteps)
+    timesteps = timestep_spacing(schedule.timesteps, settings.steps or schedule.timesteps, settings.spacing)
     x = torch.randn(shape, generator=generator, device=device)
-    if sampler == "ddpm":
-        return ddpm(model, schedule, x, timesteps, variance, clip_x0, generator)
-    if sampler == "ddim":
-        return ddim(model, schedule, x, timesteps, eta, clip_x0, generator)
-    return dpmpp_2m(model, schedule, x, timesteps, clip_x0)
+    name, threshold = settings.sampler, settings.threshold
+    if name == "ddpm":
+        return ddpm(model, schedule, x, timesteps, settings.variance, threshold, generator)
+    if name == "ddim":
+        return ddim(model, schedule, x, timesteps, settings.eta, threshold, generator)
+    if name == "unipc":
+        return unipc(model, schedule, x, timesteps, threshold)
+    return dpmpp_2m(model, schedule, x, timesteps, threshold, generator, sde=name == "dpmpp_sde")

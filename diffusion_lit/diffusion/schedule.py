@@ -53,22 +53,12 @@ class NoiseSchedule(nn.Module):
         self.timesteps = timesteps
         self.prediction = prediction
         betas = BETA_SCHEDULES[schedule](timesteps)
-        alphas = 1 - betas
-        alpha_bar = torch.cumprod(alphas, dim=0)
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        # Posterior q(x_{t-1} | x_t, x_0), Ho et al. 2020 eq. 6-7.
-        posterior_variance = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
+        alpha_bar = torch.cumprod(1 - betas, dim=0)
         tables = {
             "betas": betas,
             "alpha_bar": alpha_bar,
-            "alpha_bar_prev": alpha_bar_prev,
             "sqrt_alpha_bar": alpha_bar.sqrt(),
             "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
-            "posterior_variance": posterior_variance,
-            # The variance is 0 at t = 0: log-clip it with the next value, as improved-diffusion does.
-            "posterior_log_variance": torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
-            "posterior_mean_x0_coef": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),
-            "posterior_mean_xt_coef": (1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar),
         }
         for name, values in tables.items():
             self.register_buffer(name, values, persistent=False)
@@ -104,7 +94,13 @@ class NoiseSchedule(nn.Module):
             eps = sqrt_1m_ab * x_t + sqrt_ab * output
         return x0, eps
 
-    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0); Ho et al. 2020 eq. 6-7."""
-        mean = gather(self.posterior_mean_x0_coef, t, x_t) * x0 + gather(self.posterior_mean_xt_coef, t, x_t) * x_t
-        return mean, gather(self.posterior_variance, t, x_t), gather(self.posterior_log_variance, t, x_t)
+
+def posterior(x0: Tensor, x_t: Tensor, alpha_bar: Tensor, alpha_bar_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of q(x_prev | x_t, x0) between any two timesteps (alpha_bar_prev > alpha_bar).
+
+    Ho et al. 2020 eq. 6-7 with beta = 1 - alpha_bar / alpha_bar_prev, the beta of a respaced schedule
+    (Nichol & Dhariwal 2021, sec. 4); for neighbouring timesteps it is the schedule's own beta_t.
+    """
+    beta = 1 - alpha_bar / alpha_bar_prev
+    mean = (alpha_bar_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)
+    return mean, beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
