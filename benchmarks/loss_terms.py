@@ -1,4 +1,4 @@
-"""Cost of one training step with each combination of loss terms, as ratios to MSE alone.
+"""Cost of one training step with each combination of loss terms and training options, as ratios to MSE alone.
 
     python benchmarks/loss_terms.py                      # CPU, the CIFAR-10 UNet at base 32, batch 16
     python benchmarks/loss_terms.py --device cuda --base-channels 64 --batch-size 64
@@ -16,16 +16,19 @@ import time
 
 import torch
 
+from diffusion_lit.diffusion.immiscible import assign_noise
 from diffusion_lit.diffusion.losses import DiffusionLoss, PerceptualTerm
 from diffusion_lit.diffusion.perceptual import vgg19_cut
 from diffusion_lit.diffusion.schedule import NoiseSchedule
 from diffusion_lit.nn import UNet
 
-COMBINATIONS = {
-    "mse": (0.0, 0.0),
-    "mse + perceptual": (0.1, 0.0),
-    "mse + feature matching": (0.0, 0.05),
-    "mse + perceptual + feature matching": (0.1, 0.05),
+COMBINATIONS = {  # name: (perceptual weight, feature-matching weight, snr_gamma, immiscible)
+    "mse": (0.0, 0.0, None, False),
+    "mse + perceptual": (0.1, 0.0, None, False),
+    "mse + feature matching": (0.0, 0.05, None, False),
+    "mse + perceptual + feature matching": (0.1, 0.05, None, False),
+    "mse, Min-SNR-5 weighting": (0.0, 0.0, 5.0, False),
+    "mse, immiscible noise": (0.0, 0.0, None, True),
 }
 
 
@@ -49,15 +52,16 @@ def main() -> None:
     optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4)
     schedule = NoiseSchedule().to(device)
     perceptual = PerceptualTerm(make_layers(cfgs["E"][:4])[: vgg19_cut("conv_4")].to(device))
-    losses = {name: DiffusionLoss(p, f, perceptual) for name, (p, f) in COMBINATIONS.items()}
+    losses = {name: (DiffusionLoss(p, f, perceptual, gamma), imm) for name, (p, f, gamma, imm) in COMBINATIONS.items()}
     x0 = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device) * 2 - 1
 
-    def step(loss: DiffusionLoss) -> float:
+    def step(loss: DiffusionLoss, immiscible: bool) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         t = schedule.sample_timesteps(x0.shape[0], device)
-        loss(unet, schedule, x0, torch.randn_like(x0), t)["loss"].backward()
+        noise = assign_noise(x0, torch.randn_like(x0)) if immiscible else torch.randn_like(x0)
+        loss(unet, schedule, x0, noise, t)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -65,10 +69,10 @@ def main() -> None:
         return time.perf_counter() - start
 
     for loss in losses.values():  # warm-up
-        step(loss)
+        step(*loss)
     times = {name: [] for name in losses}
     for _, (name, loss) in itertools.product(range(args.repeats), losses.items()):
-        times[name].append(step(loss))
+        times[name].append(step(*loss))
 
     baseline = statistics.median(times["mse"])
     rows = [

@@ -45,7 +45,7 @@ def parse_rows(text: str | None) -> list[Sampling]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Sample every row from every model, score it, print a markdown table; optionally JSON and a picture."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="LABEL=CHECKPOINT, once per model")
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--rows", help='only these rows, e.g. "dpmpp_sde:20,ddpm:1000,unipc:10:dynamic"')
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--picture", help="a PNG: the same 8 seeds, one row per sampler, one block per model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in args.model)
 
     data = DemoMNISTDataModule()

@@ -7,6 +7,7 @@ from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 
 from diffusion_lit.diffusion.guidance import guided
+from diffusion_lit.diffusion.immiscible import assign_noise
 from diffusion_lit.diffusion.losses import DiffusionLoss, PerceptualTerm
 from diffusion_lit.diffusion.perceptual import load_vgg19_features
 from diffusion_lit.diffusion.samplers import Sampling, sample
@@ -38,6 +39,10 @@ class DiffusionModule(LightningModule):
         perceptual_layer: the VGG19 layer compared, "conv_N" = the N-th conv (conv_4 is conv2_2).
         vgg_weights: a local torchvision VGG19 state-dict file, for machines without internet access;
             None: torchvision's cache, downloading into it when missing.
+        snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper): each sample's MSE is
+            weighted as if its x0 error were weighted by min(SNR, gamma). None: the plain mean (Ho et al.).
+        immiscible: pair the images of each batch with the noise samples nearest to them (a linear assignment,
+            Li et al. 2024) instead of at random; costs one host round trip per step.
         label_dropout: for a class-conditional UNet (`num_classes` set), the share of training labels
             replaced by "no class", so that one model also learns the unconditional distribution that
             classifier-free guidance needs (Ho & Salimans 2022, algorithm 1).
@@ -70,6 +75,8 @@ class DiffusionModule(LightningModule):
         feature_matching_weight: float = 0.0,
         perceptual_layer: str = "conv_4",
         vgg_weights: str | None = None,
+        snr_gamma: float | None = None,
+        immiscible: bool = False,
         label_dropout: float = 0.1,
         compile: bool = False,
         channels_last: bool = False,
@@ -96,7 +103,7 @@ class DiffusionModule(LightningModule):
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
-        self.criterion = DiffusionLoss(perceptual_weight, feature_matching_weight)
+        self.criterion = DiffusionLoss(perceptual_weight, feature_matching_weight, snr_gamma=snr_gamma)
         self._skipped = self._streak = None  # device counters of skipped steps (this run / in a row)
 
     @property
@@ -141,7 +148,9 @@ class DiffusionModule(LightningModule):
         """Every configured loss term and their weighted total ("loss"), for clean images x0 in [-1, 1]."""
         if self.hparams.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        noise = torch.randn_like(x0) if noise is None else noise
+        if noise is None:
+            noise = torch.randn_like(x0)
+            noise = assign_noise(x0, noise) if self.hparams.immiscible else noise
         t = self.schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
         return self.criterion(self.unet, self.schedule, x0, noise, t, labels)
 

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny settings (their numbers are not checked: timing is noisy)."""
 
+import json
 import sys
 
 import pytest
@@ -53,3 +54,40 @@ def test_pipeline_runs_on_cpu_with_tiny_settings(tmp_path, capsys):
     assert results["loop"]["fit_steps_per_s"] > 0 and results["loop"]["bare_steps_per_s"] > 0
     assert results["data"]["on_device_images_per_s"] > 0 and results["data"]["torchvision_images_per_s"] > 0
     assert "on_device / torchvision" in capsys.readouterr().out and (tmp_path / "pipeline.json").exists()
+
+
+def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("matplotlib")
+    import convergence
+
+    argv = ["--variants", "today", "min-SNR-5", "--seeds", "0", "--budgets", "0.001", "--today-steps", "2",
+            "--num-samples", "8", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "c.json"),
+            "--plot", str(tmp_path / "c.png")]  # fmt: skip
+    convergence.main(argv)
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert [(r["variant"], r["checkpoint"]) for r in report["rows"]] == [
+        ("today", "minutes=0.001"), ("today", "step=2"), ("min-SNR-5", "minutes=0.001")
+    ]  # fmt: skip
+    assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 for r in report["rows"])
+    assert "| today | step=2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_sampler_quality_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlxtend")
+    import sampler_quality
+
+    from diffusion_lit.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", "--config", f"{ROOT}/configs/demo.yaml", "--config", f"{ROOT}/tests/tiny.yaml", "--trainer.logger",
+         "false"])  # fmt: skip
+    checkpoint = next((tmp_path / "checkpoints").rglob("*.ckpt"))
+    argv = ["--model", f"tiny={checkpoint}", "--num-samples", "4", "--seeds", "0", "1", "--rows",
+            "dpmpp_sde:3,unipc:2:dynamic", "--json", str(tmp_path / "q.json")]  # fmt: skip
+    sampler_quality.main(argv)
+    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    assert [(r["sampling"], r["seed"]) for r in rows] == [
+        ("dpmpp_sde3", 0), ("dpmpp_sde3", 1), ("unipc2-dynamic", 0), ("unipc2-dynamic", 1)
+    ]  # fmt: skip
+    assert "| dpmpp_sde3 | 3 |" in capsys.readouterr().out

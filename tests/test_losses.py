@@ -1,3 +1,4 @@
+import itertools
 import urllib.error
 
 import pytest
@@ -6,7 +7,8 @@ from torch import nn
 
 from conftest import randomise
 from diffusion_lit.diffusion import NoiseSchedule
-from diffusion_lit.diffusion.losses import DiffusionLoss, FeatureMatchingTerm, MSETerm, PerceptualTerm
+from diffusion_lit.diffusion.immiscible import assign_noise
+from diffusion_lit.diffusion.losses import DiffusionLoss, FeatureMatchingTerm, MSETerm, PerceptualTerm, min_snr_weight
 from diffusion_lit.diffusion.perceptual import load_vgg19_features, vgg19_cut
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
@@ -174,3 +176,64 @@ def test_missing_weights_offline_is_one_clear_line(tmp_path, monkeypatch):
     assert "\n" not in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in message
     assert "--model.vgg_weights" in message and "--model.perceptual_weight 0" in message
+
+
+def test_min_snr_weights_for_known_snrs():
+    alpha_bar = torch.tensor([0.5, 0.9, 0.1, 0.999], dtype=torch.float64)  # SNR 1, 9, 1/9, 999 (float64, as schedules)
+    snr = alpha_bar / (1 - alpha_bar)
+    assert torch.allclose(
+        min_snr_weight(alpha_bar, 5.0, "eps"), torch.tensor([1.0, 5 / 9, 1.0, 5 / 999], dtype=torch.float64)
+    )
+    assert torch.allclose(
+        min_snr_weight(alpha_bar, 5.0, "x0"), torch.tensor([1.0, 5.0, 1 / 9, 5.0], dtype=torch.float64)
+    )
+    assert torch.allclose(min_snr_weight(alpha_bar, 5.0, "v"), snr.clamp(max=5.0) / (snr + 1))
+    assert torch.allclose(
+        min_snr_weight(alpha_bar, 5.0, "v"), torch.tensor([0.5, 0.5, 0.1, 5 / 1000], dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weighted_mse_is_the_capped_snr_weighting_of_the_x0_error(prediction):
+    # Hang et al. 2023: whatever the target, the weighted loss equals mean_b min(SNR_b, gamma) * |x0_pred - x0|^2.
+    schedule = NoiseSchedule(prediction=prediction)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(6, 1, 4, 4, generator=generator) * 2 - 1, torch.randn(6, 1, 4, 4, generator=generator)
+    t = torch.tensor([0, 50, 300, 600, 900, 990])
+    output = torch.randn(6, 1, 4, 4, generator=generator)
+    loss = DiffusionLoss(snr_gamma=5.0)(lambda x_t, t: output, schedule, x0, noise, t)["mse"]
+    x0_pred, _ = schedule.to_x0_eps(schedule.q_sample(x0, t, noise), t, output)
+    alpha_bar = schedule.alpha_bar[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = (snr.clamp(max=5.0) * (x0_pred - x0).double().pow(2).flatten(1).mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    unweighted = DiffusionLoss()(lambda x_t, t: output, schedule, x0, noise, t)["mse"]
+    assert unweighted.item() != pytest.approx(loss.item(), rel=1e-2)
+
+
+def test_immiscible_assignment_is_the_optimal_permutation_of_the_batch_noise():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x0, noise = torch.rand(6, 1, 3, 3, generator=generator) * 2 - 1, torch.randn(6, 1, 3, 3, generator=generator)
+        assigned = assign_noise(x0, noise)
+        assert sorted(assigned.flatten().tolist()) == sorted(noise.flatten().tolist())  # the same N(0, I) draws
+        assert any(torch.equal(assigned[i], noise[j]) for i in range(6) for j in range(6))
+
+        def total(images, candidate):
+            return (images - candidate).flatten(1).norm(dim=1).sum().item()
+
+        best = min(total(x0, noise[list(order)]) for order in itertools.permutations(range(6)))  # brute force
+        assert total(x0, assigned) == pytest.approx(best, rel=1e-6) and total(x0, assigned) <= total(x0, noise) + 1e-9
+
+
+def test_immiscible_training_noise_is_still_standard_normal_per_image():
+    module = DiffusionModule(tiny_unet(), image_shape=(1, 16, 16), timesteps=20, immiscible=True, ema_decay=None)
+    seen = []
+    module.criterion = lambda network, schedule, x0, noise, t, labels: seen.append(noise) or {"loss": noise.sum()}
+    x0 = torch.rand(16, 1, 16, 16) * 2 - 1
+    for _ in range(50):
+        module.losses(x0)
+    noise = torch.cat(seen)  # (800, 1, 16, 16)
+    assert noise.mean().abs() < 0.02 and (noise.std() - 1).abs() < 0.02
+    first_image = torch.cat([batch[0] for batch in seen])  # what image 0 was paired with, over 50 batches
+    assert first_image.std().item() == pytest.approx(1.0, abs=0.1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lit.diffusion.perceptual import imagenet_normalise
-from diffusion_lit.diffusion.schedule import NoiseSchedule
+from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction
 
 
 def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
@@ -21,11 +21,26 @@ def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
-class MSETerm:
-    """Mean squared error between the network output and its target; Ho et al. 2020 eq. 14."""
+def min_snr_weight(alpha_bar: Tensor, gamma: float, prediction: Prediction) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 9 and sec. 3.4) for timesteps with these alpha_bar.
 
-    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(output.float(), target.float())
+    SNR = alpha_bar / (1 - alpha_bar). Weighting the x0 error by min(SNR, gamma) caps the weight of the
+    nearly clean timesteps, which otherwise dominate the gradient; the same weighting of the x0 error is
+    min(SNR, gamma) / SNR on the eps error and min(SNR, gamma) / (SNR + 1) on the v error.
+    """
+    snr = alpha_bar / (1 - alpha_bar)
+    capped = snr.clamp(max=gamma)
+    return {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1)}[prediction]
+
+
+class MSETerm:
+    """Mean squared error between the network output and its target (Ho et al. 2020 eq. 14), optionally
+    weighted per sample (B,) before the batch mean."""
+
+    def __call__(self, output: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+        if weight is None:
+            return F.mse_loss(output.float(), target.float())
+        return (weight.float() * _per_sample_mse(output, target)).mean()
 
 
 class PerceptualTerm:
@@ -76,7 +91,8 @@ class FeatureMatchingTerm:
 
 
 class DiffusionLoss:
-    """MSE on the prediction target, plus optional perceptual and feature-matching terms.
+    """MSE on the prediction target (Min-SNR-gamma weighted with `snr_gamma`), plus optional perceptual and
+    feature-matching terms.
 
     Returns {"mse", "perceptual"?, "feature_matching"?, "loss"}; a term whose weight is 0 is not
     computed at all. `perceptual` is the PerceptualTerm to use when perceptual_weight > 0.
@@ -87,9 +103,11 @@ class DiffusionLoss:
         perceptual_weight: float = 0.0,
         feature_matching_weight: float = 0.0,
         perceptual: PerceptualTerm | None = None,
+        snr_gamma: float | None = None,
     ) -> None:
         self.perceptual_weight = perceptual_weight
         self.feature_matching_weight = feature_matching_weight
+        self.snr_gamma = snr_gamma
         self.mse = MSETerm()
         self.perceptual = perceptual
         self.feature_matching = FeatureMatchingTerm()
@@ -107,7 +125,12 @@ class DiffusionLoss:
         extra = () if labels is None else (labels,)  # unconditional networks take (x_t, t) only
         x_t = schedule.q_sample(x0, t, noise)
         output = network(x_t, t, *extra)
-        terms = {"mse": self.mse(output, schedule.target(x0, noise, t))}
+        weight = (
+            None
+            if self.snr_gamma is None
+            else min_snr_weight(schedule.alpha_bar[t], self.snr_gamma, schedule.prediction)
+        )
+        terms = {"mse": self.mse(output, schedule.target(x0, noise, t), weight)}
         total = terms["mse"]
         if self.perceptual_weight or self.feature_matching_weight:
             x0_pred = schedule.to_x0_eps(x_t, t, output.float())[0].clamp(-1, 1)

@@ -1,0 +1,234 @@
+"""Quality against wall-clock training time, for the demo recipe and variants of it, two seeds each.
+
+    python benchmarks/convergence.py --json convergence.json --plot docs/convergence.png      # the README's
+    python benchmarks/convergence.py --dataset photos --variants today v --budgets 4 8 12     # the RGB check
+
+Each variant is `lit-ddpm fit --config configs/demo.yaml` plus a few flags, run in its own folder under
+--workdir, one after the other (nothing else should run on the machine meanwhile: the budgets are wall
+time). A callback saves the weights when the training time (from the first step; start-up, validation
+and sampling are not in it) crosses each budget, and at step 2,520 (today's demo), and stops the run
+after the last. Every checkpoint is then sampled (--num-samples images, seed 0) with the default sampler
+and with ancestral DDPM-50, and scored by classifier FID against held-out images: the 500 held-out
+digits, or the held-out photo patches (benchmarks/photo_patches.py) for --dataset photos.
+
+The goal: the classifier FID today's demo reaches at 2,520 steps, in at most 60% of its wall time.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from digits_classifier import features, train_classifier
+from lightning.pytorch import Callback
+from photo_patches import write_patches
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import ToTensor
+
+from diffusion_lit.data import DemoMNISTDataModule
+from diffusion_lit.diffusion import Sampling
+from diffusion_lit.generation import generate_all
+from diffusion_lit.metrics import frechet_distance
+from diffusion_lit.pixels import to_signed
+from diffusion_lit.sample import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TODAY_STEPS = 2520  # configs/demo.yaml: 18 epochs of 140 steps
+VARIANTS = {
+    "today": [],
+    "min-SNR-5": ["--model.snr_gamma", "5"],
+    "immiscible": ["--model.immiscible", "true"],
+    "v": ["--model.prediction", "v"],
+    "v + min-SNR-5": ["--model.prediction", "v", "--model.snr_gamma", "5"],
+}
+SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}
+
+
+class TimedCheckpoints(Callback):
+    """Save `minutes=M.ckpt` when the training time crosses each budget and `step=N.ckpt` at each of `steps`;
+    stop once all are written. Appends (file, step, seconds) lines to `dirpath/log.jsonl`."""
+
+    def __init__(self, dirpath: str, budgets: list[float], steps: list[int]) -> None:
+        self.dirpath = Path(dirpath)
+        self.budgets = sorted(budgets)
+        self.steps = sorted(steps)
+        self.start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        """The clock starts with the first training step."""
+        self.start = self.start or time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        """Save the checkpoints that are due."""
+        seconds = time.perf_counter() - self.start
+        due = [f"minutes={m:g}" for m in self.budgets if 60 * m <= seconds and f"minutes={m:g}" not in self.saved]
+        due += [f"step={s}" for s in self.steps if trainer.global_step >= s and f"step={s}" not in self.saved]
+        for name in due:
+            trainer.save_checkpoint(self.dirpath / f"{name}.ckpt")
+            with open(self.dirpath / "log.jsonl", "a") as log:
+                log.write(json.dumps({"checkpoint": name, "step": trainer.global_step, "seconds": seconds}) + "\n")
+        if len(self.saved) == len(self.budgets) + len(self.steps):
+            trainer.should_stop = True
+
+    @property
+    def saved(self) -> set[str]:
+        """The checkpoints written so far."""
+        log = self.dirpath / "log.jsonl"
+        return {json.loads(line)["checkpoint"] for line in log.read_text().splitlines()} if log.exists() else set()
+
+
+def train(
+    folder: Path, variant: list[str], seed: int, budgets: list[float], steps: list[int], data: list[str]
+) -> list[dict]:
+    """One run of the demo recipe with `variant`'s flags; returns its checkpoint log."""
+    folder.mkdir(parents=True, exist_ok=True)
+    callback = {"class_path": "convergence.TimedCheckpoints",
+                "init_args": {"dirpath": str(folder), "budgets": budgets, "steps": steps}}  # fmt: skip
+    command = [
+        sys.executable, "-m", "diffusion_lit.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), *data,
+        "--seed_everything", str(seed), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.callbacks", json.dumps([callback]), *variant,
+    ]  # fmt: skip
+    if not (folder / "log.jsonl").exists():
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
+        subprocess.run(command, cwd=folder, check=True, env=env)
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def real_images(dataset: str, workdir: Path) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """Flags that point `fit` at the data, and (training images, labels, held-out images, labels) in [-1, 1]."""
+    if dataset == "digits":
+        data = DemoMNISTDataModule()
+        data.setup("fit")
+        images, labels = data.train_set.dataset.tensors  # both splits index one TensorDataset
+        train, held_out = data.train_set.indices, data.val_set.indices
+        return [], (images[train], labels[train], images[held_out], labels[held_out])
+    train_folder, held_out_folder = write_patches(workdir / "photo_patches")
+    flags = ["--data.class_path", "diffusion_lit.data.ImageFolderDataModule", "--data.init_args.root",
+             str(train_folder), "--data.init_args.channels", "3", "--data.init_args.num_workers", "0"]  # fmt: skip
+    return flags, (*load_folder(train_folder), *load_folder(held_out_folder))
+
+
+def load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ImageFolder as images (N, 3, H, W) in [-1, 1] and labels (N,)."""
+    dataset = ImageFolder(str(folder), transform=ToTensor())
+    return to_signed(torch.stack([image for image, _ in dataset])), torch.tensor(dataset.targets)
+
+
+def quality_measure(dataset: str, workdir: Path, num_samples: int):
+    """(flags for `fit`, a function uint8 samples -> classifier FID against the held-out images, the floor)."""
+    flags, (train_images, train_labels, held_out, held_out_labels) = real_images(dataset, workdir)
+    net = train_classifier(train_images, train_labels)
+    with torch.inference_mode():
+        accuracy = (net(held_out).argmax(1) == held_out_labels).float().mean()
+    reference = features(net, held_out)
+    real = train_images[torch.randperm(len(train_images))[:num_samples]]
+    floor = frechet_distance(*features(net, real), *reference)
+    print(f"{dataset}: classifier accuracy on held-out images {accuracy:.3f}; floor {floor:.2f}", flush=True)
+
+    def fid(samples: torch.Tensor) -> float:
+        with torch.inference_mode():
+            return frechet_distance(*features(net, to_signed(samples)), *reference)
+
+    return flags, fid, floor
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train every variant with every seed, score every checkpoint, print the table, write JSON and a plot."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["digits", "photos"], default="digits")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 9, 12], help="minutes of training")
+    parser.add_argument("--today-steps", type=int, default=TODAY_STEPS, help="also save at this step (today's demo)")
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--workdir", type=Path, default=Path("convergence_runs"))
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--plot", help="a PNG of quality against minutes, one line per variant")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    flags, fid, floor = quality_measure(args.dataset, args.workdir.resolve(), args.num_samples)
+
+    rows = []
+    for name in args.variants:
+        for seed in args.seeds:
+            folder = (args.workdir / args.dataset / name.replace(" ", "") / f"seed{seed}").resolve()
+            steps = [args.today_steps] if name == "today" else []
+            for entry in train(folder, VARIANTS[name], seed, args.budgets, steps, flags):
+                module = load_checkpoint(str(folder / f"{entry['checkpoint']}.ckpt"))
+                row = {"variant": name, "seed": seed, **entry}
+                for label, settings in SAMPLERS.items():
+                    images, _ = generate_all(module, args.num_samples, settings=settings, batch_size=args.num_samples)
+                    row[f"fid_{label}"] = fid(images)
+                rows.append(row)
+                print(row, flush=True)
+
+    report = {"settings": {**vars(args), "workdir": str(args.workdir), "default_sampler": Sampling().name},
+              "floor": floor, "rows": rows}  # fmt: skip
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report, args.plot)
+
+
+def summary(rows: list[dict], variant: str, checkpoint: str, key: str) -> tuple[float, float, float, float]:
+    """Mean and half-spread over seeds of `key`, and the mean minutes and steps, for one checkpoint of a variant."""
+    chosen = [row for row in rows if row["variant"] == variant and row["checkpoint"] == checkpoint]
+    values = [row[key] for row in chosen]
+    minutes = sum(row["seconds"] for row in chosen) / len(chosen) / 60
+    steps = sum(row["step"] for row in chosen) / len(chosen)
+    return sum(values) / len(values), (max(values) - min(values)) / 2, minutes, steps
+
+
+def print_table(report: dict) -> None:
+    """Markdown: one row per variant and checkpoint, FID with each sampler (mean ± half the seed spread)."""
+    rows, default = report["rows"], report["settings"]["default_sampler"]
+    print(f"\n| variant | checkpoint | minutes | steps | FID, {default} | FID, ddpm50 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for variant in dict.fromkeys(row["variant"] for row in rows):
+        for checkpoint in dict.fromkeys(row["checkpoint"] for row in rows if row["variant"] == variant):
+            fid, spread, minutes, steps = summary(rows, variant, checkpoint, "fid_default")
+            ddpm, ddpm_spread, *_ = summary(rows, variant, checkpoint, "fid_ddpm50")
+            print(f"| {variant} | {checkpoint} | {minutes:.1f} | {steps:.0f} | {fid:.1f} ± {spread:.1f} "
+                  f"| {ddpm:.1f} ± {ddpm_spread:.1f} |")  # fmt: skip
+    print(f"| real images (the floor) | | | | {report['floor']:.1f} | |")
+
+
+def plot(report: dict, path: str) -> None:
+    """Classifier FID (default sampler) against minutes, a line and a seed band per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for variant in dict.fromkeys(row["variant"] for row in rows):
+        budgets = [c for c in dict.fromkeys(r["checkpoint"] for r in rows if r["variant"] == variant) if "min" in c]
+        points = sorted((summary(rows, variant, c, "fid_default") for c in budgets), key=lambda p: p[2])
+        minutes = [p[2] for p in points]
+        means = [p[0] for p in points]
+        axes.plot(minutes, means, marker="o", label=variant)
+        axes.fill_between(minutes, [p[0] - p[1] for p in points], [p[0] + p[1] for p in points], alpha=0.2)
+    today = f"step={report['settings']['today_steps']}"
+    if any(row["checkpoint"] == today for row in rows if row["variant"] == "today"):
+        target, _, today_minutes, _ = summary(rows, "today", today, "fid_default")
+        axes.axhline(target, color="gray", linestyle="--", label=f"today's demo at {today}")
+        axes.axvline(0.6 * today_minutes, color="gray", linestyle=":", label="60% of its time")
+    axes.set_xlabel("training minutes (wall clock, this machine)")
+    axes.set_ylabel(f"classifier FID, {report['settings']['default_sampler']} (lower is better)")
+    axes.set_title(f"{report['settings']['dataset']}: quality against training time (mean of seeds, band: min-max)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
