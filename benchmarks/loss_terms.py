@@ -17,7 +17,7 @@ import time
 import torch
 
 from diffusion_lit.diffusion.immiscible import assign_noise
-from diffusion_lit.diffusion.losses import DiffusionLoss, PerceptualTerm
+from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.diffusion.perceptual import vgg19_cut
 from diffusion_lit.diffusion.schedule import NoiseSchedule
 from diffusion_lit.nn import UNet
@@ -51,8 +51,11 @@ def main() -> None:
     unet = UNet(args.channels, base_channels=args.base_channels).to(device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4)
     schedule = NoiseSchedule().to(device)
-    perceptual = PerceptualTerm(make_layers(cfgs["E"][:4])[: vgg19_cut("conv_4")].to(device))
-    losses = {name: (DiffusionLoss(p, f, perceptual, gamma), imm) for name, (p, f, gamma, imm) in COMBINATIONS.items()}
+    vgg = make_layers(cfgs["E"][:4])[: vgg19_cut("conv_4")].to(device).eval().requires_grad_(False)
+    losses = {}
+    for name, (perceptual, matching, gamma, immiscible) in COMBINATIONS.items():
+        losses[name] = (DiffusionLoss(perceptual, matching, snr_gamma=gamma), immiscible)
+        losses[name][0].perceptual.features = vgg  # random weights: the cost does not depend on them
     x0 = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device) * 2 - 1
 
     def step(loss: DiffusionLoss, immiscible: bool) -> float:

@@ -1,17 +1,20 @@
 """`lit-ddpm`: LightningCLI over DiffusionModule and the datamodules."""
 
+import inspect
 import netrc
 import os
 import sys
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_lit import sample
-from diffusion_lit.callbacks import SampleQuality
+from diffusion_lit.callbacks import NonFiniteGuard
 from diffusion_lit.checkpoints import check_checkpoint
 from diffusion_lit.errors import UserError
+from diffusion_lit.evaluation import SampleQuality
 from diffusion_lit.module import DiffusionModule
 
 
@@ -21,7 +24,7 @@ class SaveRunConfig(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Write config.yaml into the W&B run folder (it is uploaded with the run)."""
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+            if isinstance(logger, WandbLogger) and not logger.experiment.disabled:  # WANDB_MODE=disabled keeps no files
                 path = os.path.join(logger.experiment.dir, self.config_filename)
                 self.parser.save(self.config, path, skip_none=False, overwrite=True)
 
@@ -34,16 +37,32 @@ class OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)
         flat = " ".join(line.strip() for line in message.splitlines() if line.strip())
-        flat = flat.replace("'test', 'predict')", "'test', 'predict', 'sample')")  # sample has its own parser
         raise UserError(f"{flat} (`{self.prog.split(' [')[0]} --help` lists the options)")
 
 
+COMMANDS = {
+    "fit": "train a model: lit-ddpm fit --config configs/demo.yaml (resume: --ckpt_path CKPT)",
+    "validate": "the denoising loss of a checkpoint's EMA weights on the held-out images",
+    "test": "FID and Inception Score of a checkpoint's samples, written beside it as JSON (and the images)",
+    "sample": "images from a checkpoint: grid.png, samples.npz, PNGs; needs only the checkpoint",
+}
+USAGE = (
+    "usage: lit-ddpm {fit,validate,test,sample} [--help] ...\n\ncommands:\n"
+    + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+    + "\n\n`lit-ddpm COMMAND --help` lists a command's options."
+)
+
+
 class DiffusionCLI(LightningCLI):
-    """LightningCLI whose datamodule decides the image shape the model is built for."""
+    """LightningCLI whose datamodule decides the image shape the model is built for, and whose run name is
+    said once: `name` (and an overlay's `variant`) fills every `{run}` in the trainer's settings."""
 
     def add_arguments_to_parser(self, parser) -> None:
         """Say the image shape once, in the datamodule; FID/IS settings live under `evaluation`."""
+        parser.add_argument("--name", default="run", help="the run's name: checkpoints/{run}/, samples/{run}/, logs")
+        parser.add_argument("--variant", default=None, help="an overlay's suffix: the run is then NAME_VARIANT")
         parser.add_lightning_class_args(SampleQuality, "evaluation")
+        parser.add_lightning_class_args(NonFiniteGuard, "guard")
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
         parser.link_arguments(
             "data.image_shape", "model.unet.init_args.in_channels", compute_fn=_channels, apply_on="instantiate"
@@ -61,7 +80,25 @@ class DiffusionCLI(LightningCLI):
             )
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS:
-            check_checkpoint(ckpt_path)
+            check_checkpoint(ckpt_path, set(inspect.signature(DiffusionModule).parameters))
+
+    def before_instantiate_classes(self) -> None:
+        """Put the run's name wherever the trainer's settings say `{run}` (folders, the logger's run name)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run = config.name if not config.variant else f"{config.name}_{config.variant}"
+        config.trainer = _fill(config.trainer, run)
+
+
+def _fill(value, run: str):
+    """`value` with every "{run}" in its strings replaced, through nested namespaces, dicts and lists."""
+    if isinstance(value, str):
+        return value.replace("{run}", run)
+    if isinstance(value, list):
+        return [_fill(item, run) for item in value]
+    if isinstance(value, dict | Namespace):
+        for key in list(value.keys()) if isinstance(value, dict) else list(vars(value)):
+            value[key] = _fill(value[key], run)
+    return value
 
 
 # Names the Trainer resolves itself rather than reading as paths.
@@ -88,9 +125,20 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_MODE", "online" if _wandb_logged_in() else "offline")
     try:
         argv = sys.argv[1:] if args is None else args
-        if argv[:1] == ["sample"]:
+        if not argv:
+            print(USAGE, file=sys.stderr)
+            sys.exit(2)
+        if argv[0] in ("-h", "--help"):
+            print(USAGE)
+            return
+        if argv[0] == "sample":
             sample.main(argv[1:])
             return
+        if not argv[0].startswith("-") and argv[0] not in (*COMMANDS, "predict"):
+            choices = ", ".join(f"'{name}'" for name in COMMANDS)
+            raise UserError(
+                f"invalid choice: {argv[0]!r} (choose from {choices}; `lit-ddpm --help` says what each does)"
+            )
         DiffusionCLI(
             DiffusionModule,
             LightningDataModule,

@@ -1,10 +1,21 @@
-"""EMA of the weights on Lightning's WeightAveraging, swapped in for the whole validation loop."""
+"""EMA of the weights: updated after every optimizer step, swapped in for the whole validation loop.
+
+This is a plain Callback rather than Lightning's WeightAveraging because that callback cannot do three
+things this project needs: its update (torch's AveragedModel.update_parameters) compares a device-side
+count with 0 twice per step, two host synchronisations; it swaps the weights at validation-*epoch* start,
+so callbacks listed before it see the training weights in their validation-epoch hooks; and it copies
+the average into the model at train end, before ModelCheckpoint writes the final last.ckpt, which then
+lacks the training weights a resumed run needs. Checkpoints keep WeightAveraging's layout, so either
+reads the other's: `state_dict` holds the average, `current_model_state` the training weights, and
+`averaging_state` the update count (`n_averaged`).
+"""
 
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch import Callback
+from torch import Tensor
 
 
 def warmup_decay(decay: float, updates: int) -> float:
@@ -16,77 +27,108 @@ def warmup_decay(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
-class EMA(WeightAveraging):
+class EMA(Callback):
     """Exponential moving average of every parameter and buffer, updated after each optimizer step.
 
-    Lightning's callback swaps the average in at `on_validation_epoch_start`. This one does it one level
-    out, at `on_validation_start`/`on_validation_end`, so that every other callback's validation-epoch
-    hooks (sample grids, FID) see the EMA weights whatever the order of the callback list.
+    While fitting, `average` maps each parameter and buffer name to its average. The average is swapped
+    into the module from `on_validation_start` to `on_validation_end`, one level out of the validation-epoch
+    hooks, so every other callback's validation-epoch hooks (sample grids, FID) see the EMA weights whatever
+    the order of the callback list. After fitting, the module keeps the EMA weights.
     """
 
     def __init__(self, decay: float = 0.9999) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        super().__init__()
         self.decay = decay
-        self._updates: int | None = None  # the average's n_averaged, kept on the host
+        self.average: dict[str, Tensor] | None = None
+        self.updates = 0
+        self.swapped = False  # whether the module holds the average (and `average` the training weights)
+        self.latest_update_step = 0
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """A fresh average for each fit (Lightning's setup builds it)."""
-        super().setup(trainer, pl_module, stage)
-        self._updates = None
+        """A fresh average (a copy of the weights, on the device training will use) for each fit; none for
+        validate/test, whose checkpoint state_dict already is the average."""
+        if stage == "fit":
+            self.average = {
+                name: tensor.detach().to(pl_module.device, copy=True) for name, tensor in _tensors(pl_module)
+            }
+            self.updates, self.swapped = 0, False
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
-        """Update the average after every optimizer step.
-
-        This replaces AveragedModel.update_parameters, which compares its device-side update count with 0
-        twice per step (two host synchronisations) and regroups every tensor each time. Here the count
-        lives on the host and the update is one foreach lerp over parameters and buffers.
-        """
-        if trainer.global_step <= self._latest_update_step:
+        """Update the average after every optimizer step: one foreach lerp, the count kept on the host."""
+        if trainer.global_step <= self.latest_update_step:
             return  # no optimizer step in this batch (gradient accumulation)
-        average = self._average_model
-        if self._updates is None:
-            self._updates = int(average.n_averaged)  # once per run (0, or the count of a resumed average)
-        averaged = [*average.module.parameters(), *average.module.buffers()]
-        current = [*pl_module.parameters(), *pl_module.buffers()]
+        averaged, current = list(self.average.values()), [tensor for _, tensor in _tensors(pl_module)]
         with torch.no_grad():
-            if self._updates == 0:
+            # torch._foreach_*: one kernel per group instead of one per tensor; the public per-tensor
+            # ops would launch hundreds. tests/test_module.py checks the result against AveragedModel.
+            if self.updates == 0:
                 torch._foreach_copy_(averaged, current)
             else:
-                torch._foreach_lerp_(averaged, current, 1 - warmup_decay(self.decay, self._updates))
-            average.n_averaged += 1
-        self._updates += 1
-        self._latest_update_step = trainer.global_step
+                torch._foreach_lerp_(averaged, current, 1 - warmup_decay(self.decay, self.updates))
+        self.updates += 1
+        self.latest_update_step = trainer.global_step
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Put the EMA weights into the module for the whole validation loop."""
-        if self._average_model is not None:
-            self._swap_models(pl_module)
+        if self.average is not None:
+            self._swap(pl_module)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Put the training weights back."""
-        if self._average_model is not None:
-            self._swap_models(pl_module)
+        if self.average is not None and self.swapped:
+            self._swap(pl_module)
+
+    def _swap(self, pl_module: "pl.LightningModule") -> None:
+        with torch.no_grad():
+            for (_, current), averaged in zip(_tensors(pl_module), self.average.values(), strict=True):
+                swap = current.clone()
+                current.copy_(averaged)
+                averaged.copy_(swap)
+        self.swapped = not self.swapped
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """After fitting (and after ModelCheckpoint's last save), leave the EMA weights in the module."""
+        if stage == "fit" and self.average is not None:
+            if not self.swapped:
+                self._swap(pl_module)
+            self.average = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callback's own state in a checkpoint."""
+        return {"latest_update_step": self.latest_update_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step of the last update."""
+        self.latest_update_step = state_dict["latest_update_step"]
+
+    def on_save_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        """state_dict <- the average; the training weights go to current_model_state."""
+        if self.average is None:
+            return
+        module_state = checkpoint["state_dict"]  # what the module holds now
+        kept = {name: self.average[name] for name in module_state}
+        average, training = (module_state, kept) if self.swapped else (kept, module_state)
+        checkpoint["state_dict"] = {name: tensor.clone() for name, tensor in average.items()}
+        checkpoint["current_model_state"] = {name: tensor.clone() for name, tensor in training.items()}
+        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.updates)}
 
     def on_load_checkpoint(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:
-        """Restore the average when fitting; elsewhere the checkpoint's state_dict already is the average."""
-        if self._average_model is not None:
-            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        """When resuming a fit: the average from state_dict, the training weights from current_model_state (a
+        checkpoint without them starts both from its state_dict)."""
+        if self.average is None:
+            return
+        for name, tensor in checkpoint["state_dict"].items():
+            self.average[name].copy_(tensor)
+        if "current_model_state" in checkpoint:
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+            self.updates = int(checkpoint["averaging_state"]["n_averaged"])
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Not yet: ModelCheckpoint saves last.ckpt at train end after this hook, and that checkpoint must
-        still hold the training weights beside the average, or a resumed run would continue from the EMA."""
 
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """After fitting, leave the EMA weights in the module (what Lightning's callback does at train end)."""
-        if stage == "fit" and self._average_model is not None:
-            self._copy_average_to_current(pl_module)
-
-    def on_validation_epoch_start(self, *args: Any) -> None:
-        """Swapping happens in on_validation_start instead."""
-
-    def on_validation_epoch_end(self, *args: Any) -> None:
-        """Swapping happens in on_validation_end instead."""
+def _tensors(pl_module: "pl.LightningModule") -> list[tuple[str, Tensor]]:
+    """Every parameter and buffer of the module, named, in a fixed order."""
+    return [*pl_module.named_parameters(), *pl_module.named_buffers()]

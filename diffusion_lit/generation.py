@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from diffusion_lit.diffusion.samplers import Sampling
+from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.pixels import to_uint8
 
 BATCH_SIZE = 250  # the default of `sample` and `test`: with the same seed and N, both draw the same images

@@ -9,15 +9,18 @@ import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 from urllib.error import URLError
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore
-from torchmetrics.image.fid import NoTrainInceptionV3
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.pixels import to_rgb
+from diffusion_lit.pixels import to_rgb, to_uint8, to_unit
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -45,27 +48,38 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     return distance.item()
 
 
-class InceptionFeatures(NoTrainInceptionV3):
-    """The TF-ported Inception v3 of torch-fidelity/torchmetrics: uint8 images -> (pool features, logits).
+class InceptionFeatures(FeatureExtractorInceptionV3):
+    """The TF-ported Inception v3 of torch-fidelity (the one torchmetrics uses): uint8 images -> (pool, logits).
+
+    Always in eval mode. Its own forward resizes to 299x299 as TensorFlow 1.x did, the published protocol.
 
     Args:
         weights_path: a local copy of torch-fidelity's weights file; None: torch's hub cache, downloading
             into it when missing.
-        antialias: resize with antialiasing (torchmetrics' default) instead of as TensorFlow 1.x did;
-            the numbers are then not comparable with published ones.
+        antialias: first resize with antialiasing (torchmetrics' default resize), rounded back to uint8; the
+            numbers are then not comparable with published ones.
     """
 
     num_features = 2048
     num_logits = 1008
 
     def __init__(self, weights_path: str | None = None, antialias: bool = False) -> None:
-        super().__init__("inception-v3-compat", ["2048", "logits_unbiased"], weights_path, antialias)
+        super().__init__("inception-v3-compat", ["2048", "logits_unbiased"], weights_path)
+        self.antialias = antialias
         self.name = "inception-v3-tf" + ("-antialias" if antialias else "")
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "InceptionFeatures":
+        """Never in train mode (batch-norm statistics stay fixed)."""
+        return super().train(False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 (N, 3, H, W) -> pool features (N, 2048) and logits (N, 1008), from one forward pass."""
-        # torchmetrics' own forward returns only the first requested output; this one returns both.
-        pool, logits = self._torch_fidelity_forward(images)
+        if self.antialias:
+            size = (self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE)
+            resized = F.interpolate(images.float(), size, mode="bilinear", align_corners=False, antialias=True)
+            images = resized.round().clamp(0, 255).to(torch.uint8)  # then the 299 -> 299 resize is the identity
+        pool, logits = super().forward(images)
         return pool.reshape(len(images), -1), logits.reshape(len(images), -1)
 
 
@@ -184,3 +198,39 @@ def reference_statistics(
     torch.save({**metrics.reference_statistics(), **description}, partial)
     os.replace(partial, path)  # atomic: a killed run never leaves a half-written cache
     return True
+
+
+@runtime_checkable
+class ReferenceData(Protocol):
+    """What a datamodule provides for FID: its image shape and its real images, named for the cache.
+
+    `reference_set(split)` yields (image in [-1, 1], ...) items: the training images without augmentation
+    ("train") or the held-out ones ("test"); `reference_name(split)` changes whenever those images do.
+    """
+
+    image_shape: tuple[int, int, int]
+    num_workers: int
+
+    def reference_set(self, split: str) -> Dataset: ...
+
+    def reference_name(self, split: str) -> str: ...
+
+
+def load_reference(
+    metrics: QualityMetrics, data: ReferenceData, split: str, cache_dir: Path, batch_size: int
+) -> tuple[Path, bool]:
+    """Put the statistics of `data`'s real images into `metrics`, from the cache or computed (and cached).
+
+    Returns the cache file, one per dataset, split, image shape and extractor, and whether it was computed.
+    """
+    name = data.reference_name(split)  # an image folder hashes its files here: once
+    extractor = metrics.extractor.name
+    path = cache_dir / f"{name}-{'x'.join(map(str, data.image_shape))}-{extractor}.pt"
+    device = metrics.fid.real_features_sum.device
+
+    def real_batches() -> Iterable[Tensor]:  # opened only when the cache misses
+        loader = DataLoader(data.reference_set(split), batch_size=batch_size, num_workers=data.num_workers)
+        for images, *_ in loader:
+            yield to_uint8(to_unit(images.to(device)))
+
+    return path, reference_statistics(metrics, path, real_batches(), {"dataset": name, "extractor": extractor})

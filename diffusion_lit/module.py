@@ -1,20 +1,20 @@
 """DiffusionModule: thin Lightning glue around a UNet, a NoiseSchedule and the loss."""
 
-import os
-
 import torch
 from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 
-from diffusion_lit.diffusion.guidance import guided
+from diffusion_lit.checkpoints import check_finite, check_weights_fit
+from diffusion_lit.diffusion.guidance import drop_labels, guided
 from diffusion_lit.diffusion.immiscible import assign_noise
-from diffusion_lit.diffusion.losses import DiffusionLoss, PerceptualTerm
-from diffusion_lit.diffusion.perceptual import load_vgg19_features
-from diffusion_lit.diffusion.samplers import Sampling, sample
+from diffusion_lit.diffusion.losses import DiffusionLoss
+from diffusion_lit.diffusion.samplers import sample
+from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
 from diffusion_lit.ema import EMA
 from diffusion_lit.errors import UserError
 from diffusion_lit.nn import UNet
+from diffusion_lit.optim import adam_with_warmup, clip_gradients
 from diffusion_lit.pixels import to_unit
 
 MSE_ONLY = DiffusionLoss()  # validation and test score the MSE term alone, whatever the training loss
@@ -50,13 +50,7 @@ class DiffusionModule(LightningModule):
         channels_last: keep the UNet's weights and the images in channels-last memory layout (faster
             convolutions on tensor-core GPUs).
         fused_adam: use Adam's fused kernel (CUDA and CPU): fewer kernel launches, and a non-finite step is
-            skipped on the device, without the host waiting for the GPU.
-        max_nonfinite_steps: skip every optimizer step whose gradients are not all finite (counted and
-            logged as train/skipped_steps), and stop training when, at a check every
-            `max_nonfinite_steps` steps, that many steps in a row have been skipped; fp16 loss scaling alone
-            skips a handful in a row while it calibrates. None turns the guard off. With fused Adam the guard
-            reads nothing from the GPU between checks; without it, it reads one flag per step, which stops
-            the CPU from queueing the next step early.
+            skipped on the device (callbacks.NonFiniteGuard), without the host waiting for the GPU.
     """
 
     def __init__(
@@ -81,7 +75,6 @@ class DiffusionModule(LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         fused_adam: bool = True,
-        max_nonfinite_steps: int | None = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet"])
@@ -90,35 +83,19 @@ class DiffusionModule(LightningModule):
         network = type(unet)
         self.hparams["unet"] = {"class_path": f"{network.__module__}.{network.__qualname__}", "init_args": unet.config}
         self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
-        if unet.in_channels != image_shape[0]:
-            raise UserError(
-                f"the data has {image_shape[0]}-channel images but the UNet takes {unet.in_channels};"
-                f" set model.unet.init_args.in_channels to {image_shape[0]}"
-            )
-        if min(image_shape[1:]) < 2 * unet.size_multiple:
-            raise UserError(
-                f"{image_shape[1]}x{image_shape[2]} images are too small for this UNet's "
-                f"{len(unet.config['channel_mults'])} levels: the sides must be at least {2 * unet.size_multiple}"
-            )
+        if problem := unet.cannot_take(image_shape):
+            raise UserError(problem)
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
-        self.criterion = DiffusionLoss(perceptual_weight, feature_matching_weight, snr_gamma=snr_gamma)
-        self._skipped = self._streak = None  # device counters of skipped steps (this run / in a row)
-
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped for non-finite gradients in this run (reads the count from the device)."""
-        return 0 if self._skipped is None else int(self._skipped)
+        self.criterion = DiffusionLoss(
+            perceptual_weight, feature_matching_weight, perceptual_layer, vgg_weights, snr_gamma
+        )
 
     @property
     def num_classes(self) -> int | None:
         """The number of classes of a class-conditional model; None for an unconditional one."""
         return self.unet.num_classes
-
-    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Network output for noisy images x_t (B, C, H, W) at timesteps t (B,), for labels (B,) or none."""
-        return self.unet(x_t, t, labels)
 
     def on_fit_start(self) -> None:
         """A conditional model needs labels with as many classes as it has."""
@@ -138,9 +115,8 @@ class DiffusionModule(LightningModule):
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.unet.compile()
             self._compiled = True
-        if stage == "fit" and self.hparams.perceptual_weight and self.criterion.perceptual is None:
-            features = load_vgg19_features(self.hparams.perceptual_layer, self.hparams.vgg_weights)
-            self.criterion.perceptual = PerceptualTerm(features)
+        if stage == "fit" and self.hparams.perceptual_weight:
+            self.criterion.perceptual.load()  # missing weights stop the run here, before any training
 
     def losses(
         self, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None, labels: Tensor | None = None
@@ -156,13 +132,7 @@ class DiffusionModule(LightningModule):
 
     def _labels(self, batch: tuple[Tensor, ...], dropout: float = 0.0) -> Tensor | None:
         """The batch's labels for a conditional model (a `dropout` share replaced by "no class"), else None."""
-        if self.num_classes is None:
-            return None
-        labels = batch[1]
-        if dropout:
-            dropped = torch.rand(labels.shape, device=labels.device) < dropout
-            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
-        return labels
+        return None if self.num_classes is None else drop_labels(batch[1], dropout, self.num_classes)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """One denoising loss on a batch of images in [-1, 1]; every term is logged as train/loss_<term>."""
@@ -213,87 +183,25 @@ class DiffusionModule(LightningModule):
             self.train(was_training)
         return to_unit(x).clamp(0, 1)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict:
         """Adam with an optional linear learning-rate warm-up, stepped every optimizer step."""
-        optimizer = torch.optim.Adam(
-            self.parameters(),
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.adam_betas),
-            weight_decay=self.hparams.weight_decay,
-            fused=self.hparams.fused_adam,
+        hp = self.hparams
+        return adam_with_warmup(
+            self.parameters(), hp.lr, hp.adam_betas, hp.weight_decay, hp.warmup_steps, hp.fused_adam
         )
-        warmup = max(self.hparams.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip a step whose gradients are not all finite, so that neither the weights nor Adam's moments move.
-
-        Fused Adam skips on the device (its `found_inf` input, the one GradScaler uses), so nothing is read
-        back until the check every `max_nonfinite_steps` steps. Otherwise the gradients are dropped, which
-        needs the flag on the host every step. Gradients are already reduced across processes here, so
-        every process takes the same decision.
-        """
-        limit = self.hparams.max_nonfinite_steps
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if limit is None or not grads:
-            return
-        bad = torch.nn.utils.get_total_norm(grads).isfinite().logical_not().long()
-        if self._skipped is None:
-            self._skipped, self._streak = torch.zeros_like(bad), torch.zeros_like(bad)
-        self._skipped += bad
-        self._streak = (self._streak + 1) * bad
-        self.log("train/skipped_steps", self._skipped.float())
-        if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused; fp16's GradScaler sets its own
-            optimizer.found_inf = bad.float()
-        elif bad.item():
-            for parameter in self.parameters():
-                parameter.grad = None
-        if (self.global_step + 1) % limit == 0 and int(self._streak) >= limit:
-            path = os.path.join(getattr(self.trainer.checkpoint_callback, "dirpath", None) or ".", "last.ckpt")
-            self.trainer.save_checkpoint(path)  # the weights are still those of the last good step
-            raise UserError(
-                f"training stopped: the last {int(self._streak)} optimizer steps had non-finite gradients "
-                f"(step {self.global_step}); the last good state is in {path}. Lower model.lr, or use "
-                f"--trainer.precision bf16-mixed or 32-true instead of 16-mixed"
-            )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """trainer.gradient_clip_val / _algorithm, also for fused Adam under mixed precision.
-
-        Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales fp16 gradients
-        inside its step (fused Adam), in bf16 as well. Here the fp16 loss scaler, if any, unscales them
-        first (GradScaler.unscale_, which the fused step then takes into account), and the clipping follows.
-        """
-        if not gradient_clip_val:
-            return
+        """trainer.gradient_clip_val / _algorithm, also for fused Adam under mixed precision (optim.clip_gradients)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        clip_gradients(list(self.parameters()), optimizer, scaler, gradient_clip_val, gradient_clip_algorithm)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another model configuration is one clear line, not a page of size mismatches."""
-        expected = self.state_dict()
-        for name, value in checkpoint.get("state_dict", {}).items():
-            if name in expected and expected[name].shape != value.shape:
-                raise UserError(
-                    f"the checkpoint was trained with another model configuration: {name} has shape "
-                    f"{tuple(value.shape)} there but {tuple(expected[name].shape)} here; use the config it was "
-                    f"trained with (its hyper_parameters) or another checkpoint"
-                )
-        missing = sorted(set(expected) - set(checkpoint.get("state_dict", {})))
-        if missing:
-            raise UserError(f"the checkpoint lacks {len(missing)} of this model's weights (e.g. {missing[0]})")
+        check_weights_fit(self.state_dict(), checkpoint.get("state_dict", {}))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Never write non-finite weights over a good checkpoint."""
-        for name, value in checkpoint["state_dict"].items():
-            if value.is_floating_point() and not value.isfinite().all():
-                raise UserError(f"refusing to save a checkpoint: {name} has non-finite values")
+        check_finite(checkpoint["state_dict"])
 
     def configure_callbacks(self) -> list[Callback]:
         """The EMA callback (it averages only while fitting: checkpoints hold the EMA weights)."""

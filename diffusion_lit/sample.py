@@ -10,7 +10,7 @@ from rich.progress import Progress
 from torch import Tensor
 
 from diffusion_lit.checkpoints import check_checkpoint
-from diffusion_lit.diffusion.samplers import Sampling
+from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import BATCH_SIZE, generate_all, save_grid, write_samples
 from diffusion_lit.module import DiffusionModule

@@ -22,6 +22,7 @@ from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
+MSE_ONLY = f"{ROOT}/configs/ablation/mse_only.yaml"
 SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
          "--trainer.limit_val_batches", "0"]  # fmt: skip
 
@@ -86,7 +87,7 @@ def test_bad_checkpoint_files(capsys, demo_checkpoint, make, message):
 
 def test_the_cli_rebuilds_the_model_a_checkpoint_describes(demo_checkpoint, monkeypatch, tmp_path):
     # LightningCLI applies the checkpoint's hyper-parameters, so a config with another UNet still loads it.
-    monkeypatch.setattr("diffusion_lit.callbacks.load_inception", lambda *args, **kwargs: StandInExtractor())
+    monkeypatch.setattr("diffusion_lit.evaluation.load_inception", lambda *args, **kwargs: StandInExtractor())
     main(["test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--model.unet.init_args.base_channels", "16",
           "--evaluation.num_samples", "2", "--evaluation.sampling.steps", "2", "--evaluation.reference", "test",
           "--evaluation.cache_dir", str(tmp_path / "cache")])  # fmt: skip
@@ -200,10 +201,27 @@ def test_unknown_subcommand_lists_sample_too(capsys):
     assert "invalid choice: 'fitt'" in error and "'sample'" in error
 
 
-def test_fid_checkpoint_without_fid_is_refused_before_training(capsys, image_folder):
-    # The folder config keeps the best val/fid every 5 epochs; without FID Lightning would stop at epoch 5.
-    error = one_line_error(
-        capsys, "fit", "--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--trainer.fast_dev_run", "false",
-        "--data.init_args.root", str(image_folder), "--data.init_args.image_size", "16",
-    )  # fmt: skip
-    assert "a ModelCheckpoint monitors val/fid every 5 epochs but FID runs never while fitting" in error
+def test_fid_off_trains_past_the_fid_epoch_and_keeps_no_best_checkpoint(image_folder, tmp_path, monkeypatch):
+    # The best-FID checkpoint belongs to evaluation itself, so turning FID off cannot leave a checkpoint
+    # callback waiting for a val/fid that never comes (Lightning stopped such runs at epoch 5).
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--config", MSE_ONLY,
+          "--trainer.fast_dev_run", "false", "--data.init_args.root", str(image_folder),
+          "--data.init_args.image_size", "16", "--trainer.max_epochs", "6"])  # fmt: skip
+    assert torch.load(tmp_path / "checkpoints" / "folder" / "last.ckpt", weights_only=True)["epoch"] == 6
+    assert not list((tmp_path / "checkpoints" / "folder").glob("best-fid*"))
+
+
+def test_checkpoint_of_an_earlier_version_is_one_line_and_upgrades_in_place(capsys, demo_checkpoint):
+    from diffusion_lit.checkpoints import upgrade_checkpoint
+
+    checkpoint = torch.load(demo_checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"].update(sample_variance="small", max_nonfinite_steps=50)  # as 0.1 wrote them
+    torch.save(checkpoint, demo_checkpoint)
+    for command in ("fit", "test"):
+        error = one_line_error(capsys, command, *DEMO, "--ckpt_path", str(demo_checkpoint))
+        assert "max_nonfinite_steps, sample_variance no longer exist" in error and "diffusion_lit.checkpoints" in error
+    assert upgrade_checkpoint(str(demo_checkpoint)) == ["max_nonfinite_steps", "sample_variance"]
+    main(["fit", *DEMO, *SHORT, "--trainer.logger", "false", "--trainer.max_steps", "3", "--ckpt_path",
+          str(demo_checkpoint)])  # fmt: skip
+    assert torch.load(demo_checkpoint, weights_only=True)["global_step"] == 3

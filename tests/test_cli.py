@@ -166,3 +166,13 @@ def test_resume_restores_step_optimizer_and_ema(image_folder):
     module = DiffusionModule.load_from_checkpoint("checkpoints/folder/last.ckpt", weights_only=True)
     assert module.image_shape == (3, 16, 16) and module.unet.in_channels == 3
     assert torch.equal(module.unet.stem.weight, second["state_dict"]["unet.stem.weight"])
+
+
+def test_help_lists_every_command_with_a_line_each(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "sample"):
+        assert any(line.strip().startswith(f"{command} ") for line in out.splitlines()), command
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2 and "sample" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import torch
 from conftest import randomise
 from diffusion_lit.data import ImageFolderDataModule
 from diffusion_lit.diffusion import Sampling
-from diffusion_lit.diffusion.guidance import guided
+from diffusion_lit.diffusion.guidance import drop_labels, guided
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
@@ -53,7 +53,7 @@ def test_guided_sampling_batches_both_halves_in_one_forward():
 def test_label_dropout_replaces_that_share_of_labels_with_no_class():
     module = conditional_module(label_dropout=0.3)
     labels = torch.randint(0, 10, (20_000,))
-    dropped = module._labels((None, labels), 0.3)
+    dropped = drop_labels(labels, 0.3, module.num_classes)
     share = (dropped == 10).float().mean().item()
     assert share == pytest.approx(0.3, abs=0.02)
     kept = dropped != 10

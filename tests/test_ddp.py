@@ -26,7 +26,7 @@ class SaveRankState(Callback):
         ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
         state = {
             "weights": {k: v.cpu() for k, v in pl_module.state_dict().items()},
-            "ema": {k: v.cpu() for k, v in ema._average_model.module.state_dict().items()},
+            "ema": {k: ema.average[k].cpu() for k in pl_module.state_dict()},
             "seen": torch.cat(self.seen),
             "step": trainer.global_step,
         }

@@ -68,7 +68,7 @@ def test_training_steps_read_nothing_from_the_device(monkeypatch):
     "change",
     [
         ["--trainer.log_every_n_steps", "2"],  # the progress bar reads the loss on logging steps
-        ["--model.max_nonfinite_steps", "2"],  # the non-finite guard reads its streak every 2 steps
+        ["--guard.max_nonfinite_steps", "2"],  # the non-finite guard reads its streak every 2 steps
         ["--model.fused_adam", "false"],  # the non-finite guard drops gradients on the host
     ],
 )

@@ -21,6 +21,19 @@ def random_vgg() -> nn.Sequential:
     return make_layers(cfgs["E"][:4])[: vgg19_cut("conv_4")]  # VGG19 up to conv2_2, random weights
 
 
+def random_perceptual(vgg: nn.Module | None = None) -> PerceptualTerm:
+    """A PerceptualTerm whose VGG is already there (random weights), so nothing is loaded."""
+    term = PerceptualTerm()
+    term.features = (vgg or random_vgg()).eval().requires_grad_(False)
+    return term
+
+
+def loss_with(perceptual_weight: float, feature_matching_weight: float, perceptual: PerceptualTerm) -> DiffusionLoss:
+    loss = DiffusionLoss(perceptual_weight, feature_matching_weight)
+    loss.perceptual = perceptual
+    return loss
+
+
 def test_layers_match_torchvision_vgg19(tmp_path):
     from torchvision.models import vgg19
 
@@ -64,7 +77,7 @@ def test_each_term_zero_at_target_and_positive_elsewhere(channels):
     other = torch.rand(3, channels, 16, 16) * 2 - 1
     weight, t = torch.ones(3), torch.tensor([1, 5, 9])
     assert MSETerm()(x0, x0) == 0 and MSETerm()(other, x0) > 0
-    perceptual = PerceptualTerm(random_vgg())
+    perceptual = random_perceptual()
     assert perceptual(x0, x0, weight) == 0 and perceptual(other, x0, weight) > 0
     unet = tiny_unet(channels, dropout=0.5)  # dropout is off inside the tap, so equal images match exactly
     unet.train()
@@ -75,7 +88,7 @@ def test_each_term_zero_at_target_and_positive_elsewhere(channels):
 
 def test_timestep_weight_scales_the_terms():
     x0, other = torch.zeros(2, 1, 16, 16), torch.ones(2, 1, 16, 16) * 0.5
-    perceptual = PerceptualTerm(random_vgg())
+    perceptual = random_perceptual()
     full = perceptual(other, x0, torch.ones(2))
     assert perceptual(other, x0, torch.zeros(2)) == 0
     assert perceptual(other, x0, torch.full((2,), 0.25)).item() == pytest.approx(0.25 * full.item(), rel=1e-5)
@@ -84,7 +97,7 @@ def test_timestep_weight_scales_the_terms():
 def test_terms_sum_to_total_with_weights():
     schedule = NoiseSchedule(timesteps=100)
     unet = tiny_unet()
-    loss = DiffusionLoss(0.1, 0.05, PerceptualTerm(random_vgg()))
+    loss = loss_with(0.1, 0.05, random_perceptual())
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
     terms = loss(unet, schedule, x0, torch.randn_like(x0), torch.tensor([0, 10, 50, 99]))
     assert set(terms) == {"mse", "perceptual", "feature_matching", "loss"}
@@ -96,10 +109,10 @@ def test_terms_sum_to_total_with_weights():
 def test_zero_weight_skips_the_computation():
     schedule = NoiseSchedule(timesteps=100)
     unet = tiny_unet()
-    perceptual = PerceptualTerm(random_vgg())
+    perceptual = random_perceptual()
     perceptual.features = Counting(perceptual.features)
     perceptual.features.parameters = lambda: iter([torch.zeros(1)])
-    loss = DiffusionLoss(0.0, 0.0, perceptual)
+    loss = loss_with(0.0, 0.0, perceptual)
     loss.feature_matching = Counting(loss.feature_matching)
     unet.features = Counting(unet.features)
     x0 = torch.rand(2, 1, 28, 28)
@@ -115,7 +128,7 @@ def test_gradients_reach_the_unet_and_not_vgg():
     schedule = NoiseSchedule(timesteps=100)
     unet = tiny_unet()
     vgg = random_vgg()
-    loss = DiffusionLoss(0.1, 0.05, PerceptualTerm(vgg))
+    loss = loss_with(0.1, 0.05, random_perceptual(vgg))
     x0 = torch.rand(2, 1, 28, 28) * 2 - 1
     terms = loss(unet, schedule, x0, torch.randn_like(x0), torch.tensor([1, 2]))
     (terms["perceptual"] + terms["feature_matching"]).backward()
@@ -127,7 +140,7 @@ def test_gradients_reach_the_unet_and_not_vgg():
 def test_finite_under_bf16_autocast():
     schedule = NoiseSchedule()
     unet = tiny_unet()
-    loss = DiffusionLoss(0.1, 0.05, PerceptualTerm(random_vgg()))
+    loss = loss_with(0.1, 0.05, random_perceptual())
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = loss(unet, schedule, x0, torch.randn_like(x0), torch.tensor([0, 1, 500, 999]))

@@ -8,6 +8,7 @@ from scipy import linalg
 from conftest import StandInExtractor
 from diffusion_lit.errors import UserError
 from diffusion_lit.metrics import (
+    InceptionFeatures,
     QualityMetrics,
     feature_statistics,
     frechet_distance,
@@ -197,3 +198,33 @@ def test_two_processes_compute_the_same_fid_and_is_as_one(shards):
     torch.multiprocessing.spawn(_score_shard, args=(2, shards, port, results), nprocs=2)
     for rank in (0, 1):
         assert results[rank] == pytest.approx(expected, rel=1e-6)
+
+
+def random_inception(cls, *args):
+    """An Inception of torch-fidelity's architecture with random weights (the real ones are not offline)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inception, "load_state_dict_from_url", lambda *a, **k: None)
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None)
+        return cls(*args)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_inception_features_match_torchmetrics_extractor(antialias):
+    # Ours runs torch-fidelity's public forward; torchmetrics' FID runs its own copy of it (a private method,
+    # used here only to check the two agree, and that an upgrade of either has not parted them).
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    ours = random_inception(InceptionFeatures, None, antialias)
+    theirs = random_inception(NoTrainInceptionV3, "inception-v3-compat", ["2048", "logits_unbiased"], None, antialias)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for a, b in zip(ours(images), theirs._torch_fidelity_forward(images), strict=True):
+            b = b.reshape(len(images), -1)
+            if antialias:  # ours rounds the antialiased 299x299 image to uint8 first
+                assert (a - b).abs().max() <= 0.02 * b.abs().max()
+            else:
+                assert torch.equal(a, b)
+    assert ours.train().training is False

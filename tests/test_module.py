@@ -3,6 +3,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from diffusion_lit.callbacks import NonFiniteGuard
 from diffusion_lit.ema import EMA, warmup_decay
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
@@ -119,7 +120,7 @@ def test_validation_epoch_hooks_see_the_ema_weights(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, *args):  # runs after the EMA update
             ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
             seen["training"] = pl_module.unet.stem.weight.clone()
-            seen["ema"] = ema._average_model.module.unet.stem.weight.clone()
+            seen["ema"] = ema.average["unet.stem.weight"].clone()
 
         def on_validation_epoch_end(self, trainer, pl_module):
             seen["during"] = pl_module.unet.stem.weight.clone()
@@ -147,7 +148,9 @@ class WeightsAfterEachStep(Callback):
         self.adam.append([{k: v.clone() for k, v in state[p].items()} for p in pl_module.parameters()])
 
 
-def run_with_bad_batches(tmp_path, bad: set[int], max_steps: int, **module_kwargs) -> tuple[DiffusionModule, Callback]:
+def run_with_bad_batches(
+    tmp_path, bad: set[int], max_steps: int, max_nonfinite_steps: int = 50, **module_kwargs
+) -> tuple[DiffusionModule, NonFiniteGuard, Callback]:
     """Fit a tiny model on 1x28x28 batches of 2 where the batches in `bad` contain a NaN pixel."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -156,19 +159,19 @@ def run_with_bad_batches(tmp_path, bad: set[int], max_steps: int, **module_kwarg
         images[2 * index, 0, 0, 0] = float("nan")
     loader = DataLoader(TensorDataset(images, torch.zeros(32, dtype=torch.long)), batch_size=2)
     module = tiny_module(ema_decay=None, **module_kwargs)
-    weights = WeightsAfterEachStep()
+    weights, guard = WeightsAfterEachStep(), NonFiniteGuard(max_nonfinite_steps)
     trainer = Trainer(
         logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=max_steps,
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt"), weights], default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt"), guard, weights], default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(module, loader)
-    return module, weights
+    return module, guard, weights
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_nonfinite_step_is_skipped_and_leaves_the_weights_alone(tmp_path, fused):
-    module, after = run_with_bad_batches(tmp_path, {2}, max_steps=4, fused_adam=fused)
-    assert module.skipped_steps == 1
+    _, guard, after = run_with_bad_batches(tmp_path, {2}, max_steps=4, fused_adam=fused)
+    assert guard.skipped_steps == 1
 
     def changed(snapshots):
         return [
@@ -193,8 +196,8 @@ def test_too_many_nonfinite_steps_stop_with_a_good_checkpoint(tmp_path, fused):
 
 
 def test_a_streak_that_ends_before_the_check_does_not_stop_training(tmp_path):
-    module, _ = run_with_bad_batches(tmp_path, {1, 2, 3}, max_steps=9, max_nonfinite_steps=3)
-    assert module.skipped_steps == 3 and module.global_step == 9
+    module, guard, _ = run_with_bad_batches(tmp_path, {1, 2, 3}, max_steps=9, max_nonfinite_steps=3)
+    assert guard.skipped_steps == 3 and module.global_step == 9
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

@@ -26,7 +26,8 @@ def demo_checkpoint(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def conditional_checkpoint(tmp_path, monkeypatch, mnist_dir) -> Path:
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", f"{ROOT}/configs/mnist_cond.yaml", *SHORT, "--data.init_args.data_dir", str(mnist_dir)])
+    main(["fit", "--config", f"{ROOT}/configs/mnist.yaml", "--config", f"{ROOT}/configs/cond.yaml", *SHORT,
+          "--data.init_args.data_dir", str(mnist_dir)])  # fmt: skip
     return tmp_path / "checkpoints" / "mnist_cond" / "last.ckpt"
 
 

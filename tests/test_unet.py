@@ -63,3 +63,25 @@ def test_feature_tap_one_map_per_level_and_middle():
     features = model.features(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]))
     assert [tuple(f.shape[1:]) for f in features] == [(8, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4), (64, 4, 4)]
     assert all(f.abs().sum() > 0 for f in features)
+
+
+def test_a_checkpoint_rebuilds_every_unet_argument(tmp_path):
+    # Every constructor argument gets a value other than its default; the loaded model must have them all.
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from diffusion_lit.module import DiffusionModule
+
+    chosen = {"in_channels": 1, "base_channels": 12, "channel_mults": [1, 2, 3], "num_res_blocks": 2,
+              "attention_levels": [2], "num_heads": 3, "dropout": 0.25, "num_classes": 4}  # fmt: skip
+    defaults = {name: p.default for name, p in inspect.signature(UNet).parameters.items()}
+    assert set(chosen) == set(defaults)  # a new argument must be added here too
+    assert all(chosen[name] != (list(d) if isinstance(d, tuple) else d) for name, d in defaults.items())
+    module = DiffusionModule(UNet(**chosen), image_shape=(1, 16, 16), timesteps=10, ema_decay=None)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "unet.ckpt")
+    loaded = DiffusionModule.load_from_checkpoint(tmp_path / "unet.ckpt", weights_only=True)
+    assert loaded.unet.config == chosen
+    assert torch.equal(loaded.unet.stem.weight, module.unet.stem.weight)

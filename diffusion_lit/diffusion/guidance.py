@@ -27,3 +27,12 @@ def guided(network: ConditionalNetwork, labels: Tensor | None, scale: float, no_
         return uncond + scale * (cond - uncond)
 
     return denoiser
+
+
+def drop_labels(labels: Tensor, share: float, no_class: int) -> Tensor:
+    """Labels with a random `share` of them replaced by `no_class` (Ho & Salimans 2022, algorithm 1), so that
+    one network also learns the unconditional model that guidance needs."""
+    if not share:
+        return labels
+    dropped = torch.rand(labels.shape, device=labels.device) < share
+    return torch.where(dropped, torch.full_like(labels, no_class), labels)

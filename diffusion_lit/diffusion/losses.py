@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lit.diffusion.perceptual import imagenet_normalise
+from diffusion_lit.diffusion.perceptual import imagenet_normalise, load_vgg19_features
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction
 
 
@@ -44,17 +44,31 @@ class MSETerm:
 
 
 class PerceptualTerm:
-    """Weighted MSE between VGG features of predicted and real images (Johnson et al. 2016).
+    """Weighted MSE between VGG19 features of predicted and real images (Johnson et al. 2016).
 
     A plain object rather than an nn.Module, so the VGG inside is never registered with the model:
     it is not saved in checkpoints, not put in train mode, not handed to the optimizer. It runs in
-    float32 outside autocast, since fp16 VGG activations overflow.
+    float32 outside autocast, since fp16 VGG activations overflow. The VGG is loaded on first use (or
+    by `load()`): `features` holds it once loaded.
+
+    Args:
+        layer: the VGG19 layer compared, "conv_N" = the N-th conv (conv_4 is conv2_2).
+        weights_path: a local torchvision VGG19 state-dict file; None: torchvision's cache or download.
     """
 
-    def __init__(self, features: nn.Module) -> None:
-        self.features = features.eval().requires_grad_(False)
+    def __init__(self, layer: str = "conv_4", weights_path: str | None = None) -> None:
+        self.layer = layer
+        self.weights_path = weights_path
+        self.features: nn.Module | None = None
+
+    def load(self) -> nn.Module:
+        """The frozen VGG19 features, loaded once; one clear line when the weights are missing."""
+        if self.features is None:
+            self.features = load_vgg19_features(self.layer, self.weights_path)
+        return self.features
 
     def __call__(self, x0_pred: Tensor, x0: Tensor, weight: Tensor) -> Tensor:
+        self.load()
         if next(self.features.parameters()).device != x0.device:
             self.features.to(x0.device)
         with torch.autocast(x0.device.type, enabled=False):
@@ -95,21 +109,22 @@ class DiffusionLoss:
     feature-matching terms.
 
     Returns {"mse", "perceptual"?, "feature_matching"?, "loss"}; a term whose weight is 0 is not
-    computed at all. `perceptual` is the PerceptualTerm to use when perceptual_weight > 0.
+    computed at all. `perceptual_layer` and `vgg_weights` are those of PerceptualTerm.
     """
 
     def __init__(
         self,
         perceptual_weight: float = 0.0,
         feature_matching_weight: float = 0.0,
-        perceptual: PerceptualTerm | None = None,
+        perceptual_layer: str = "conv_4",
+        vgg_weights: str | None = None,
         snr_gamma: float | None = None,
     ) -> None:
         self.perceptual_weight = perceptual_weight
         self.feature_matching_weight = feature_matching_weight
         self.snr_gamma = snr_gamma
         self.mse = MSETerm()
-        self.perceptual = perceptual
+        self.perceptual = PerceptualTerm(perceptual_layer, vgg_weights)
         self.feature_matching = FeatureMatchingTerm()
 
     def __call__(
@@ -136,8 +151,6 @@ class DiffusionLoss:
             x0_pred = schedule.to_x0_eps(x_t, t, output.float())[0].clamp(-1, 1)
             weight = schedule.alpha_bar[t].float()  # (B,)
         if self.perceptual_weight:
-            if self.perceptual is None:
-                raise RuntimeError("perceptual_weight > 0 but no PerceptualTerm was given")
             terms["perceptual"] = self.perceptual(x0_pred, x0, weight)
             total = total + self.perceptual_weight * terms["perceptual"]
         if self.feature_matching_weight:

@@ -2,75 +2,20 @@
 
 Every sampler walks a decreasing subsequence of the training timesteps (`timestep_spacing`) and works
 with any prediction target, through `NoiseSchedule.to_x0_eps`. The last step goes to alpha_bar = 1 (clean
-images) and adds no noise. All arithmetic is in the dtype of the initial noise. `Sampling` holds every
-setting of a draw; `sample` is the one entry point.
+images) and adds no noise. All arithmetic is in the dtype of the initial noise. `sample` is the one entry
+point; `sampling.Sampling` holds every setting of a draw.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from diffusion_lit.diffusion.sampling import Sampling, Spacing, Threshold, Variance
 from diffusion_lit.diffusion.schedule import NoiseSchedule, posterior
-from diffusion_lit.errors import UserError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> network output
-SamplerName = Literal["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
-Variance = Literal["small", "large"]
-Spacing = Literal["uniform", "trailing", "quadratic"]
-Threshold = Literal["clip", "dynamic", "none"]
 DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022, sec. 2.3 and appendix E
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How images are drawn from a model: the one place these settings are defined.
-
-    Args:
-        sampler: "ddpm" (ancestral), "ddim", "dpmpp" (DPM-Solver++(2M)), "dpmpp_sde" (DPM-Solver++(2M) SDE)
-            or "unipc" (UniPC-2, B(h) = e^h - 1).
-        steps: network evaluations (NFE); None: all T training timesteps.
-        eta: DDIM's eta (0: deterministic; 1: ancestral DDPM); other samplers take none.
-        spacing: which timesteps the steps visit: "trailing" (starts at t = T - 1), "uniform" or "quadratic".
-        variance: DDPM's reverse variance, "small" (the posterior's beta~) or "large" (beta).
-        threshold: what happens to each predicted x0: "clip" to [-1, 1], "dynamic" (percentile) thresholding
-            (Saharia et al. 2022), or "none".
-        guidance: classifier-free guidance scale for class-conditional models (0: unconditional, 1: conditional).
-    """
-
-    sampler: SamplerName = "dpmpp_sde"
-    steps: int | None = 20
-    eta: float = 0.0
-    spacing: Spacing = "trailing"
-    variance: Variance = "small"
-    threshold: Threshold = "clip"
-    guidance: float = 1.0
-
-    @property
-    def name(self) -> str:
-        """A short name for files and tables, e.g. dpmpp_sde50 (and -dynamic / -eta0.5 where not default)."""
-        name = f"{self.sampler}{self.steps or 'T'}"
-        if self.eta:
-            name += f"-eta{self.eta:g}"
-        if self.threshold != "clip":
-            name += f"-{self.threshold}"
-        return name
-
-    def check(self, timesteps: int, prefix: str = "") -> None:
-        """One clear line for settings that cannot run on a model with `timesteps` training steps; `prefix` is
-        how the user spells the settings (e.g. "--" or "evaluation.sampling.")."""
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown {prefix}sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.steps is not None and not 1 <= self.steps <= timesteps:
-            raise UserError(f"{prefix}steps must be between 1 and the model's {timesteps} timesteps, got {self.steps}")
-        if self.eta and self.sampler != "ddim":
-            raise UserError(f"{prefix}eta is a DDIM setting; the {self.sampler} sampler does not take it")
-        if self.variance not in ("small", "large"):
-            raise UserError(f"unknown {prefix}variance {self.variance!r}; choose small or large")
-        if self.threshold not in ("clip", "dynamic", "none"):
-            raise UserError(f"unknown {prefix}threshold {self.threshold!r}; choose clip, dynamic or none")
 
 
 def timestep_spacing(timesteps: int, steps: int, spacing: Spacing = "trailing") -> Tensor:
@@ -279,15 +224,6 @@ def unipc(
         x_prev, x0_older, x0_prev = x, x0_prev, x0
         x = _unipc_update(x, x0, x0_older, ratio(i), step(i), corrector=None)
     return x
-
-
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc")
-
-
-def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The noise generator of batch `batch` of a seeded run, seeded seed * 1,000,000 + batch, so that the
-    images of a run do not depend on how its batches are shared out among processes."""
-    return torch.Generator(device).manual_seed(seed * 1_000_000 + batch)
 
 
 @torch.inference_mode()

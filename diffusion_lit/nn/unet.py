@@ -1,5 +1,6 @@
 """The denoising UNet: eps/v/x0 = UNet(x_t, t). It knows nothing of the noise schedule."""
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -31,22 +32,17 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_classes: int | None = None,
     ) -> None:
+        arguments = dict(locals())  # before anything else is defined: exactly the constructor's arguments
         super().__init__()
+        # Read off the signature, so that a checkpoint rebuilds this network and no argument can be left out.
+        self.config = {
+            name: list(arguments[name]) if isinstance(arguments[name], tuple | list) else arguments[name]
+            for name in inspect.signature(UNet).parameters
+        }
         if not all(0 <= level < len(channel_mults) for level in attention_levels):
             raise ValueError(f"attention_levels {list(attention_levels)} must lie in [0, {len(channel_mults) - 1}]")
         self.in_channels = in_channels
         self.num_classes = num_classes
-        # The constructor arguments, so that a checkpoint can say how to rebuild this network.
-        self.config = {
-            "in_channels": in_channels,
-            "base_channels": base_channels,
-            "channel_mults": list(channel_mults),
-            "num_res_blocks": num_res_blocks,
-            "attention_levels": list(attention_levels),
-            "num_heads": num_heads,
-            "dropout": dropout,
-            "num_classes": num_classes,
-        }
         self.size_multiple = 2 ** (len(channel_mults) - 1)
         embedding_dim = 4 * base_channels
         self.time_embedding = TimestepEmbedding(base_channels, embedding_dim)
@@ -89,6 +85,21 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             group_norm(channels), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1))
         )
+
+    def cannot_take(self, image_shape: Sequence[int]) -> str | None:
+        """Why images of `image_shape` (C, H, W) do not fit this network, with the fix; None when they do."""
+        channels, height, width = image_shape
+        if channels != self.in_channels:
+            return (
+                f"the data has {channels}-channel images but the UNet takes {self.in_channels}; "
+                f"set model.unet.init_args.in_channels to {channels}"
+            )
+        if min(height, width) < 2 * self.size_multiple:
+            return (
+                f"{height}x{width} images are too small for this UNet's {len(self.config['channel_mults'])} levels: "
+                f"the sides must be at least {2 * self.size_multiple}"
+            )
+        return None
 
     def _pad(self, x: Tensor) -> tuple[Tensor, tuple[slice, slice]]:
         """Pad H and W up to a multiple of 2**(levels - 1); return the padded x and the crop back."""
