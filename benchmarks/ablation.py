@@ -39,8 +39,7 @@ def train_variant(folder: Path, perceptual: float, matching: float, epochs: int,
         sys.executable, "-m", "diffusion_lit.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
         "--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", str(epochs),
         "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
-        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", "checkpoints",
-        "--trainer.callbacks.save_last", "true",
+        "--trainer.callbacks+=diffusion_lit.callbacks.LastCheckpoint", "--trainer.callbacks.dirpath", "checkpoints",
         "--model.perceptual_weight", str(perceptual), "--model.feature_matching_weight", str(matching),
     ]  # fmt: skip
     if vgg:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -97,21 +97,60 @@ class SampleGrid(Callback):
                 logger.experiment.add_image("samples", grid, trainer.global_step)
 
 
-class CheckpointOnSigterm(Callback):
-    """On SIGTERM (a pre-empted or cancelled job), write `last.ckpt` before the run exits.
+class LastCheckpoint(Checkpoint):
+    """Keeps `dirpath/last.ckpt` the newest state of the run, however the run ends.
 
-    Lightning turns SIGTERM into a SIGTERMException at the next step boundary, on every process; this
-    saves the state there, so a resume with `--ckpt_path <dir>/last.ckpt` loses at most one step.
+    Written every `every_n_train_steps` optimizer steps; at the end of every run that ends without an error
+    (max_steps, max_epochs, max_time, early stopping); when a run stops with a one-line error (the
+    non-finite guard) and the weights are finite; and on SIGTERM (a pre-empted or cancelled job: Lightning
+    turns the signal into an exception at the next step boundary, on every process). Never twice for one
+    step, and always under the same name, however often the run was pre-empted and resumed. Lightning
+    writes it atomically (a temporary file, then a rename), so a kill during a write leaves the previous one.
+
+    Args:
+        dirpath: the run's checkpoint folder.
+        every_n_train_steps: the interval of the scheduled saves (0: none, only the end and SIGTERM).
     """
 
+    def __init__(self, dirpath: str = "checkpoints", every_n_train_steps: int = 500) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps = every_n_train_steps
+        self.saved_step: int | None = None  # the step of the newest state on disk
+
+    @property
+    def path(self) -> Path:
+        """dirpath/last.ckpt."""
+        return self.dirpath / "last.ckpt"
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The state a run starts from is on disk already (a resumed checkpoint) or is nothing (step 0)."""
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args) -> None:
+        """The scheduled saves."""
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The true end of the run, whatever stopped it."""
+        self._save(trainer)
+
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        """Save into the first ModelCheckpoint's folder (the trainer's root folder without one)."""
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+        """SIGTERM, or a one-line stop (UserError): save the state at this step boundary, if it is finite."""
+        if trainer.state.fn != "fit" or not isinstance(exception, SIGTERMException | UserError):
             return
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
-        path = Path(folder) / "last.ckpt"
-        trainer.save_checkpoint(path)
-        rank_zero_info(f"SIGTERM: saved {path}; resume with --ckpt_path {path}")
+        try:
+            self._save(trainer)
+        except UserError as refused:  # non-finite weights: the previous last.ckpt stays
+            rank_zero_warn(str(refused))
+            return
+        if isinstance(exception, SIGTERMException):
+            rank_zero_info(f"SIGTERM: saved {self.path}; resume with --ckpt_path {self.path}")
+
+    def _save(self, trainer: "pl.Trainer") -> None:
+        if trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
 
 
 class NonFiniteGuard(Callback):
@@ -119,8 +158,8 @@ class NonFiniteGuard(Callback):
 
     A skipped step moves neither the weights nor Adam's moments or step count. Skips are counted and logged
     as train/skipped_steps. Every `max_nonfinite_steps` steps the streak is read; if that many steps or
-    more in a row were skipped, the run saves `last.ckpt` (still the weights of the last good step) and
-    stops with one line. fp16 loss scaling alone skips a handful in a row while it calibrates.
+    more in a row were skipped, the run stops with one line (and LastCheckpoint saves `last.ckpt`, still
+    the weights of the last good step). fp16 loss scaling alone skips a handful in a row while it calibrates.
 
     With fused Adam the flag goes to the optimizer as `found_inf` (the input GradScaler uses), so nothing is
     read back from the GPU between checks; otherwise the gradients are dropped, which reads one flag per
@@ -165,10 +204,9 @@ class NonFiniteGuard(Callback):
                 parameter.grad = None
         limit = self.max_nonfinite_steps
         if (trainer.global_step + 1) % limit == 0 and int(self.streak) >= limit:
-            path = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or ".") / "last.ckpt"
-            trainer.save_checkpoint(path)  # the weights are still those of the last good step
+            folder = getattr(trainer.checkpoint_callback, "dirpath", None)  # LastCheckpoint saves it on the way out
             raise UserError(
                 f"training stopped: the last {int(self.streak)} optimizer steps had non-finite gradients "
-                f"(step {trainer.global_step}); the last good state is in {path}. Lower model.lr, or use "
-                f"--trainer.precision bf16-mixed or 32-true instead of 16-mixed"
+                f"(step {trainer.global_step}); the last good state is in {Path(folder or '.') / 'last.ckpt'}. "
+                f"Lower model.lr, or use --trainer.precision bf16-mixed or 32-true instead of 16-mixed"
             )

@@ -4,7 +4,7 @@ This is a plain Callback rather than Lightning's WeightAveraging because that ca
 things this project needs: its update (torch's AveragedModel.update_parameters) compares a device-side
 count with 0 twice per step, two host synchronisations; it swaps the weights at validation-*epoch* start,
 so callbacks listed before it see the training weights in their validation-epoch hooks; and it copies
-the average into the model at train end, before ModelCheckpoint writes the final last.ckpt, which then
+the average into the model at train end, before the final last.ckpt is written, which then
 lacks the training weights a resumed run needs. Checkpoints keep WeightAveraging's layout, so either
 reads the other's: `state_dict` holds the average, `current_model_state` the training weights, and
 `averaging_state` the update count (`n_averaged`).
@@ -88,7 +88,7 @@ class EMA(Callback):
         self.swapped = not self.swapped
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """After fitting (and after ModelCheckpoint's last save), leave the EMA weights in the module."""
+        """After fitting (and after the final last.ckpt), leave the EMA weights in the module."""
         if stage == "fit" and self.average is not None:
             if not self.swapped:
                 self._swap(pl_module)

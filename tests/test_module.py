@@ -3,7 +3,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lit.callbacks import NonFiniteGuard
+from diffusion_lit.callbacks import LastCheckpoint, NonFiniteGuard
 from diffusion_lit.ema import EMA, warmup_decay
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
@@ -152,8 +152,6 @@ def run_with_bad_batches(
     tmp_path, bad: set[int], max_steps: int, max_nonfinite_steps: int = 50, **module_kwargs
 ) -> tuple[DiffusionModule, NonFiniteGuard, Callback]:
     """Fit a tiny model on 1x28x28 batches of 2 where the batches in `bad` contain a NaN pixel."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     images = torch.rand(32, 1, 28, 28) * 2 - 1
     for index in bad:
         images[2 * index, 0, 0, 0] = float("nan")
@@ -162,7 +160,7 @@ def run_with_bad_batches(
     weights, guard = WeightsAfterEachStep(), NonFiniteGuard(max_nonfinite_steps)
     trainer = Trainer(
         logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=max_steps,
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt"), guard, weights], default_root_dir=tmp_path,
+        callbacks=[LastCheckpoint(tmp_path / "ckpt"), guard, weights], default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(module, loader)
     return module, guard, weights

@@ -23,9 +23,8 @@ OVERLAY = {
         "enable_progress_bar": False,
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
         "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": "checkpoints/demo", "save_last": True, "every_n_train_steps": 5}},
-            {"class_path": "diffusion_lit.callbacks.CheckpointOnSigterm"},
+            {"class_path": "diffusion_lit.callbacks.LastCheckpoint",
+             "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 5}},
         ],
     },
     "model": {"warmup_steps": 0, "lr": 2e-3},
@@ -85,9 +84,8 @@ def test_sigterm_saves_last_ckpt_at_the_current_step(tmp_path):
     # Checkpoints every 1,000 steps only: the one written after SIGTERM must come from the signal handler.
     overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"], "max_steps": 100_000}}
     overlay["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": "checkpoints/demo", "save_last": True, "every_n_train_steps": 1000}},
-        {"class_path": "diffusion_lit.callbacks.CheckpointOnSigterm"},
+        {"class_path": "diffusion_lit.callbacks.LastCheckpoint",
+         "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 1000}},
     ]  # fmt: skip
     command = fit_command(tmp_path)
     (tmp_path / "kill.yaml").write_text(yaml.safe_dump(overlay))

@@ -1,0 +1,113 @@
+"""What every lit-ddpm datamodule shares: (image, label) batches in [-1, 1], loaders that resume exactly,
+flips drawn on the training device, and what FID needs (`metrics.ReferenceData`)."""
+
+import os
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchvision import transforms
+
+from diffusion_lit.errors import UserError
+
+TO_SIGNED = transforms.Normalize(0.5, 0.5)  # [0, 1] -> [-1, 1]
+PLAIN = transforms.Compose([transforms.ToTensor(), TO_SIGNED])  # an image as a tensor in [-1, 1]
+Split = Literal["train", "test"]
+
+
+class EpochSampler(StatefulDistributedSampler):
+    """torchdata's resumable sampler, except that the state saved after an epoch's last batch resumes with the
+    next epoch: Lightning starts that epoch itself, and a sampler with less than a batch left to yield would
+    make it an empty one (and the run an epoch ahead of the uninterrupted one).
+
+    Args:
+        batch_size: the loader's batch size (incomplete batches are dropped).
+        **kwargs: those of torch's DistributedSampler.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self.batch_size = batch_size
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the position in the epoch; a finished epoch is no position."""
+        finished = self.num_samples - state_dict.get("yielded", 0) < self.batch_size
+        super().load_state_dict({**state_dict, "yielded": 0} if finished else state_dict)
+
+
+class ImageDataModule(LightningDataModule):
+    """Shared loaders; subclasses set `image_shape` and fill `train_set` / `val_set` in `setup`.
+
+    The training loader is a torchdata StatefulDataLoader whose sampler shuffles by (seed_everything's seed,
+    epoch) and shares the images out to the processes: Lightning saves its position in every checkpoint, so
+    a resumed run continues the interrupted epoch, and the ones after it, with the very batches the
+    uninterrupted run would have had, on one process or many. Nothing random runs
+    in the loader: horizontal flips (`hflip`) are drawn in `on_after_batch_transfer`, on the training
+    device, from the training step's random stream, so data-loading workers hold no random state.
+    """
+
+    image_shape: tuple[int, int, int]
+    num_classes: int | None = 10  # the labels' range, for class-conditional models
+    hflip = False
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _options(self) -> dict:
+        """What every loader of this datamodule shares."""
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        return {"batch_size": self.batch_size, "pin_memory": torch.cuda.is_available(), **workers}
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches, this process's share; the last incomplete batch is dropped, so a set
+        smaller than one batch per process is refused."""
+        processes, rank = getattr(self.trainer, "world_size", 1), getattr(self.trainer, "global_rank", 0)
+        if len(self.train_set) < self.batch_size * processes:
+            raise UserError(
+                f"the training set has {len(self.train_set)} images, fewer than one batch of {self.batch_size}"
+                + (f" on each of {processes} processes" if processes > 1 else "")
+                + f"; lower data.init_args.batch_size to at most {len(self.train_set) // processes}"
+            )
+        # Shuffled by (seed, epoch) as Lightning's own DistributedSampler is, which it therefore keeps.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = EpochSampler(
+            self.train_set, self.batch_size, num_replicas=processes, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        return StatefulDataLoader(self.train_set, sampler=sampler, drop_last=True, **self._options())
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out batches in a fixed order."""
+        return DataLoader(self.val_set, **self._options())
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out batches again."""
+        return self.val_dataloader()
+
+    def images(self, batch, training: bool) -> list[Tensor]:
+        """The batch as [images in [-1, 1], labels] on its device; datamodules that load indices override it."""
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> list[Tensor]:
+        """Images and labels on the device; while training with `hflip`, each image flipped with probability 1/2."""
+        training = self.trainer is not None and self.trainer.training
+        images, labels = self.images(batch, training)
+        if self.hflip and training:
+            flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+            images = torch.where(flip, images.flip(-1), images)
+        return [images, labels]
+
+    def reference_set(self, split: Split) -> Dataset:
+        """FID's real images: the training images without augmentation, or the held-out ones ("test")."""
+        raise NotImplementedError
+
+    def reference_name(self, split: Split) -> str:
+        """A name for `reference_set(split)` that changes whenever its images do."""
+        raise NotImplementedError

@@ -1,0 +1,146 @@
+"""A folder of the user's own images, any sizes and modes, optionally labelled by class sub-folders."""
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from diffusion_lit.data.base import TO_SIGNED, ImageDataModule, Split
+from diffusion_lit.errors import UserError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class ImageFiles(Dataset):
+    """Images from a list of files, converted to one mode ("L" or "RGB"), with their labels."""
+
+    def __init__(self, paths: list[Path], labels: list[int], mode: str, transform) -> None:
+        self.paths = paths
+        self.labels = labels
+        self.mode = mode
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert(self.mode)), self.labels[index]
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Every image under a folder (recursively), resized and centre-cropped to a square.
+
+    Args:
+        root: the folder of images.
+        image_size: side of the square images the model sees.
+        channels: 1 (grayscale) or 3 (RGB); every image is converted.
+        hflip: randomly flip training images horizontally.
+        bad_files: what to do with files that have an image extension but do not open as images:
+            "skip" them (their number is reported) or "error" (list the first few and stop).
+        class_folders: label each image by the sub-folder of `root` it is in (sorted names: class 0, 1,
+            ...), for class-conditional models; otherwise every label is 0.
+        val_fraction: share of the images held out for validation (at least one).
+        seed: seed of the train/validation split.
+        batch_size: images per batch (per process).
+        num_workers: data-loading processes.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        channels: int = 3,
+        hflip: bool = True,
+        bad_files: Literal["skip", "error"] = "skip",
+        class_folders: bool = False,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if channels not in (1, 3):
+            raise UserError(f"data.init_args.channels must be 1 or 3, got {channels}")
+        self.root = Path(root)
+        self.classes = (
+            sorted(p.name for p in self.root.iterdir() if p.is_dir()) if class_folders and self.root.is_dir() else []
+        )
+        if class_folders and not self.classes:
+            raise UserError(f"class_folders is set but {str(self.root)!r} has no sub-folders to take classes from")
+        self.num_classes = len(self.classes) or None
+        self.image_shape = (channels, image_size, image_size)
+        self.hflip = hflip
+        self.bad_files = bad_files
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def setup(self, stage: str) -> None:
+        """Find the images and split them."""
+        if not self.root.is_dir():
+            raise UserError(f"image folder {str(self.root)!r} does not exist; set data.init_args.root")
+        paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths = self._readable(paths)
+        if len(paths) < 2:
+            raise UserError(
+                f"image folder {str(self.root)!r} has {len(paths)} images; it needs at least 2 files "
+                f"with one of the extensions {sorted(IMAGE_EXTENSIONS)}"
+            )
+        size = self.image_shape[-1]
+        resize = [transforms.Resize(size), transforms.CenterCrop(size)]
+        mode = "L" if self.image_shape[0] == 1 else "RGB"
+        plain = transforms.Compose([*resize, transforms.ToTensor(), TO_SIGNED])  # flips: on the device
+        num_val = min(max(1, round(self.val_fraction * len(paths))), len(paths) - 1)
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        labels = [self._label(path) for path in paths]
+        val, kept = order[:num_val], order[num_val:]
+        self.val_set = ImageFiles([paths[i] for i in val], [labels[i] for i in val], mode, plain)
+        self.train_set = ImageFiles([paths[i] for i in kept], [labels[i] for i in kept], mode, plain)
+
+    def _readable(self, paths: list[Path]) -> list[Path]:
+        """The paths that open as images (header and checksum where the format has one)."""
+        good, bad = [], []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                good.append(path)
+            except Exception:  # noqa: BLE001  (PIL raises many types for broken files)
+                bad.append(path)
+        if bad and self.bad_files == "error":
+            shown = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise UserError(
+                f"{len(bad)} files in {str(self.root)!r} are not readable images ({shown}); remove them, "
+                f"or set data.init_args.bad_files: skip"
+            )
+        if bad:
+            rank_zero_warn(f"skipped {len(bad)} unreadable image files in {str(self.root)!r}, e.g. {bad[0]}")
+        return good
+
+    def _label(self, path: Path) -> int:
+        """The index of the class sub-folder the image is under (0 without class_folders)."""
+        if not self.classes:
+            return 0
+        relative = path.relative_to(self.root).parts
+        if len(relative) < 2:
+            raise UserError(f"{str(path)!r} is not in a class sub-folder of {str(self.root)!r}; move it into one")
+        return self.classes.index(relative[0])
+
+    def reference_set(self, split: Split) -> Dataset:
+        """The training images without flips, or the held-out ones."""
+        return self.val_set if split == "test" else self.train_set
+
+    def reference_name(self, split: Split) -> str:
+        """folder-<hash of the folder, its files' names, sizes and times, and the split>-<split>."""
+        dataset = self.val_set if split == "test" else self.train_set
+        digest = hashlib.sha1(str(self.root.resolve()).encode())
+        for path in dataset.paths:
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return f"folder-{digest.hexdigest()[:12]}-{split}"

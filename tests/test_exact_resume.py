@@ -1,0 +1,164 @@
+"""A run interrupted at any step and resumed ends bit for bit where the uninterrupted run does, and last.ckpt
+is always its newest state.
+
+Each run is `lit-ddpm fit` in a subprocess on the demo config, shrunk: 20 training digits in batches of 4
+(5 steps an epoch, so the runs cross epoch boundaries and stop mid-epoch), validation and a sample grid
+every epoch, last.ckpt after every step. Interrupting waits for a seeded random step's checkpoint.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, TINY
+
+STEPS = 30
+OVERLAY = {
+    "trainer": {
+        "fast_dev_run": False, "max_steps": STEPS, "max_epochs": -1, "limit_val_batches": 1,
+        "check_val_every_n_epoch": 1, "logger": False, "enable_progress_bar": False,
+        "callbacks": [
+            {"class_path": "diffusion_lit.callbacks.LastCheckpoint",
+             "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 1}},
+            {"class_path": "diffusion_lit.callbacks.SampleGrid",
+             "init_args": {"num_samples": 4, "dirpath": "samples", "sampling": {"sampler": "dpmpp_sde", "steps": 3}}},
+        ],
+    },
+    "model": {"warmup_steps": 3, "lr": 2e-3, "unet": {"init_args": {"dropout": 0.1}}},  # dropout draws too
+    "data": {"init_args": {"batch_size": 4, "val_size": 4980}},
+}  # fmt: skip
+
+
+def command(folder: Path, *extra: str) -> list[str]:
+    (folder / "run.yaml").write_text(yaml.safe_dump(OVERLAY))
+    configs = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, "--config", str(folder / "run.yaml")]
+    return [sys.executable, "-m", "diffusion_lit.cli", "fit", *configs, *extra]
+
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def run(folder: Path, *extra: str) -> None:
+    folder.mkdir(exist_ok=True)
+    done = subprocess.run(command(folder, *extra), cwd=folder, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def interrupt(folder: Path, signal_number: int, at_step: int, *extra: str) -> int:
+    """Start a run, send the signal once last.ckpt is at `at_step` or later; the step last.ckpt then holds."""
+    folder.mkdir(exist_ok=True)
+    last = folder / "checkpoints" / "demo" / "last.ckpt"
+    process = subprocess.Popen(command(folder, *extra), cwd=folder, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    deadline, step = time.time() + 300, -1
+    while step < at_step and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+        try:
+            step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+        except (FileNotFoundError, RuntimeError, EOFError):
+            continue
+    os.killpg(process.pid, signal_number)  # the whole group: DDP's second process too
+    stderr = process.communicate(timeout=120)[1].decode()
+    saved = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    assert at_step <= saved < STEPS, f"interrupted too late or too early ({saved}): {stderr[-3000:]}"
+    return saved
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    """The two runs' final last.ckpt hold the same weights, EMA, optimizer and scheduler state, bit for bit."""
+    first, second = (torch.load(p / "checkpoints" / "demo" / "last.ckpt", weights_only=True) for p in (a, b))
+    assert first["global_step"] == second["global_step"] == STEPS
+    for key in ("state_dict", "current_model_state"):  # the EMA weights, and the training weights
+        for name, value in first[key].items():
+            assert torch.equal(value, second[key][name]), f"{key}.{name} differs"
+    assert torch.equal(first["averaging_state"]["n_averaged"], second["averaging_state"]["n_averaged"])
+    adam, adam_again = first["optimizer_states"][0]["state"], second["optimizer_states"][0]["state"]
+    for index, state in adam.items():
+        for name, value in state.items():
+            assert torch.equal(value, adam_again[index][name]), f"Adam {name} of parameter {index} differs"
+    assert first["lr_schedulers"] == second["lr_schedulers"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    run(folder)
+    return folder
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path, signal_number):
+    at_step = random.Random(signal_number).randint(3, STEPS - 5)
+    saved = interrupt(tmp_path, signal_number, at_step)
+    run(tmp_path, "--ckpt_path", "checkpoints/demo/last.ckpt")
+    assert_identical(uninterrupted, tmp_path)
+    print(f"interrupted after step {saved} by {signal.Signals(signal_number).name}")
+
+
+def test_last_ckpt_is_the_newest_state_through_repeated_preemption(tmp_path):
+    last = tmp_path / "checkpoints" / "demo" / "last.ckpt"
+
+    def step() -> int:
+        return torch.load(last, weights_only=True)["global_step"]
+
+    first = interrupt(tmp_path, signal.SIGTERM, 4, "--trainer.max_steps", "12")
+    run(tmp_path, "--ckpt_path", str(last), "--trainer.max_steps", "12")  # resumed, and finished
+    assert first < 12 and step() == 12
+    interrupt(tmp_path, signal.SIGTERM, 15, "--ckpt_path", str(last))  # a longer run, pre-empted again
+    second = step()
+    assert 15 <= second < STEPS
+    run(tmp_path, "--ckpt_path", str(last))
+    assert step() == STEPS
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # never a last-v1.ckpt
+
+
+@pytest.mark.parametrize("ending", ["max_steps", "max_epochs", "max_time", "early_stopping"])
+def test_every_way_of_ending_leaves_last_ckpt_at_the_final_step(tmp_path, ending):
+    # Scheduled saves every 4 steps; each ending falls between two of them.
+    overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"], "max_steps": -1, "max_epochs": -1}}
+    overlay["trainer"]["callbacks"] = [{"class_path": "diffusion_lit.callbacks.LastCheckpoint",
+                                       "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 4}}]
+    extra = {
+        "max_steps": ["--trainer.max_steps", "7"],
+        "max_epochs": ["--trainer.max_epochs", "3"],  # 15 steps
+        "max_time": ["--trainer.max_time", "00:00:00:04"],
+        "early_stopping": ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/loss",
+                           "--trainer.callbacks.patience", "0", "--trainer.callbacks.divergence_threshold", "-1",
+                           "--trainer.max_epochs", "10"],  # stops at the first validation: 5 steps
+    }[ending]  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(overlay))
+    configs = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, "--config", str(tmp_path / "run.yaml")]
+    done = subprocess.run([sys.executable, "-m", "diffusion_lit.cli", "fit", *configs, *extra], cwd=tmp_path,
+                          env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "demo" / "last.ckpt", weights_only=True)
+    expected = {"max_steps": 7, "max_epochs": 15, "early_stopping": 5}.get(ending)
+    if expected is None:  # max_time: wherever the clock stopped it, and not at a scheduled save
+        assert checkpoint["global_step"] > 0
+    else:
+        assert checkpoint["global_step"] == expected and expected % 4
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_under_two_process_ddp(tmp_path):
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(whole, *ddp)
+    interrupt(resumed, signal.SIGKILL, random.Random(2).randint(3, STEPS - 5), *ddp)
+    run(resumed, *ddp, "--ckpt_path", "checkpoints/demo/last.ckpt")
+    assert_identical(whole, resumed)
+
+
+def test_stopped_after_an_epochs_last_batch_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
+    # The checkpoint after the last batch of epoch 2 holds a sampler with nothing left to yield: the resumed run
+    # must start epoch 3, not an empty epoch 2.
+    run(tmp_path, "--trainer.max_steps", "10")
+    run(tmp_path, "--ckpt_path", "checkpoints/demo/last.ckpt")
+    assert_identical(uninterrupted, tmp_path)
