@@ -68,7 +68,7 @@ class TimedCheckpoints(Callback):
         due = [f"minutes={m:g}" for m in self.budgets if 60 * m <= seconds and f"minutes={m:g}" not in self.saved]
         due += [f"step={s}" for s in self.steps if trainer.global_step >= s and f"step={s}" not in self.saved]
         for name in due:
-            trainer.save_checkpoint(self.dirpath / f"{name}.ckpt")
+            trainer.save_checkpoint(self.dirpath / f"{name}.ckpt", weights_only=False)
             with open(self.dirpath / "log.jsonl", "a") as log:
                 log.write(json.dumps({"checkpoint": name, "step": trainer.global_step, "seconds": seconds}) + "\n")
         if len(self.saved) == len(self.budgets) + len(self.steps):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -13,36 +13,6 @@ from torch import Tensor
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import generate_all, save_grid
-
-
-class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, showing logged training values read only on logging steps.
-
-    Lightning turns every value logged with `prog_bar=True` into a Python number after every training
-    batch: a host synchronisation per step, which keeps the CPU from queueing the next step while the GPU
-    works. The module therefore logs `train/loss` without `prog_bar`, and this bar shows it (and any other
-    `metrics`) from the values Lightning keeps on the device, read every `trainer.log_every_n_steps`
-    optimizer steps, when the logger reads them anyway.
-
-    Args:
-        metrics: logged training values to show beside the ones logged with `prog_bar=True`.
-    """
-
-    def __init__(self, metrics: tuple[str, ...] = ("train/loss",)) -> None:
-        super().__init__()
-        self.metrics = metrics
-        self._read: dict[str, float] = {}
-        self._read_at = -1
-
-    def get_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict:
-        """The bar's numbers: the prog_bar ones, and the training values last read."""
-        step = trainer.global_step
-        every = max(trainer.log_every_n_steps, 1)
-        if trainer.training and self._read_at != step and (step % every == 0 or self._read_at < 0):
-            logged = trainer.callback_metrics
-            self._read = {name: float(logged[name]) for name in self.metrics if name in logged}
-            self._read_at = step
-        return {**super().get_metrics(trainer, pl_module), **self._read}
 
 
 class SampleGrid(Callback):
@@ -149,7 +119,7 @@ class LastCheckpoint(Checkpoint):
 
     def _save(self, trainer: "pl.Trainer") -> None:
         if trainer.global_step != self.saved_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
 
 

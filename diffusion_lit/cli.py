@@ -83,10 +83,20 @@ class DiffusionCLI(LightningCLI):
             check_checkpoint(ckpt_path, set(inspect.signature(DiffusionModule).parameters))
 
     def before_instantiate_classes(self) -> None:
-        """Put the run's name wherever the trainer's settings say `{run}` (folders, the logger's run name)."""
+        """Put the run's name wherever the trainer's settings say `{run}` (folders, the logger's run name), and
+        leave out the callbacks that a flag has made impossible: the progress bar with
+        `--trainer.enable_progress_bar false`, the learning-rate monitor with `--trainer.logger false`
+        (Lightning would stop with a traceback on either)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         run = config.name if not config.variant else f"{config.name}_{config.variant}"
         config.trainer = _fill(config.trainer, run)
+        unwanted = set()
+        if config.trainer.enable_progress_bar is False:
+            unwanted.add("ProgressBar")
+        if config.trainer.logger in (False, None):
+            unwanted.add("LearningRateMonitor")
+        callbacks = config.trainer.callbacks or []
+        config.trainer.callbacks = [c for c in callbacks if c.class_path.rsplit(".", 1)[-1] not in unwanted]
 
 
 def _fill(value, run: str):

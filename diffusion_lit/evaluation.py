@@ -140,7 +140,7 @@ class SampleQuality(Callback):
         """Write best-fid-epoch=N.ckpt (every process takes part; the strategy writes once) and drop the old one."""
         folder = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
         path = folder / f"best-fid-epoch={trainer.current_epoch}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         if self.best is not None and self.best[1] != path and trainer.is_global_zero:
             self.best[1].unlink(missing_ok=True)
         self.best = (fid, path)

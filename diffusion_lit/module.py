@@ -149,7 +149,7 @@ class DiffusionModule(LightningModule):
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """One denoising loss on a batch of images in [-1, 1]; every term is logged as train/loss_<term>."""
         terms = self.losses(batch[0], labels=self._labels(batch, self.hparams.label_dropout))
-        self.log("train/loss", terms["loss"])  # not prog_bar: see callbacks.ProgressBar
+        self.log("train/loss", terms["loss"])  # not prog_bar: see progress.ProgressBar
         self.log_dict({f"train/loss_{name}": value for name, value in terms.items() if name != "loss"})
         return terms["loss"]
 
