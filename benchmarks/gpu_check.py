@@ -7,7 +7,8 @@ For each variant (precision x eager/compiled x memory layout) it times --steps t
 CIFAR-10 UNet (40.7 M parameters at base 64) with lit-ddpm's loss and fused Adam on random 3x32x32
 images, then reports images/s, peak memory, achieved TFLOP/s (FLOPs of one step counted with
 torch.utils.flop_counter) and model-FLOPs utilisation against the card's dense peak, and whether any
-loss was non-finite. Then the same for sampling: DPM-Solver++ 20 steps under torch.inference_mode.
+loss was non-finite. Then the per-step cost of the training options (Min-SNR-5 weighting, immiscible
+noise), and sampling speed with the default sampler and DPM-Solver++ 20 under torch.inference_mode.
 Last, `lit-ddpm fit --config configs/cifar10.yaml` itself (Lightning loop, callbacks, perceptual and
 feature-matching terms with random VGG19 weights, synthetic CIFAR-10 files) in the config's 16-mixed and
 in bf16-mixed with `on_device` data: that it runs, and its steps/s.
@@ -24,11 +25,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from training_step import LOSS, autocast, synchronize, train_step
 
 from diffusion_lit.diffusion import NoiseSchedule, Sampling, sample
+from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.nn import UNet
 
 # Dense tensor-core peaks in TFLOP/s (bf16 / tf32), from NVIDIA's data sheets (SXM parts).
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0},
                "A100": {"bf16": 312.0, "fp32": 156.0}}  # fmt: skip
+OPTIONS = {"plain": (None, False), "Min-SNR-5 weighting": (5.0, False), "immiscible noise": (None, True)}
 VARIANTS = [  # (precision, compiled, channels_last)
     ("fp32", False, False), ("bf16", False, False), ("bf16", False, True), ("fp32", True, False),
     ("bf16", True, False), ("bf16", True, True),
@@ -95,15 +98,36 @@ def train_variant(args, precision: str, compiled: bool, channels_last: bool, dev
     }
 
 
-def sample_variant(args, precision: str, compiled: bool, device, schedule) -> dict:
-    """DPM-Solver++ 20 steps for one batch, after a warm-up batch."""
+def option_variants(args, device, schedule) -> list[dict]:
+    """ms per training step (bf16, eager) with each training option, and its ratio to the plain step."""
+    rows = []
+    for name, (gamma, immiscible) in OPTIONS.items():
+        unet = make_unet(args, False, False, device)
+        optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4, fused=True)
+        x0 = torch.rand(args.batch, 3, 32, 32, device=device) * 2 - 1
+        criterion = DiffusionLoss(snr_gamma=gamma)
+        for _ in range(args.warmup):
+            train_step(unet, schedule, optimizer, x0, "bf16", criterion, immiscible)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            train_step(unet, schedule, optimizer, x0, "bf16", criterion, immiscible)
+        synchronize(device)
+        rows.append({"option": name, "ms_per_step": 1000 * (time.perf_counter() - start) / args.steps})
+    for row in rows:
+        row["ratio"] = row["ms_per_step"] / rows[0]["ms_per_step"]
+    return rows
+
+
+def sample_variant(args, precision: str, compiled: bool, device, schedule, settings: Sampling) -> dict:
+    """One batch with the given sampler, after a warm-up batch."""
     unet = make_unet(args, compiled, False, device).eval()
     shape = (args.sample_batch, 3, 32, 32)
     with torch.inference_mode(), autocast(device, precision):
-        sample(unet, schedule, shape, Sampling("dpmpp", 2), device=device)
+        sample(unet, schedule, shape, Sampling(settings.sampler, 2), device=device)
         synchronize(device)
         start = time.perf_counter()
-        images = sample(unet, schedule, shape, Sampling("dpmpp", 20), device=device)
+        images = sample(unet, schedule, shape, settings, device=device)
         synchronize(device)
     return {"images_per_s": args.sample_batch / (time.perf_counter() - start), "finite": bool(images.isfinite().all())}
 
@@ -163,12 +187,19 @@ def main(argv: list[str] | None = None) -> dict:
         peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "n/a"
         print(f"| {precision} | {compiled} | {channels_last} | {row['images_per_s']:.0f} | {row['warmup_s']:.1f} "
               f"| {peak} | {row['tflops']:.1f} | {mfu} | {row['all_losses_finite']} |", flush=True)  # fmt: skip
-    print("\n| sampling (DPM-Solver++ 20) | compiled | img/s | finite |")
-    print("| --- | --- | ---: | --- |")
-    for precision, compiled in [(p, c) for p, c, _ in variants if not _]:
-        row = sample_variant(args, precision, compiled, device, schedule)
-        results["sample"].append({"precision": precision, "compiled": compiled, **row})
-        print(f"| {precision} | {compiled} | {row['images_per_s']:.0f} | {row['finite']} |", flush=True)
+    print("\n| training option (bf16, eager) | ms / step | vs plain |")
+    print("| --- | ---: | ---: |")
+    results["options"] = option_variants(args, device, schedule)
+    for row in results["options"]:
+        print(f"| {row['option']} | {row['ms_per_step']:.1f} | {row['ratio']:.2f}x |", flush=True)
+    print("\n| sampler | precision | compiled | img/s | finite |")
+    print("| --- | --- | --- | ---: | --- |")
+    for settings in dict.fromkeys([Sampling(), Sampling("dpmpp", 20)]):
+        for precision, compiled in [(p, c) for p, c, _ in variants if not _]:
+            row = sample_variant(args, precision, compiled, device, schedule, settings)
+            results["sample"].append({"sampling": settings.name, "precision": precision, "compiled": compiled, **row})
+            print(f"| {settings.name} | {precision} | {compiled} | {row['images_per_s']:.0f} | {row['finite']} |",
+                  flush=True)  # fmt: skip
     print("\n| lit-ddpm fit, configs/cifar10.yaml | on_device | train img/s |")
     print("| --- | --- | ---: |")
     results["fit"] = fit_variants(args, device)

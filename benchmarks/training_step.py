@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lit.diffusion import NoiseSchedule
+from diffusion_lit.diffusion.immiscible import assign_noise
 from diffusion_lit.diffusion.losses import DiffusionLoss
 
 LOSS = DiffusionLoss()  # eps-MSE, lit-ddpm's training loss code for every model measured
@@ -23,11 +24,15 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     x0: Tensor,
     precision: str,
+    criterion: DiffusionLoss = LOSS,
+    immiscible: bool = False,
 ) -> Tensor:
-    """One step of denoising training on the batch x0 at random timesteps; returns the loss (no host sync)."""
+    """One step of denoising training on the batch x0 at random timesteps; returns the loss (no host sync
+    unless `immiscible`, whose assignment runs on the host)."""
     t = schedule.sample_timesteps(x0.shape[0], x0.device)
+    noise = assign_noise(x0, torch.randn_like(x0)) if immiscible else torch.randn_like(x0)
     with autocast(x0.device, precision):
-        loss = LOSS(network, schedule, x0, torch.randn_like(x0), t)["loss"]
+        loss = criterion(network, schedule, x0, noise, t)["loss"]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,8 @@ def test_gpu_check_runs_on_cpu_with_tiny_settings(capsys):
         ("fp32", False), ("bf16", False), ("bf16", True)
     ]  # fmt: skip
     assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in results["train"])
-    assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 2
+    assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) in (2, 4)  # default, dpmpp20
+    assert [r["option"] for r in results["options"]] == ["plain", "Min-SNR-5 weighting", "immiscible noise"]
     assert [(r["precision"], r["on_device"]) for r in results["fit"]] == [("bf16-mixed", True)]
     assert results["fit"][0]["images_per_s"] > 0  # lit-ddpm fit with configs/cifar10.yaml ran
     assert "| precision | compiled |" in capsys.readouterr().out
@@ -61,16 +62,16 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import convergence
 
-    argv = ["--variants", "today", "min-SNR-5", "--seeds", "0", "--budgets", "0.001", "--today-steps", "2",
+    argv = ["--variants", "eps (today)", "v + min-SNR-5", "--seeds", "0", "--budgets", "0.001", "--today-steps", "2",
             "--num-samples", "8", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "c.json"),
             "--plot", str(tmp_path / "c.png")]  # fmt: skip
     convergence.main(argv)
     report = json.loads((tmp_path / "c.json").read_text())
     assert [(r["variant"], r["checkpoint"]) for r in report["rows"]] == [
-        ("today", "minutes=0.001"), ("today", "step=2"), ("min-SNR-5", "minutes=0.001")
+        ("eps (today)", "minutes=0.001"), ("eps (today)", "step=2"), ("v + min-SNR-5", "minutes=0.001")
     ]  # fmt: skip
     assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 for r in report["rows"])
-    assert "| today | step=2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0
+    assert "| eps (today) | step=2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0
 
 
 def test_sampler_quality_runs_end_to_end(tmp_path, monkeypatch, capsys):

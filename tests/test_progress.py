@@ -24,8 +24,8 @@ def test_a_run_writing_to_a_file_shows_progress_lines_while_it_runs(tmp_path):
     configs = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, "--config", str(tmp_path / "run.yaml")]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with open(tmp_path / "log.txt", "w") as log:
-        run = subprocess.Popen([sys.executable, "-m", "diffusion_lit.cli", "fit", *configs, "--trainer.max_time",
-                                "00:00:10:00"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        command = [sys.executable, "-m", "diffusion_lit.cli", "fit", *configs, "--trainer.max_time", "00:00:10:00"]
+        run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline, lines = time.time() + 240, []
         while len(lines) < 3 and time.time() < deadline and run.poll() is None:
             time.sleep(0.5)
