@@ -124,8 +124,12 @@ def test_last_ckpt_is_the_newest_state_through_repeated_preemption(tmp_path):
 def test_every_way_of_ending_leaves_last_ckpt_at_the_final_step(tmp_path, ending):
     # Scheduled saves every 4 steps; each ending falls between two of them.
     overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"], "max_steps": -1, "max_epochs": -1}}
-    overlay["trainer"]["callbacks"] = [{"class_path": "diffusion_lit.callbacks.LastCheckpoint",
-                                       "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 4}}]
+    overlay["trainer"]["callbacks"] = [
+        {
+            "class_path": "diffusion_lit.callbacks.LastCheckpoint",
+            "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 4},
+        }
+    ]
     extra = {
         "max_steps": ["--trainer.max_steps", "7"],
         "max_epochs": ["--trainer.max_epochs", "3"],  # 15 steps
