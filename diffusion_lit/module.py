@@ -88,7 +88,6 @@ class DiffusionModule(LightningModule):
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
-        self.step_seed: int | None = None  # the base of every training step's random stream (see on_fit_start)
         self.criterion = DiffusionLoss(
             perceptual_weight, feature_matching_weight, perceptual_layer, vgg_weights, snr_gamma
         )
@@ -99,10 +98,7 @@ class DiffusionModule(LightningModule):
         return self.unet.num_classes
 
     def on_fit_start(self) -> None:
-        """Fix the training steps' seed base (kept in checkpoints); a conditional model needs as many classes as
-        its labels have."""
-        if self.step_seed is None:
-            self.step_seed = torch.initial_seed()  # seed_everything's seed
+        """A conditional model needs labels with as many classes as it has."""
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)
         if self.num_classes is not None and data_classes != self.num_classes:
             raise UserError(
@@ -133,14 +129,6 @@ class DiffusionModule(LightningModule):
             noise = assign_noise(x0, noise) if self.hparams.immiscible else noise
         t = self.schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
         return self.criterion(self.unet, self.schedule, x0, noise, t, labels)
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Seed each training batch's random draws (flips, noise, timesteps, dropout, label dropout) by its index
-        and the process, so a resumed run draws what the uninterrupted one would have, and processes differ."""
-        if self.trainer.training:
-            batch_index = self.trainer.fit_loop.total_batch_idx + 1  # this batch's, counted over the whole run
-            torch.manual_seed((self.step_seed * 1_000_003 + batch_index) * 1_009 + self.global_rank)
-        return batch
 
     def _labels(self, batch: tuple[Tensor, ...], dropout: float = 0.0) -> Tensor | None:
         """The batch's labels for a conditional model (a `dropout` share replaced by "no class"), else None."""
@@ -210,12 +198,10 @@ class DiffusionModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another model configuration is one clear line, not a page of size mismatches."""
         check_weights_fit(self.state_dict(), checkpoint.get("state_dict", {}))
-        self.step_seed = checkpoint.get("step_seed", self.step_seed)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Never write non-finite weights over a good checkpoint."""
         check_finite(checkpoint["state_dict"])
-        checkpoint["step_seed"] = self.step_seed
 
     def configure_callbacks(self) -> list[Callback]:
         """The EMA callback (it averages only while fitting: checkpoints hold the EMA weights)."""

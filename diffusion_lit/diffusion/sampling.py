@@ -30,8 +30,8 @@ class Sampling:
         guidance: classifier-free guidance scale for class-conditional models (0: unconditional, 1: conditional).
     """
 
-    sampler: SamplerName = "dpmpp_sde"
-    steps: int | None = 20
+    sampler: SamplerName = "dpmpp_sde"  # the defaults: README "Which sampler", the measurement behind them
+    steps: int | None = 50
     eta: float = 0.0
     spacing: Spacing = "trailing"
     variance: Variance = "small"

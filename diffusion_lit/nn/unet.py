@@ -34,11 +34,7 @@ class UNet(nn.Module):
     ) -> None:
         arguments = dict(locals())  # before anything else is defined: exactly the constructor's arguments
         super().__init__()
-        # Read off the signature, so that a checkpoint rebuilds this network and no argument can be left out.
-        self.config = {
-            name: list(arguments[name]) if isinstance(arguments[name], tuple | list) else arguments[name]
-            for name in inspect.signature(UNet).parameters
-        }
+        self.config = _config(arguments)
         if not all(0 <= level < len(channel_mults) for level in attention_levels):
             raise ValueError(f"attention_levels {list(attention_levels)} must lie in [0, {len(channel_mults) - 1}]")
         self.in_channels = in_channels
@@ -65,13 +61,8 @@ class UNet(nn.Module):
                 self.down.append(Downsample(channels))
                 skip_channels.append(channels)
 
-        self.middle = nn.ModuleList(
-            [
-                ResBlock(channels, channels, embedding_dim, dropout),
-                SelfAttention(channels, num_heads),
-                ResBlock(channels, channels, embedding_dim, dropout),
-            ]
-        )
+        middle = [ResBlock(channels, channels, embedding_dim, dropout), SelfAttention(channels, num_heads)]
+        self.middle = nn.ModuleList([*middle, ResBlock(channels, channels, embedding_dim, dropout)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
@@ -157,3 +148,12 @@ class UNet(nn.Module):
         x, _ = self._pad(x)
         h, _, levels = self._encode(x, self._embed(t, y))
         return [*levels, h]
+
+
+def _config(arguments: dict) -> dict:
+    """UNet's constructor arguments, read off its signature (sequences as lists), so that a checkpoint rebuilds
+    the network and no argument can be left out."""
+    return {
+        name: list(arguments[name]) if isinstance(arguments[name], tuple | list) else arguments[name]
+        for name in inspect.signature(UNet).parameters
+    }
