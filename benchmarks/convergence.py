@@ -47,7 +47,7 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
     "v": ["--model.prediction", "v", "--model.snr_gamma", "null", "--model.immiscible", "false"],
     "v + min-SNR-5": ["--model.prediction", "v", "--model.snr_gamma", "5", "--model.immiscible", "false"],
 }
-SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}
+SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
 
 
 class TimedCheckpoints(Callback):
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(row, flush=True)
 
-    report = {"settings": {**vars(args), "workdir": str(args.workdir), "default_sampler": Sampling().name},
+    report = {"settings": {**vars(args), "workdir": str(args.workdir), "default_sampler": "auto"},
               "floor": floor, "rows": rows}  # fmt: skip
     print_table(report)
     if args.json:

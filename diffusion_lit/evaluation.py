@@ -93,7 +93,9 @@ class SampleQuality(Callback):
             return
         if not isinstance(trainer.datamodule, ReferenceData):
             raise UserError("FID needs a lit-ddpm datamodule (one with reference_set); set data.class_path")
-        self.sampling.check(pl_module.hparams.timesteps, prefix="evaluation.sampling.")
+        hparams = pl_module.hparams
+        self.sampling.check(hparams.timesteps, prefix="evaluation.sampling.")
+        self.sampling = self.sampling.resolve(hparams.prediction, hparams.timesteps)  # what the JSON names
         if self.extractor is None:
             try:
                 self.extractor = load_inception(self.inception_weights, self.antialias)

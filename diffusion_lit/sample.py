@@ -73,14 +73,14 @@ def main(args: list[str]) -> None:
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(options.ckpt_path, device)
     settings.check(module.schedule.timesteps, prefix="--")
+    settings = settings.resolve(module.hparams.prediction, module.schedule.timesteps)
     labels, per_row = class_labels(module, options.label, options.num_samples)
     num_samples = options.num_samples if labels is None else len(labels)
     if options.compile:  # the forward only: the progress hook around it stays eager
         module.unet.forward = torch.compile(module.unet.forward)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
-    nfe = settings.steps or module.schedule.timesteps
     with torch.autocast(module.device.type, dtype) if dtype else nullcontext(), Progress(transient=True) as progress:
-        task = progress.add_task(settings.name, total=math.ceil(num_samples / options.batch_size) * nfe)
+        task = progress.add_task(settings.name, total=math.ceil(num_samples / options.batch_size) * settings.steps)
         hook = module.unet.register_forward_pre_hook(lambda *_: progress.advance(task))  # one call per step
         try:
             run = {"settings": settings, "seed": options.seed, "batch_size": options.batch_size, "labels": labels}

@@ -54,7 +54,8 @@ def test_sample_writes_grid_pngs_and_npz_and_is_seeded(demo_checkpoint, tmp_path
 
 def test_sample_default_output_folder(demo_checkpoint, tmp_path):
     sample("--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2")
-    assert (tmp_path / "samples" / f"last-{Sampling().sampler}2" / "grid.png").is_file()
+    prediction = torch.load(demo_checkpoint, weights_only=True)["hyper_parameters"]["prediction"]
+    assert (tmp_path / "samples" / f"last-{Sampling(steps=2).resolve(prediction, 20).name}" / "grid.png").is_file()
 
 
 def test_conditional_checkpoint_samples_one_class_or_all(conditional_checkpoint, tmp_path):

@@ -170,4 +170,14 @@ def test_thresholds_keep_x0_in_range_and_dynamic_rescales_instead_of_saturating(
 def test_sampling_settings_name_their_files():
     assert Sampling("dpmpp_sde", 20).name == "dpmpp_sde20"
     assert Sampling("ddim", 50, eta=0.5, threshold="dynamic").name == "ddim50-eta0.5-dynamic"
-    assert Sampling("ddpm", None).name == "ddpmT"
+    assert Sampling("ddpm").resolve("eps", 1000).name == "ddpm50"  # a named sampler without steps: 50
+
+
+def test_auto_sampling_follows_the_prediction_target_and_fits_the_model():
+    assert Sampling().resolve("eps", 1000) == Sampling("dpmpp_sde", 50)
+    assert Sampling().resolve("v", 1000) == Sampling("unipc", 10)
+    assert Sampling().resolve("eps", 20).steps == 20  # a model with fewer timesteps samples all of them
+    assert Sampling(steps=30).resolve("v", 1000) == Sampling("unipc", 30)
+    assert Sampling("ddim", 7, eta=0.5).resolve("v", 1000) == Sampling("ddim", 7, eta=0.5)  # explicit: kept
+    with pytest.raises(UserError, match="steps must be between 1 and the model's 20 timesteps, got 30"):
+        Sampling(steps=30).check(20)

@@ -2,6 +2,7 @@
 flips drawn on the training device, and what FID needs (`metrics.ReferenceData`)."""
 
 import os
+import warnings
 from typing import Literal
 
 import torch
@@ -13,6 +14,9 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision import transforms
 
 from diffusion_lit.errors import UserError
+
+# torchdata 0.11 calls a torch function that newer torch marks deprecated, once per loader: not ours to fix.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 TO_SIGNED = transforms.Normalize(0.5, 0.5)  # [0, 1] -> [-1, 1]
 PLAIN = transforms.Compose([transforms.ToTensor(), TO_SIGNED])  # an image as a tensor in [-1, 1]

@@ -237,7 +237,8 @@ def sample(
 ) -> Tensor:
     """Draw x_T ~ N(0, I) of `shape` and run the sampler `settings` name (guidance is the denoiser's business)."""
     settings.check(schedule.timesteps)
-    timesteps = timestep_spacing(schedule.timesteps, settings.steps or schedule.timesteps, settings.spacing)
+    settings = settings.resolve(schedule.prediction, schedule.timesteps)
+    timesteps = timestep_spacing(schedule.timesteps, settings.steps, settings.spacing)
     x = torch.randn(shape, generator=generator, device=device)
     name, threshold = settings.sampler, settings.threshold
     if name == "ddpm":
