@@ -18,7 +18,7 @@ def test_gpu_check_runs_on_cpu_with_tiny_settings(capsys):
         ("fp32", False), ("bf16", False), ("bf16", True)
     ]  # fmt: skip
     assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in results["train"])
-    assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) in (2, 4)  # default, dpmpp20
+    assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 6  # auto-eps, unipc10, dpmpp20; fp32 and bf16
     assert [r["option"] for r in results["options"]] == ["plain", "Min-SNR-5 weighting", "immiscible noise"]
     assert [(r["precision"], r["on_device"]) for r in results["fit"]] == [("bf16-mixed", True)]
     assert results["fit"][0]["images_per_s"] > 0  # lit-ddpm fit with configs/cifar10.yaml ran
