@@ -4,12 +4,13 @@
     python benchmarks/convergence.py --dataset photos --variants "eps (today)" v       # the RGB check
 
 Each variant is `lit-ddpm fit --config configs/demo.yaml` plus a few flags, run in its own folder under
---workdir, one after the other (nothing else should run on the machine meanwhile: the budgets are wall
-time). A callback saves the weights when the training time (from the first step; start-up, validation
-and sampling are not in it) crosses each budget, and at step 2,520 (today's demo), and stops the run
-after the last. Every checkpoint is then sampled (--num-samples images, seed 0) with the default sampler
-and with ancestral DDPM-50, and scored by classifier FID against held-out images: the 500 held-out
-digits, or the held-out photo patches (benchmarks/photo_patches.py) for --dataset photos.
+--workdir, --jobs runs at a time, each on cpu_count / jobs threads (nothing else should run on the machine
+meanwhile: the budgets are wall time). A callback saves the weights when the training time (from the
+first step; start-up, validation and sampling are not in it) crosses each budget, and at step 2,520
+(today's demo), and stops the run after the last. Every checkpoint is then sampled (--num-samples images,
+seed 0) with the default sampler and with ancestral DDPM-50, and scored by classifier FID against
+held-out images: the 500 held-out digits, or the held-out photo patches (benchmarks/photo_patches.py)
+for --dataset photos.
 
 The goal: the classifier FID today's demo reaches at 2,520 steps, in at most 60% of its wall time.
 """
@@ -21,6 +22,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -84,9 +86,9 @@ class TimedCheckpoints(Callback):
 
 
 def train(
-    folder: Path, variant: list[str], seed: int, budgets: list[float], steps: list[int], data: list[str]
+    folder: Path, variant: list[str], seed: int, budgets: list[float], steps: list[int], data: list[str], threads: int
 ) -> list[dict]:
-    """One run of the demo recipe with `variant`'s flags; returns its checkpoint log."""
+    """One run of the demo recipe with `variant`'s flags on `threads` CPU threads; returns its checkpoint log."""
     folder.mkdir(parents=True, exist_ok=True)
     callback = {"class_path": "convergence.TimedCheckpoints",
                 "init_args": {"dirpath": str(folder), "budgets": budgets, "steps": steps}}  # fmt: skip
@@ -98,7 +100,7 @@ def train(
         "--trainer.callbacks", json.dumps([callback]), *variant,
     ]  # fmt: skip
     if not (folder / "log.jsonl").exists():
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks"), "OMP_NUM_THREADS": str(threads)}
         subprocess.run(command, cwd=folder, check=True, env=env)
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 12], help="minutes of training")
     parser.add_argument("--today-steps", type=int, default=TODAY_STEPS, help="also save at this step (today's demo)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cpu_count / jobs threads")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--workdir", type=Path, default=Path("convergence_runs"))
     parser.add_argument("--json", help="also write the results to this file")
@@ -157,20 +160,27 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     flags, fid, floor = quality_measure(args.dataset, args.workdir.resolve(), args.num_samples)
 
+    runs = [(name, seed) for name in args.variants for seed in args.seeds]
+    folders = {run: args.workdir.resolve() / args.dataset / re.sub(r"[^a-z0-9]+", "-", run[0]).strip("-")
+               / f"seed{run[1]}" for run in runs}  # fmt: skip
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def run(key: tuple[str, int]) -> list[dict]:
+        steps = [args.today_steps] if key[0] == TODAY else []
+        return train(folders[key], VARIANTS[key[0]], key[1], args.budgets, steps, flags, threads)
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # the runs, `jobs` at a time; then scoring, one at a time
+        logs = dict(zip(runs, pool.map(run, runs), strict=True))
     rows = []
-    for name in args.variants:
-        for seed in args.seeds:
-            slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-            folder = (args.workdir / args.dataset / slug / f"seed{seed}").resolve()
-            steps = [args.today_steps] if name == TODAY else []
-            for entry in train(folder, VARIANTS[name], seed, args.budgets, steps, flags):
-                module = load_checkpoint(str(folder / f"{entry['checkpoint']}.ckpt"))
-                row = {"variant": name, "seed": seed, **entry}
-                for label, settings in SAMPLERS.items():
-                    images, _ = generate_all(module, args.num_samples, settings=settings, batch_size=args.num_samples)
-                    row[f"fid_{label}"] = fid(images)
-                rows.append(row)
-                print(row, flush=True)
+    for (name, seed), log in logs.items():
+        for entry in log:
+            module = load_checkpoint(str(folders[name, seed] / f"{entry['checkpoint']}.ckpt"))
+            row = {"variant": name, "seed": seed, **entry}
+            for label, settings in SAMPLERS.items():
+                images, _ = generate_all(module, args.num_samples, settings=settings, batch_size=args.num_samples)
+                row[f"fid_{label}"] = fid(images)
+            rows.append(row)
+            print(row, flush=True)
 
     report = {"settings": {**vars(args), "workdir": str(args.workdir), "default_sampler": "auto"},
               "floor": floor, "rows": rows}  # fmt: skip

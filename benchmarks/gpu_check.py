@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {row['option']} | {row['ms_per_step']:.1f} | {row['ratio']:.2f}x |", flush=True)
     print("\n| sampler | precision | compiled | img/s | finite |")
     print("| --- | --- | --- | ---: | --- |")
-    for settings in dict.fromkeys([Sampling().resolve("eps", 1000), Sampling("unipc", 10), Sampling("dpmpp", 20)]):
+    for settings in dict.fromkeys([Sampling().resolve("eps", 1000), Sampling().resolve("v", 1000), Sampling("dpmpp", 20)]):
         for precision, compiled in [(p, c) for p, c, _ in variants if not _]:
             row = sample_variant(args, precision, compiled, device, schedule, settings)
             results["sample"].append({"sampling": settings.name, "precision": precision, "compiled": compiled, **row})

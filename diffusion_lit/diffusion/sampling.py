@@ -15,7 +15,7 @@ Threshold = Literal["clip", "dynamic", "none"]
 # The default for each prediction target: the cheapest sampler and step count within 10% of the best classifier
 # FID at 50 NFE or fewer, for a young and a 4x longer trained model alike (README "Which sampler": the table).
 # x0 prediction was not measured; it gets the stochastic solver, the safe choice for a noisy x0.
-AUTO = {"eps": ("dpmpp_sde", 50), "v": ("unipc", 10), "x0": ("dpmpp_sde", 50)}
+AUTO = {"eps": ("dpmpp_sde", 50), "v": ("unipc", 20), "x0": ("dpmpp_sde", 50)}
 STEPS = 50  # a named sampler without a step count
 
 
@@ -25,7 +25,7 @@ class Sampling:
 
     Args:
         sampler: "auto" (the measured best for the model: DPM-Solver++(2M) SDE, 50 steps, for noise (eps)
-            prediction; UniPC, 10 steps, for v prediction), "ddpm" (ancestral), "ddim", "dpmpp"
+            prediction; UniPC, 20 steps, for v prediction), "ddpm" (ancestral), "ddim", "dpmpp"
             (DPM-Solver++(2M)), "dpmpp_sde" (DPM-Solver++(2M) SDE) or "unipc" (UniPC-2, B(h) = e^h - 1).
         steps: network evaluations (NFE); None: the auto sampler's, or 50 for a named one; never more than
             the model's T (the original DDPM: sampler ddpm, steps 1000).
