@@ -14,7 +14,7 @@ $(BIN)/lit-ddpm: pyproject.toml
 
 install: $(BIN)/lit-ddpm ## Create .venv and install lit-ddpm with the dev and demo extras
 
-demo: install ## Train the offline demo on CPU (~12 min): checkpoints/demo/last.ckpt, samples/demo/*.png
+demo: install ## Train the offline demo on CPU (~11 min; a sample grid every ~70 s): checkpoints/demo/last.ckpt, samples/demo/*.png
 	$(BIN)/lit-ddpm fit --config configs/demo.yaml
 
 test: install ## Run the test suite (without the slow tests)
@@ -33,10 +33,10 @@ fit-mnist: install ## Train on MNIST (downloads it to data/)
 fit-cifar10: install ## Train on CIFAR-10 (downloads it to data/)
 	$(BIN)/lit-ddpm fit --config configs/cifar10.yaml
 
-eval-mnist: install ## FID/IS of checkpoints/mnist/last.ckpt (10,000 DPM-Solver++ samples)
+eval-mnist: install ## FID/IS of checkpoints/mnist/last.ckpt (10,000 samples, the auto sampler: DPM-Solver++ SDE 50 for these eps models)
 	$(BIN)/lit-ddpm test --config configs/mnist.yaml --ckpt_path checkpoints/mnist/last.ckpt
 
-eval-cifar10: install ## FID/IS of checkpoints/cifar10/last.ckpt (10,000 DPM-Solver++ samples)
+eval-cifar10: install ## FID/IS of checkpoints/cifar10/last.ckpt (10,000 samples, the auto sampler: DPM-Solver++ SDE 50 for these eps models)
 	$(BIN)/lit-ddpm test --config configs/cifar10.yaml --ckpt_path checkpoints/cifar10/last.ckpt
 
 bench: install ## Throughput vs diffusers and denoising-diffusion-pytorch, loop overhead, data path (CPU, minutes)

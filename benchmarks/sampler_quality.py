@@ -30,7 +30,7 @@ from diffusion_lit.sample import load_checkpoint
 SAMPLERS = ["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
 ROWS = [Sampling(name, nfe) for name in SAMPLERS for nfe in (10, 20, 50)] + [Sampling("ddpm", 1000)]
 ROWS += [Sampling(name, 20, threshold="dynamic") for name in SAMPLERS]
-PICTURE_ROWS = [Sampling("ddim", 20), Sampling("dpmpp", 20), Sampling("unipc", 10), Sampling("dpmpp_sde", 20),
+PICTURE_ROWS = [Sampling("ddim", 20), Sampling("dpmpp", 20), Sampling("unipc", 20), Sampling("dpmpp_sde", 20),
                 Sampling("dpmpp_sde", 50), Sampling("ddpm", 50), Sampling("ddpm", 1000)]  # fmt: skip
 
 

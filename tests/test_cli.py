@@ -120,6 +120,17 @@ def test_print_config_round_trips(tmp_path, capsys, mnist_dir, vgg):
     )
 
 
+def test_v_overlay_switches_the_prediction_target_and_names_the_run(capsys):
+    with pytest.raises(SystemExit):
+        fit("--config", f"{ROOT}/configs/cifar10.yaml", "--config", f"{ROOT}/configs/v.yaml", "--print_config")
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["prediction"] == "v" and config["variant"] == "v"
+    assert config["model"]["lr"] == 2e-4  # the rest of the config is left alone
+    with pytest.raises(SystemExit):
+        fit("--config", f"{ROOT}/configs/cifar10.yaml", "--print_config")
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["prediction"] == "eps"
+
+
 MSE_ONLY = ["--config", f"{ROOT}/configs/ablation/mse_only.yaml"]
 
 
