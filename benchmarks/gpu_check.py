@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {row['option']} | {row['ms_per_step']:.1f} | {row['ratio']:.2f}x |", flush=True)
     print("\n| sampler | precision | compiled | img/s | finite |")
     print("| --- | --- | --- | ---: | --- |")
-    for settings in dict.fromkeys([Sampling().resolve("eps", 1000), Sampling().resolve("v", 1000), Sampling("dpmpp", 20)]):
+    auto = [Sampling().resolve(prediction, 1000) for prediction in ("eps", "v")]
+    for settings in dict.fromkeys([*auto, Sampling("dpmpp", 20)]):
         for precision, compiled in [(p, c) for p, c, _ in variants if not _]:
             row = sample_variant(args, precision, compiled, device, schedule, settings)
             results["sample"].append({"sampling": settings.name, "precision": precision, "compiled": compiled, **row})

@@ -18,7 +18,8 @@ def test_gpu_check_runs_on_cpu_with_tiny_settings(capsys):
         ("fp32", False), ("bf16", False), ("bf16", True)
     ]  # fmt: skip
     assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in results["train"])
-    assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 6  # auto for eps and v, dpmpp20; fp32 and bf16
+    # the auto samplers of eps and v models and DPM-Solver++ 20, each in fp32 and bf16
+    assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 6
     assert [r["option"] for r in results["options"]] == ["plain", "Min-SNR-5 weighting", "immiscible noise"]
     assert [(r["precision"], r["on_device"]) for r in results["fit"]] == [("bf16-mixed", True)]
     assert results["fit"][0]["images_per_s"] > 0  # lit-ddpm fit with configs/cifar10.yaml ran
@@ -62,9 +63,9 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import convergence
 
-    argv = ["--variants", "eps (today)", "v + min-SNR-5", "--seeds", "0", "--budgets", "0.001", "--today-steps", "2", "--jobs", "2",
-            "--num-samples", "8", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "c.json"),
-            "--plot", str(tmp_path / "c.png")]  # fmt: skip
+    argv = ["--variants", "eps (today)", "v + min-SNR-5", "--seeds", "0", "--budgets", "0.001", "--today-steps", "2",
+            "--jobs", "2", "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
+            "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")]  # fmt: skip
     convergence.main(argv)
     report = json.loads((tmp_path / "c.json").read_text())
     assert [(r["variant"], r["checkpoint"]) for r in report["rows"]] == [
