@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 12], help="minutes of training")
-    parser.add_argument("--today-steps", type=int, default=TODAY_STEPS, help="also save at this step (today's demo)")
+    parser.add_argument("--today-steps", type=int, default=TODAY_STEPS, help="also save at this step (0: no)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cpu_count / jobs threads")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--workdir", type=Path, default=Path("convergence_runs"))
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def run(key: tuple[str, int]) -> list[dict]:
-        steps = [args.today_steps] if key[0] == TODAY else []
+        steps = [args.today_steps] if key[0] == TODAY and args.today_steps else []
         return train(folders[key], VARIANTS[key[0]], key[1], args.budgets, steps, flags, threads)
 
     with ThreadPoolExecutor(args.jobs) as pool:  # the runs, `jobs` at a time; then scoring, one at a time
