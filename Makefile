@@ -14,7 +14,7 @@ $(BIN)/lit-ddpm: pyproject.toml
 
 install: $(BIN)/lit-ddpm ## Create .venv and install lit-ddpm with the dev and demo extras
 
-demo: install ## Train the offline demo on CPU (~11 min; a sample grid every ~70 s): checkpoints/demo/last.ckpt, samples/demo/*.png
+demo: install ## Train the offline demo on CPU (~8 min; a sample grid every ~50 s): checkpoints/demo/last.ckpt, samples/demo/*.png
 	$(BIN)/lit-ddpm fit --config configs/demo.yaml
 
 test: install ## Run the test suite (without the slow tests)
