@@ -50,7 +50,7 @@ class Sampling:
         and T (an explicit step count is kept: `check` refuses one above T)."""
         sampler, steps = AUTO[prediction] if self.sampler == "auto" else (self.sampler, STEPS)
         if self.sampler == "auto" or self.steps is None:
-            return replace(self, sampler=sampler, steps=min(self.steps or steps, timesteps))
+            return replace(self, sampler=sampler, steps=self.steps or min(steps, timesteps))
         return self
 
     @property
