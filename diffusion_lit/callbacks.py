@@ -1,18 +1,20 @@
 """Training callbacks. They reach the model only through DiffusionModule.sample()."""
 
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import generate_all, save_grid
+from diffusion_lit.runs import Interrupted, RunLock, StopSignals, check_folder_is_ours, describe, new_run_id
 
 
 class SampleGrid(Callback):
@@ -44,12 +46,13 @@ class SampleGrid(Callback):
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Settings the model cannot sample with stop the run before training, not at the first grid."""
-        self.sampling.check(pl_module.hparams.timesteps, prefix="SampleGrid's sampling.")
+        conditional = pl_module.num_classes is not None
+        self.sampling.check(pl_module.hparams.timesteps, prefix="SampleGrid's sampling.", conditional=conditional)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Sample, write `dirpath/step=N.png` and hand the grid to the logger (rank 0 only)."""
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
-            return
+        if trainer.sanity_checking or trainer.fast_dev_run or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return  # a dry run (fast_dev_run) writes nothing
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         options = {"settings": self.sampling, "seed": self.seed, "batch_size": self.num_samples}
@@ -68,59 +71,137 @@ class SampleGrid(Callback):
 
 
 class LastCheckpoint(Checkpoint):
-    """Keeps `dirpath/last.ckpt` the newest state of the run, however the run ends.
+    """Keeps `dirpath/last.ckpt` the newest state of the run, however the run ends, and the folder the run's own.
 
     Written every `every_n_train_steps` optimizer steps; at the end of every run that ends without an error
-    (max_steps, max_epochs, max_time, early stopping); when a run stops with a one-line error (the
-    non-finite guard) and the weights are finite; and on SIGTERM (a pre-empted or cancelled job: Lightning
-    turns the signal into an exception at the next step boundary, on every process). Never twice for one
-    step, and always under the same name, however often the run was pre-empted and resumed. Lightning
-    writes it atomically (a temporary file, then a rename), so a kill during a write leaves the previous one.
+    (max_steps, max_epochs, max_time, early stopping); when a run stops with a one-line error (the non-finite
+    guard) and the weights are finite; and on Ctrl-C or SIGTERM: the first signal stops the run after the
+    training step in progress, on every process, saves there and prints the command that resumes it (exit
+    status 128 + the signal's number); a second Ctrl-C aborts at once, without saving. Never twice for one
+    step, and always under the same name, however often the run was pre-empted and resumed. Lightning writes
+    it atomically (a temporary file, then a rename), so a kill during a write leaves the previous one.
+
+    The folder is the run's: a lock (`runs.RunLock`) stops a second run from writing into it at the same time,
+    and a fresh run (or one resumed from another run's checkpoint) is refused where the folder holds another
+    run's checkpoints, which it would replace. Each checkpoint carries its run's identity for this. A dry run
+    (`fast_dev_run`) writes nothing.
 
     Args:
         dirpath: the run's checkpoint folder.
-        every_n_train_steps: the interval of the scheduled saves (0: none, only the end and SIGTERM).
+        every_n_train_steps: the interval of the scheduled saves (0: none, only the end and the signals).
     """
 
     def __init__(self, dirpath: str = "checkpoints", every_n_train_steps: int = 500) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_train_steps = every_n_train_steps
-        self.saved_step: int | None = None  # the step of the newest state on disk
+        self.resume_command = f"--ckpt_path {self.path}"  # the CLI puts its whole command line here
+        self.run_id: str | None = None  # this run's identity: new, or the resumed checkpoint's
+        self.saved_step: int | None = None  # the step of the newest state on disk; None before training starts
+        self.writes = False  # whether this run may write into dirpath (not a dry run, the folder checked)
+        self.lock = RunLock(self.dirpath)
+        self.signals: StopSignals | None = None
 
     @property
     def path(self) -> Path:
         """dirpath/last.ckpt."""
         return self.dirpath / "last.ckpt"
 
+    def state_dict(self) -> dict:
+        """The run's identity, kept in every checkpoint of the run."""
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resuming: the run goes on under its identity."""
+        self.run_id = state_dict.get("run_id")
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Take the folder (lock, then check that it holds no other run's checkpoints), once per run, on the main
+        process; every process stops with the same line if that fails. A dry run takes nothing."""
+        if trainer.fast_dev_run:
+            return
+        refusal, left = None, None
+        if trainer.is_global_zero:
+            self.run_id = self.run_id or new_run_id()
+            try:
+                left = self.lock.acquire()
+                check_folder_is_ours(self.dirpath, self.run_id, trainer.ckpt_path)
+            except UserError as error:
+                self.lock.release()
+                refusal = str(error)
+        refusal, self.run_id = trainer.strategy.broadcast((refusal, self.run_id))
+        if refusal:
+            raise UserError(refusal)
+        if left:  # the main process only
+            print(f"lit-ddpm: took over {self.lock.path}, left by a run that ended without releasing it "
+                  f"({describe(left)})", file=sys.stderr)  # fmt: skip
+        self.writes = True
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """The state a run starts from is on disk already (a resumed checkpoint) or is nothing (step 0)."""
+        """The state a run starts from is on disk already (a resumed checkpoint) or is nothing (step 0); from
+        here Ctrl-C and SIGTERM stop the run at a step boundary."""
         self.saved_step = trainer.global_step
+        self.signals = StopSignals(str(self.path), announce=trainer.is_global_zero)
+        self.signals.install()
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args) -> None:
-        """The scheduled saves."""
+        """The scheduled saves, and the stop a signal asked for."""
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self._save(trainer)
+        signal_number = self._stop_requested(trainer)
+        if signal_number:
+            self._stop(trainer, signal_number)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The true end of the run, whatever stopped it."""
         self._save(trainer)
+        self._let_go()
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        """SIGTERM, or a one-line stop (UserError): save the state at this step boundary, if it is finite."""
-        if trainer.state.fn != "fit" or not isinstance(exception, SIGTERMException | UserError):
-            return
+        """A one-line stop (UserError) or Lightning's own SIGTERM stop (before training starts): save the state at
+        this step boundary, if it is finite. Then let go of the signals and the folder."""
+        if isinstance(exception, SIGTERMException | UserError) and self.saved_step is not None:
+            try:
+                self._save(trainer)
+            except UserError as refused:  # non-finite weights: the previous last.ckpt stays
+                rank_zero_warn(str(refused))
+        self._let_go()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """However the run ended."""
+        self._let_go()
+
+    def _stop_requested(self, trainer: "pl.Trainer") -> int:
+        """The signal that asked for a stop (0: none), on every process: the processes agree (one all-reduce a
+        step; Lightning already synchronises once a step for its own SIGTERM flag), so that all stop at the
+        same step, whichever of them was signalled."""
+        received = (self.signals.received or 0) if self.signals is not None else 0
+        if trainer.world_size > 1:
+            flag = torch.tensor(received, device=trainer.strategy.root_device)
+            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
+        return received
+
+    def _stop(self, trainer: "pl.Trainer", signal_number: int) -> None:
+        """Save here (if the weights are finite), say how to resume, and end the run with 128 + the signal."""
+        name = StopSignals.NAMES.get(signal_number, f"signal {signal_number}")
         try:
             self._save(trainer)
-        except UserError as refused:  # non-finite weights: the previous last.ckpt stays
-            rank_zero_warn(str(refused))
-            return
-        if isinstance(exception, SIGTERMException):
-            rank_zero_info(f"SIGTERM: saved {self.path}; resume with --ckpt_path {self.path}")
+            saved = f"saved {self.path} at step {trainer.global_step}" if self.writes else "a dry run: nothing saved"
+        except (UserError, OSError) as refused:  # non-finite weights, a full disk: the previous last.ckpt stays
+            saved = f"not saved ({refused}); {self.path} keeps its step {self.saved_step}"
+        if trainer.is_global_zero:
+            resume = f"; resume with:\n  {self.resume_command}" if self.writes and self.path.exists() else ""
+            print(f"lit-ddpm: stopped by {name}: {saved}{resume}", file=sys.stderr, flush=True)
+        raise Interrupted(128 + signal_number)
 
     def _save(self, trainer: "pl.Trainer") -> None:
-        if trainer.global_step != self.saved_step:
+        if self.writes and trainer.global_step != self.saved_step:
             trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
+
+    def _let_go(self) -> None:
+        if self.signals is not None:
+            self.signals.restore()
+        self.lock.release()
 
 
 class NonFiniteGuard(Callback):

@@ -1,11 +1,15 @@
 """Checking a checkpoint file before anything is built from it."""
 
+import argparse
 import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import OneLineErrors, UserError
 
 # Model settings of earlier versions, and where each went; their checkpoints name them in hyper_parameters.
 MOVED_SETTINGS = {
@@ -14,40 +18,104 @@ MOVED_SETTINGS = {
 }
 
 
-def check_checkpoint(path: str, settings: set[str] | None = None) -> None:
-    """One clear line for a --ckpt_path that is missing, truncated, corrupt or not a checkpoint, or (given the
-    model's `settings`) one whose hyper-parameters name settings the model no longer has."""
+# The class paths a checkpoint may name without the user naming them too, and the function that builds the model.
+NETWORKS = frozenset({"diffusion_lit.nn.UNet", "diffusion_lit.nn.unet.UNet"})
+INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+CLASS_SETTINGS = ("unet",)  # model settings that are classes to build: a plain string there is a class path too
+
+
+def check_checkpoint(path: str, settings: set[str] | None = None, allowed_classes: Iterable[str] = ()) -> None:
+    """One clear line for a --ckpt_path that is missing, truncated, corrupt or not a checkpoint; that names a class
+    to build other than lit-ddpm's networks and `allowed_classes` (checked before anything is imported); or
+    (given the model's `settings`) whose hyper-parameters name settings the model does not have."""
+    checkpoint = _read(path)
+    hyper_parameters = checkpoint.get("hyper_parameters", {})
+    foreign = foreign_classes(hyper_parameters, NETWORKS | set(allowed_classes))
+    if foreign:
+        raise UserError(
+            f"--ckpt_path {path!r} names {foreign[0]!r} as a class to build, which is not a lit-ddpm network; nothing "
+            f"was imported. If you trust it, name it yourself: --model.unet.class_path {foreign[0]} (fit, validate, "
+            f"test) or --allow_class {foreign[0]} (sample)"
+        )
+    unknown = sorted(set(hyper_parameters) - (settings or set()) - {"_instantiator"})
+    if settings is None or not unknown:
+        return
+    moved = [f"{name} -> {MOVED_SETTINGS[name]}" for name in unknown if name in MOVED_SETTINGS]
+    other = [name for name in unknown if name not in MOVED_SETTINGS]
+    if other:
+        raise UserError(
+            f"--ckpt_path {path!r} names model settings this lit-ddpm does not have: {', '.join(other)} (written by "
+            f"a newer lit-ddpm, or edited); upgrade lit-ddpm, or drop them from the file: python -m "
+            f"diffusion_lit.checkpoints {' '.join(f'--drop {name}' for name in other)} {path}"
+        )
+    raise UserError(
+        f"--ckpt_path {path!r} was written by an earlier lit-ddpm: its model settings {', '.join(unknown)} no "
+        f"longer exist ({'; '.join(moved)}). `lit-ddpm sample` still reads it; to resume or test it, upgrade it "
+        f"once: python -m diffusion_lit.checkpoints {path}"
+    )
+
+
+def _read(path: str, label: str = "--ckpt_path ") -> dict:
+    """A checkpoint file's contents, loaded safely (weights only; memory-mapped, so only the index is read);
+    `label` is how the messages name the file's origin."""
     if not os.path.isfile(path):
-        raise UserError(f"--ckpt_path {path!r} is not a file; give the path of a .ckpt file")
-    try:  # memory-mapped: only the index is read, so this costs little even for large checkpoints
+        raise UserError(f"{label}{path!r} is not a file; give the path of a .ckpt file")
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001  (truncated zip, foreign pickle, random bytes: one answer)
         raise UserError(
-            f"--ckpt_path {path!r} is not a readable checkpoint (truncated, corrupt, or not a file torch.save wrote)"
+            f"{label}{path!r} is not a readable checkpoint (truncated, corrupt, or not a file torch.save wrote)"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"--ckpt_path {path!r} is a torch file but not a Lightning checkpoint (no state_dict)")
-    unknown = sorted(set(checkpoint.get("hyper_parameters", {})) - (settings or set()) - {"_instantiator"})
-    if settings is not None and unknown:
-        moved = [f"{name} -> {MOVED_SETTINGS[name]}" for name in unknown if name in MOVED_SETTINGS]
-        raise UserError(
-            f"--ckpt_path {path!r} was written by an earlier lit-ddpm: its model settings {', '.join(unknown)} no "
-            f"longer exist{' (' + '; '.join(moved) + ')' if moved else ''}. `lit-ddpm sample` still reads it; to "
-            f"resume or test it, upgrade it once: python -m diffusion_lit.checkpoints {path}"
-        )
+        raise UserError(f"{label}{path!r} is a torch file but not a Lightning checkpoint (no state_dict)")
+    return checkpoint
 
 
-def upgrade_checkpoint(path: str) -> list[str]:
-    """Drop the settings of MOVED_SETTINGS from a checkpoint's hyper-parameters, in place (atomically);
-    returns the names dropped. Their values are not needed: each now has its own place (and default)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def foreign_classes(hyper_parameters: dict, allowed: Iterable[str]) -> list[str]:
+    """The class paths in a checkpoint's hyper-parameters that are not `allowed`: every `class_path` (jsonargparse
+    imports it to build the object), a plain string where a class setting is, and an instantiator other than
+    Lightning's. Nothing is imported."""
+    found = []
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in ("class_path", "_class_path"):
+                    found.append(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+
+    walk(hyper_parameters)
+    found += [hyper_parameters[name] for name in CLASS_SETTINGS if isinstance(hyper_parameters.get(name), str)]
+    if hyper_parameters.get("_instantiator", INSTANTIATOR) != INSTANTIATOR:
+        found.append(hyper_parameters["_instantiator"])
+    allowed = set(allowed)
+    return [str(path) for path in found if not isinstance(path, str) or path not in allowed]
+
+
+def upgrade_checkpoint(path: str, drop: Iterable[str] = ()) -> list[str]:
+    """Drop the settings of MOVED_SETTINGS, and those named in `drop`, from a checkpoint's hyper-parameters, in
+    place (atomically); returns the names dropped. The moved ones each have their own place (and default) now."""
+    checkpoint = _read(path, label="")
     hyper_parameters = checkpoint.get("hyper_parameters", {})
-    dropped = sorted(set(hyper_parameters) & set(MOVED_SETTINGS))
+    absent = sorted(set(drop) - set(hyper_parameters))
+    if absent:
+        raise UserError(
+            f"{path!r} has no model setting {absent[0]!r} to drop (it has {', '.join(sorted(hyper_parameters))})"
+        )
+    dropped = sorted(set(hyper_parameters) & (set(MOVED_SETTINGS) | set(drop)))
     for name in dropped:
         del hyper_parameters[name]
     partial = f"{path}.partial"
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)
+    except OSError as error:
+        Path(partial).unlink(missing_ok=True)
+        raise UserError(f"could not rewrite {path!r} ({error.strerror or error}); it is unchanged") from None
     return dropped
 
 
@@ -72,8 +140,26 @@ def check_finite(state_dict: dict[str, Tensor]) -> None:
             raise UserError(f"refusing to save a checkpoint: {name} has non-finite values")
 
 
-if __name__ == "__main__":
-    import sys
+class _OneLineParser(OneLineErrors, argparse.ArgumentParser):
+    """argparse, with one-line errors."""
 
-    for file in sys.argv[1:]:
-        print(f"{file}: dropped {', '.join(upgrade_checkpoint(file)) or 'nothing'}")
+
+def main(args: list[str] | None = None) -> None:
+    """`python -m diffusion_lit.checkpoints [--drop NAME]... CKPT...`: upgrade checkpoints in place."""
+    parser = _OneLineParser(
+        prog="python -m diffusion_lit.checkpoints",
+        description="Upgrade lit-ddpm checkpoints in place: drop the model settings an earlier version wrote.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="CKPT")
+    parser.add_argument("--drop", action="append", default=[], metavar="NAME", help="also drop this model setting")
+    try:
+        options = parser.parse_args(args)
+        for path in options.paths:
+            print(f"{path}: dropped {', '.join(upgrade_checkpoint(path, options.drop)) or 'nothing'}")
+    except UserError as error:
+        print(f"lit-ddpm: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

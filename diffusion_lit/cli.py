@@ -3,7 +3,9 @@
 import inspect
 import netrc
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -11,9 +13,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_lit import sample
-from diffusion_lit.callbacks import NonFiniteGuard
+from diffusion_lit.callbacks import LastCheckpoint, NonFiniteGuard
 from diffusion_lit.checkpoints import check_checkpoint
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.evaluation import SampleQuality
 from diffusion_lit.module import DiffusionModule
 
@@ -29,15 +31,8 @@ class SaveRunConfig(SaveConfigCallback):
                 self.parser.save(self.config, path, skip_none=False, overwrite=True)
 
 
-class OneLineErrorParser(LightningArgumentParser):
-    """A parser whose final errors (unknown key, wrong type) are one line instead of usage plus message."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        """Raise UserError for errors that would exit; keep jsonargparse's internal ones as they are."""
-        if not self.exit_on_error:
-            super().error(message, ex)
-        flat = " ".join(line.strip() for line in message.splitlines() if line.strip())
-        raise UserError(f"{flat} (`{self.prog.split(' [')[0]} --help` lists the options)")
+class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser, whose final errors (unknown key, wrong type) are one line."""
 
 
 COMMANDS = {
@@ -69,8 +64,10 @@ class DiffusionCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        """Refuse what cannot run (predict; a --ckpt_path that is missing, truncated or not a checkpoint)
-        right after parsing: LightningCLI reads the checkpoint's hyper-parameters next."""
+        """Refuse what cannot run (predict; a --ckpt_path that is missing, truncated, not a checkpoint, or that
+        names a class other than lit-ddpm's networks and the config's) right after parsing: LightningCLI reads
+        the checkpoint's hyper-parameters next, and building them imports the classes they name."""
+        self.argv = list(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand == "predict":
@@ -80,7 +77,14 @@ class DiffusionCLI(LightningCLI):
             )
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS:
-            check_checkpoint(ckpt_path, set(inspect.signature(DiffusionModule).parameters))
+            named = self.config[subcommand].model.unet.class_path  # the user's own choice may be built
+            check_checkpoint(ckpt_path, set(inspect.signature(DiffusionModule).parameters), {named})
+
+    def before_fit(self) -> None:
+        """Tell LastCheckpoint the command that resumes this run, for the line it prints when a signal stops it."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, LastCheckpoint):
+                callback.resume_command = _resume_command(self.argv, callback.path)
 
     def before_instantiate_classes(self) -> None:
         """Put the run's name wherever the trainer's settings say `{run}` (folders, the logger's run name), and
@@ -109,6 +113,19 @@ def _fill(value, run: str):
         for key in list(value.keys()) if isinstance(value, dict) else list(vars(value)):
             value[key] = _fill(value[key], run)
     return value
+
+
+def _resume_command(argv: list[str], checkpoint: Path) -> str:
+    """`lit-ddpm` and the run's arguments with any --ckpt_path replaced by `checkpoint`, quoted for a shell."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        skip = arg == "--ckpt_path"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["lit-ddpm", *kept, "--ckpt_path", str(checkpoint)])
 
 
 # Names the Trainer resolves itself rather than reading as paths.

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import BATCH_SIZE, generate, shard, write_samples
+from diffusion_lit.generation import BATCH_SIZE, generate, shard, write_samples, written_whole
 from diffusion_lit.metrics import QualityMetrics, ReferenceData, load_inception, load_reference
 
 
@@ -94,7 +94,7 @@ class SampleQuality(Callback):
         if not isinstance(trainer.datamodule, ReferenceData):
             raise UserError("FID needs a lit-ddpm datamodule (one with reference_set); set data.class_path")
         hparams = pl_module.hparams
-        self.sampling.check(hparams.timesteps, prefix="evaluation.sampling.")
+        self.sampling.check(hparams.timesteps, "evaluation.sampling.", conditional=pl_module.num_classes is not None)
         self.sampling = self.sampling.resolve(hparams.prediction, hparams.timesteps)  # what the JSON names
         if self.extractor is None:
             try:
@@ -135,7 +135,7 @@ class SampleQuality(Callback):
         self._evaluate(trainer, pl_module, self.fit_num_samples)
         scores = self.metrics.compute(self.seed)
         pl_module.log_dict({"val/fid": scores["fid"], "val/is": scores["is"]}, sync_dist=True)
-        if self.keep_best and (self.best is None or scores["fid"] < self.best[0]):
+        if self.keep_best and not trainer.fast_dev_run and (self.best is None or scores["fid"] < self.best[0]):
             self._keep_best(trainer, scores["fid"])
 
     def _keep_best(self, trainer: "pl.Trainer", fid: float) -> None:
@@ -199,11 +199,12 @@ class SampleQuality(Callback):
             "resize": "antialiased bilinear (torchmetrics)" if self.antialias else "bilinear as TensorFlow 1.x",
             "inception_score_splits": self.metrics.inception_score.splits,
         }
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        npz = stem.with_suffix(".npz") if self.save_samples in ("npz", "both") else None
+        # Suffixes added, not replaced: a sampling name may hold a dot (ddim50-eta0.5).
+        npz = stem.with_name(f"{stem.name}.npz") if self.save_samples in ("npz", "both") else None
         write_samples(images, None, npz, stem if self.save_samples in ("png", "both") else None)
-        _print_scores(report, stem.with_suffix(".json"))
+        with written_whole(stem.with_name(f"{stem.name}.json")) as partial:  # last: a JSON says its samples are whole
+            partial.write_text(json.dumps(report, indent=2) + "\n")
+        _print_scores(report, stem.with_name(f"{stem.name}.json"))
 
 
 def _print_scores(report: dict, path: Path) -> None:

@@ -7,7 +7,9 @@ model gets the classes in turn (image i has class i mod num_classes) unless labe
 """
 
 import math
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -82,23 +84,37 @@ def generate_all(model: Generator, num_samples: int, **options) -> tuple[Tensor,
     return images, labels
 
 
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` (with its suffix, so writers pick the format from it) to write to, renamed
+    to `path` when the block ends and removed if it raises: a file at `path` is always a complete one, whatever
+    stops the write (a full disk, a signal)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def save_grid(images: Tensor, path: Path, per_row: int | None = None) -> Tensor:
     """uint8 images (N, C, H, W) as one PNG grid, `per_row` to a row (default: a square), 2 px white padding;
     returns the grid (C, H', W') in [0, 1]."""
     grid = make_grid(images.float() / 255, nrow=per_row or math.ceil(math.sqrt(len(images))), padding=2, pad_value=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+    with written_whole(path) as partial:
+        save_image(grid, partial)
     return grid
 
 
 def write_samples(images: Tensor, labels: Tensor | None, npz: Path | None = None, png_dir: Path | None = None) -> None:
     """uint8 images (N, C, H, W) as an .npz (arr_0: (N, H, W, C), the layout of OpenAI's evaluator, with the
-    images' own channels; `labels` beside it) and/or PNGs png_dir/000000.png, ..."""
+    images' own channels; `labels` beside it) and/or PNGs png_dir/000000.png, ...; each file whole or absent."""
     array = images.permute(0, 2, 3, 1).cpu().numpy()
     if npz is not None:
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(npz, arr_0=array, **({} if labels is None else {"labels": labels.cpu().numpy()}))
+        with written_whole(npz) as partial:
+            np.savez(partial, arr_0=array, **({} if labels is None else {"labels": labels.cpu().numpy()}))
     if png_dir is not None:
-        png_dir.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(array):
-            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(png_dir / f"{index:06d}.png")
+            with written_whole(png_dir / f"{index:06d}.png") as partial:
+                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(partial)

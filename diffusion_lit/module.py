@@ -1,10 +1,13 @@
 """DiffusionModule: thin Lightning glue around a UNet, a NoiseSchedule and the loss."""
 
+import os
+from collections.abc import Iterable
+
 import torch
 from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 
-from diffusion_lit.checkpoints import check_finite, check_weights_fit
+from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit
 from diffusion_lit.diffusion.guidance import drop_labels, guided
 from diffusion_lit.diffusion.immiscible import assign_noise
 from diffusion_lit.diffusion.losses import DiffusionLoss
@@ -194,6 +197,14 @@ class DiffusionModule(LightningModule):
         """trainer.gradient_clip_val / _algorithm, also for fused Adam under mixed precision (optim.clip_gradients)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         clip_gradients(list(self.parameters()), optimizer, scaler, gradient_clip_val, gradient_clip_algorithm)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, allowed_classes: Iterable[str] = (), **kwargs):
+        """Lightning's, after checking that a local checkpoint file names no class to build other than lit-ddpm's
+        networks and `allowed_classes` (`checkpoints.check_checkpoint`: building a class imports its module)."""
+        if isinstance(checkpoint_path, str | os.PathLike) and os.path.isfile(checkpoint_path):
+            check_checkpoint(str(checkpoint_path), allowed_classes=allowed_classes)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another model configuration is one clear line, not a page of size mismatches."""

@@ -71,16 +71,18 @@ class ProgressBar(RichProgressBar):
         """The last line."""
         super().on_train_end(trainer, pl_module)
         if self.plain:
-            self._line(trainer, pl_module)
+            self._line(trainer, pl_module, final=True)
 
-    def _line(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _line(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", final: bool = False) -> None:
         now, step = time.perf_counter(), trainer.global_step
         values = self.get_metrics(trainer, pl_module)
         rate = self._images / max(now - self._last_line[0], 1e-9)
         self._images, self._last_line = 0, (now, step)
         parts = [f"step {step}" + (f"/{trainer.max_steps}" if trainer.max_steps > 0 else "")]
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        parts.append(f"epoch {trainer.current_epoch + 1}" + (f"/{max_epochs}" if max_epochs else ""))
+        # current_epoch is the 0-based epoch in progress; when a run ends, Lightning has counted its last one done.
+        epoch = max(trainer.current_epoch, 1) if final else trainer.current_epoch + 1
+        parts.append(f"epoch {epoch}" + (f"/{max_epochs}" if max_epochs else ""))
         parts += [f"{name.split('/')[-1]} {value:.4g}" for name, value in values.items() if name in self.metrics]
         parts += [f"{rate:,.0f} img/s", f"elapsed {_clock(now - self._start[0])}"]
         eta = self._eta(trainer, now, step)

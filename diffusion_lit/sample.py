@@ -1,6 +1,7 @@
 """`lit-ddpm sample`: images from a checkpoint's EMA weights, without the dataset or the training config."""
 
 import math
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -11,16 +12,23 @@ from torch import Tensor
 
 from diffusion_lit.checkpoints import check_checkpoint
 from diffusion_lit.diffusion.sampling import Sampling
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.generation import BATCH_SIZE, generate_all, save_grid, write_samples
 from diffusion_lit.module import DiffusionModule
 
 
-def load_checkpoint(ckpt_path: str, device: str = "cpu") -> DiffusionModule:
-    """A DiffusionModule with the checkpoint's EMA weights, loaded safely (weights_only=True)."""
-    check_checkpoint(ckpt_path)
+class OneLineParser(OneLineErrors, ArgumentParser):
+    """jsonargparse, with one-line errors."""
+
+
+def load_checkpoint(ckpt_path: str, device: str = "cpu", allowed_classes: Iterable[str] = ()) -> DiffusionModule:
+    """A DiffusionModule with the checkpoint's EMA weights, loaded safely (weights_only=True); the network is
+    built only if it is one of lit-ddpm's or its class is in `allowed_classes` (nothing else is imported)."""
+    check_checkpoint(ckpt_path, allowed_classes=allowed_classes)
     try:
-        module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
+        module = DiffusionModule.load_from_checkpoint(
+            ckpt_path, map_location=device, weights_only=True, allowed_classes=allowed_classes
+        )
     except Exception as error:  # noqa: BLE001  (truncated, foreign or not a checkpoint: the same advice)
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise UserError(f"{ckpt_path!r} is not a readable lit-ddpm checkpoint ({reason})") from None
@@ -47,7 +55,7 @@ def class_labels(module: DiffusionModule, label: str | None, num_samples: int) -
 
 def parser() -> ArgumentParser:
     """The `lit-ddpm sample` options: the sampler's are those of `Sampling`, the one definition of them."""
-    p = ArgumentParser(prog="lit-ddpm sample", description="Sample images from a lit-ddpm checkpoint.")
+    p = OneLineParser(prog="lit-ddpm sample", description="Sample images from a lit-ddpm checkpoint.")
     p.add_argument("--ckpt_path", required=True, help="the checkpoint (its EMA weights are used)")
     p.add_argument("--num_samples", type=int, default=64)
     p.add_class_arguments(Sampling, None)
@@ -61,6 +69,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for the network")
     p.add_argument("--compile", type=bool, default=False, help="torch.compile the network's forward (GPUs)")
+    p.add_argument("--allow_class", default=None, help="a network class of your own that the checkpoint may name")
     return p
 
 
@@ -71,8 +80,8 @@ def main(args: list[str]) -> None:
         raise UserError("--num_samples and --batch_size must be at least 1")
     settings = Sampling(**{name: options[name] for name in Sampling.__dataclass_fields__})
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_checkpoint(options.ckpt_path, device)
-    settings.check(module.schedule.timesteps, prefix="--")
+    module = load_checkpoint(options.ckpt_path, device, [options.allow_class] if options.allow_class else [])
+    settings.check(module.schedule.timesteps, prefix="--", conditional=module.num_classes is not None)
     settings = settings.resolve(module.hparams.prediction, module.schedule.timesteps)
     labels, per_row = class_labels(module, options.label, options.num_samples)
     num_samples = options.num_samples if labels is None else len(labels)

@@ -11,6 +11,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(Path(__file__).with_name("tiny.yaml"))
+# After TINY: one real training step (fast_dev_run is a dry run and writes no checkpoint), no validation.
+ONE_STEP = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "1", "--trainer.max_epochs", "-1",
+            "--trainer.limit_val_batches", "0"]  # fmt: skip
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:

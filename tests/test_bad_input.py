@@ -176,7 +176,7 @@ def test_disk_full_while_writing_sample_files_is_one_line(capsys, demo_checkpoin
 def test_secrets_never_reach_saved_configs_or_checkpoints(monkeypatch, tmp_path, demo_checkpoint):
     secret = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("WANDB_API_KEY", secret)
-    main(["fit", *DEMO, *SHORT, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+    main(["fit", *DEMO, *SHORT, "--name", "with_logs", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
           "--trainer.logger.save_dir", "logs"])  # fmt: skip
     for path in [*tmp_path.rglob("*.yaml"), *tmp_path.rglob("*.ckpt"), *tmp_path.rglob("*.csv")]:
         assert secret.encode() not in path.read_bytes(), path
@@ -225,3 +225,96 @@ def test_checkpoint_of_an_earlier_version_is_one_line_and_upgrades_in_place(caps
     main(["fit", *DEMO, *SHORT, "--trainer.logger", "false", "--trainer.max_steps", "3", "--ckpt_path",
           str(demo_checkpoint)])  # fmt: skip
     assert torch.load(demo_checkpoint, weights_only=True)["global_step"] == 3
+
+
+def test_an_unknown_model_setting_is_named_and_its_advice_works(capsys, demo_checkpoint):
+    from diffusion_lit import checkpoints
+
+    state = torch.load(demo_checkpoint, weights_only=True)
+    state["hyper_parameters"]["attention_window"] = 8  # a setting this lit-ddpm never had (a newer one's?)
+    torch.save(state, demo_checkpoint)
+    for command in ("fit", "test"):
+        error = one_line_error(capsys, command, *DEMO, "--ckpt_path", str(demo_checkpoint))
+        assert "attention_window" in error and f"--drop attention_window {demo_checkpoint}" in error
+    checkpoints.main(["--drop", "attention_window", str(demo_checkpoint)])  # the advice, followed
+    assert "dropped attention_window" in capsys.readouterr().out
+    main(["fit", *DEMO, *SHORT, "--trainer.logger", "false", "--trainer.max_steps", "3", "--ckpt_path",
+          str(demo_checkpoint)])  # fmt: skip
+    assert torch.load(demo_checkpoint, weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda path: path.write_bytes(path.read_bytes()[:2000]),  # truncated
+     lambda path: path.write_bytes(b"\x80\x04cos\nsystem\nq\x00."),  # a pickle that would call os.system
+     lambda path: path.unlink()],  # missing
+    ids=["truncated", "hostile", "missing"],
+)  # fmt: skip
+def test_the_upgrade_tool_answers_bad_files_in_one_line(capsys, demo_checkpoint, make):
+    from diffusion_lit import checkpoints
+
+    make(demo_checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        checkpoints.main([str(demo_checkpoint)])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and str(demo_checkpoint) in err[0], err
+
+
+def test_guidance_for_an_unconditional_model_is_one_line(capsys, demo_checkpoint):
+    error = one_line_error(capsys, "sample", "--ckpt_path", str(demo_checkpoint), "--guidance", "3")
+    assert "--guidance" in error and "unconditional" in error
+    error = one_line_error(capsys, "test", *DEMO, "--ckpt_path", str(demo_checkpoint),
+                           "--evaluation.sampling.guidance", "3")  # fmt: skip
+    assert "evaluation.sampling.guidance" in error and "unconditional" in error
+
+
+def test_a_file_as_the_image_folder_is_named_as_such(tmp_path, image_folder):
+    data = ImageFolderDataModule(str(image_folder / "part1" / "1.png"), image_size=16)
+    with pytest.raises(UserError, match=r"is a file, not a folder"):
+        data.setup("fit")
+
+
+def test_the_last_progress_line_counts_the_epochs_run(capsys):
+    # The demo config's ProgressBar writes plain lines here: pytest's stdout is not a terminal.
+    main(["fit", *DEMO, "--trainer.logger", "false"])  # fast_dev_run: one step of one epoch
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("step 1/1 · epoch 1/1 · ")
+    main(["fit", *DEMO, *SHORT, "--trainer.logger", "false", "--trainer.max_steps", "3", "--trainer.max_epochs", "18"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("step 3/3 · epoch 1/18 · ")
+
+
+def test_a_write_cut_short_leaves_no_file_that_looks_complete(capsys, demo_checkpoint, monkeypatch):
+    real_savez = np.savez
+
+    def half_then_full(file, **arrays):  # writes part of the file, then the disk is full
+        real_savez(file, arr_0=arrays["arr_0"][:1])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("diffusion_lit.generation.np.savez", half_then_full)
+    one_line_error(capsys, "sample", "--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2",
+                   "--output", "out")  # fmt: skip
+    assert not Path("out/samples.npz").exists()
+    assert not [p for p in Path("out").rglob("*") if p.is_file() and p.name != "grid.png"]  # no partial file left
+
+    monkeypatch.setattr("diffusion_lit.evaluation.load_inception", lambda *args, **kwargs: StandInExtractor())
+    test = ["test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--evaluation.num_samples", "2",
+            "--evaluation.sampling.steps", "2", "--evaluation.reference", "test",
+            "--evaluation.cache_dir", "cache"]  # fmt: skip
+    one_line_error(capsys, *test)
+    written = sorted(p.name for p in demo_checkpoint.parent.iterdir())
+    assert written == ["last.ckpt"], written  # neither the scores' JSON nor a partial npz
+
+
+def test_an_interrupted_grid_write_leaves_no_grid(demo_checkpoint, monkeypatch):
+    from diffusion_lit import generation
+
+    real_save_image = generation.save_image
+
+    def interrupted(grid, path):
+        real_save_image(grid[:, :10], path)  # part of the picture, then the signal
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("diffusion_lit.generation.save_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["sample", "--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2", "--output", "out"])
+    assert not [p for p in Path("out").rglob("*") if p.is_file()]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ONE_STEP, ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -82,8 +82,8 @@ def test_sampler_quality_runs_end_to_end(tmp_path, monkeypatch, capsys):
     from diffusion_lit.cli import main as cli
 
     monkeypatch.chdir(tmp_path)
-    cli(["fit", "--config", f"{ROOT}/configs/demo.yaml", "--config", f"{ROOT}/tests/tiny.yaml", "--trainer.logger",
-         "false"])  # fmt: skip
+    cli(["fit", "--config", f"{ROOT}/configs/demo.yaml", "--config", f"{ROOT}/tests/tiny.yaml", *ONE_STEP,
+         "--trainer.logger", "false"])  # fmt: skip
     checkpoint = next((tmp_path / "checkpoints").rglob("*.ckpt"))
     argv = ["--model", f"tiny={checkpoint}", "--num-samples", "4", "--seeds", "0", "1", "--rows",
             "dpmpp_sde:3,unipc:2:dynamic", "--json", str(tmp_path / "q.json")]  # fmt: skip

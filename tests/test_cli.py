@@ -7,7 +7,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, TINY
+from conftest import ONE_STEP, ROOT, TINY
 from diffusion_lit.cli import main
 from diffusion_lit.module import DiffusionModule
 
@@ -60,7 +60,19 @@ def test_every_loss_term_is_logged(image_folder, vgg):
 
 def test_fit_demo_writes_a_sample_grid(tmp_path):
     pytest.importorskip("mlxtend")
-    fit("--config", f"{ROOT}/configs/demo.yaml", "--config", TINY)
+    fit(
+        "--config",
+        f"{ROOT}/configs/demo.yaml",
+        "--config",
+        TINY,
+        *ONE_STEP,
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+        "--trainer.val_check_interval",
+        "1",
+    )
     grid = tmp_path / "samples" / "demo" / "step=1.png"
     assert grid.is_file()
     assert Image.open(grid).size == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 digits of 28 px, 2 px padding

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,68 @@ def test_on_device_flips_happen_only_while_training(cifar10_dir):
     same = [torch.equal(a, u) for a, u in zip(augmented, unflipped, strict=True)]
     assert all(f or s for f, s in zip(flipped, same, strict=True))
     assert 5 <= sum(flipped) <= 35  # about half of the 40 images
+
+
+# Every Pillow mode an image folder can hold is read as the picture it is: the same gray ramp saved in each
+# mode comes out as the 8-bit ramp does (16-bit by 65535, float in [0, 1] as is), or is refused in one line.
+RAMP = np.arange(0, 256, 4, dtype=np.uint8).reshape(8, 8)
+
+
+def ramp_in(mode: str):
+    """RAMP as a Pillow image of `mode`, and the file suffix that format keeps it in."""
+    from PIL import Image
+
+    gray = Image.fromarray(RAMP, "L")
+    if mode == "1":
+        return Image.fromarray(RAMP >= 128).convert("1"), ".png"
+    if mode == "P":
+        image = Image.fromarray(RAMP, "P")
+        image.putpalette([v for i in range(256) for v in (i, i, i)])
+        return image, ".png"
+    if mode == "CMYK":
+        return Image.merge("CMYK", [Image.new("L", (8, 8), 0)] * 3 + [Image.fromarray(255 - RAMP, "L")]), ".tif"
+    if mode == "I;16":
+        return Image.fromarray(RAMP.astype(np.uint16) * 257), ".png"
+    if mode == "I":
+        return Image.fromarray(RAMP.astype(np.int32) * 257), ".tif"
+    if mode == "F":
+        return Image.fromarray(RAMP.astype(np.float32) / 255), ".tif"
+    return gray.convert(mode), ".png"  # L, LA, RGB, RGBA (alpha opaque)
+
+
+def read_back(folder, channels: int) -> torch.Tensor:
+    data = ImageFolderDataModule(str(folder), image_size=8, channels=channels, hflip=False, val_fraction=0.5)
+    data.setup("fit")
+    return data.train_set[0][0]
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_image_mode_is_read_as_the_picture_it_is(tmp_path, mode, channels):
+    image, suffix = ramp_in(mode)
+    for name in ("a", "b"):
+        image.save(tmp_path / f"{name}{suffix}")
+    from PIL import Image
+
+    assert Image.open(tmp_path / f"a{suffix}").mode == mode  # the file really holds that mode
+    expected = torch.from_numpy((RAMP >= 128) * 255.0 if mode == "1" else RAMP.astype(np.float64)) / 127.5 - 1
+    got = read_back(tmp_path, channels)
+    assert got.shape == (channels, 8, 8)
+    for channel in got:
+        torch.testing.assert_close(channel.double(), expected, atol=1.5 / 255, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "array,message",
+    [(np.full((8, 8), 2.5, np.float32), r"float pixels from 2.5 to 2.5.*\[0, 1\]"),
+     (np.full((8, 8), -7, np.int32), r"integer pixels from -7 to -7.*0 to 65535")],
+    ids=["float-outside-0-1", "negative-integers"],
+)  # fmt: skip
+def test_high_bit_depth_images_outside_their_range_are_refused_by_name(tmp_path, array, message):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        Image.fromarray(array).save(tmp_path / f"{name}.tif")
+    with pytest.raises(UserError, match=message) as error:
+        ImageFolderDataModule(str(tmp_path), image_size=8).setup("fit")
+    assert "a.tif" in str(error.value) and "mode" in str(error.value) and "\n" not in str(error.value)

@@ -8,6 +8,7 @@ every epoch, last.ckpt after every step. Interrupting waits for a seeded random 
 
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -72,10 +73,10 @@ def interrupt(folder: Path, signal_number: int, at_step: int, *extra: str) -> in
     return saved
 
 
-def assert_identical(a: Path, b: Path) -> None:
+def assert_identical(a: Path, b: Path, steps: int = STEPS) -> None:
     """The two runs' final last.ckpt hold the same weights, EMA, optimizer and scheduler state, bit for bit."""
     first, second = (torch.load(p / "checkpoints" / "demo" / "last.ckpt", weights_only=True) for p in (a, b))
-    assert first["global_step"] == second["global_step"] == STEPS
+    assert first["global_step"] == second["global_step"] == steps
     for key in ("state_dict", "current_model_state"):  # the EMA weights, and the training weights
         for name, value in first[key].items():
             assert torch.equal(value, second[key][name]), f"{key}.{name} differs"
@@ -103,6 +104,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path, s
     print(f"interrupted after step {saved} by {signal.Signals(signal_number).name}")
 
 
+@pytest.mark.slow  # the soak test below pre-empts a run 20 times
 def test_last_ckpt_is_the_newest_state_through_repeated_preemption(tmp_path):
     last = tmp_path / "checkpoints" / "demo" / "last.ckpt"
 
@@ -151,6 +153,70 @@ def test_every_way_of_ending_leaves_last_ckpt_at_the_final_step(tmp_path, ending
         assert checkpoint["global_step"] == expected and expected % 4
 
 
+def signal_at(folder: Path, signal_number: int, at_step: int, *extra: str, every: int = 0) -> tuple[int, str]:
+    """Run with plain progress lines and scheduled saves every `every` steps (0: none), and send the signal to
+    its main process (rank 0) once it reports step `at_step`; returns its exit status and output."""
+    overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"], "enable_progress_bar": True, "log_every_n_steps": 1}}
+    overlay["trainer"]["callbacks"] = [
+        {"class_path": "diffusion_lit.progress.ProgressBar", "init_args": {"line_interval": 0}},
+        {"class_path": "diffusion_lit.callbacks.LastCheckpoint",
+         "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": every}},
+    ]  # fmt: skip
+    folder.mkdir(exist_ok=True)
+    (folder / "signal.yaml").write_text(yaml.safe_dump(overlay))
+    log = folder / "output.txt"
+    with open(log, "w") as output:
+        args = command(folder, "--config", str(folder / "signal.yaml"), *extra)
+        process = subprocess.Popen(args, cwd=folder, env=ENV, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        deadline, step = time.time() + 300, -1
+        while step < at_step and time.time() < deadline and process.poll() is None:
+            time.sleep(0.02)
+            lines = log.read_text().splitlines()
+            step = max((int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")), default=-1)
+        process.send_signal(signal_number)  # rank 0 only: under DDP the others hear of it from rank 0
+        code = process.wait(timeout=120)
+    return code, log.read_text()
+
+
+def ctrl_c(folder: Path, at_step: int, *extra: str) -> tuple[int, list[str]]:
+    """SIGINT once the run reports `at_step`, with no scheduled saves: the step last.ckpt then holds, and the
+    resume command the run printed."""
+    code, text = signal_at(folder, signal.SIGINT, at_step, *extra)
+    assert code == 130, text[-3000:]  # 128 + SIGINT, as a shell reports a Ctrl-C
+    last = folder / "checkpoints" / "demo" / "last.ckpt"
+    assert last.is_file(), text[-3000:]
+    saved = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    resume = next(line for line in text.splitlines() if "--ckpt_path" in line and "lit-ddpm fit" in line)
+    return saved, shlex.split(resume[resume.index("lit-ddpm fit") :])
+
+
+def run_printed(folder: Path, resume: list[str]) -> None:
+    assert resume[:2] == ["lit-ddpm", "fit"] and resume[-2:] == ["--ckpt_path", "checkpoints/demo/last.ckpt"]
+    done = subprocess.run([sys.executable, "-m", "diffusion_lit.cli", *resume[1:]], cwd=folder, env=ENV,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_ctrl_c_saves_the_step_it_stopped_at_and_its_printed_command_resumes_exactly(uninterrupted, tmp_path):
+    at_step = random.Random(signal.SIGINT).randint(3, STEPS - 8)
+    saved, resume = ctrl_c(tmp_path, at_step)
+    assert at_step <= saved <= at_step + 2  # no scheduled saves: this one is the signal's
+    run_printed(tmp_path, resume)
+    assert_identical(uninterrupted, tmp_path)
+
+
+def test_ctrl_c_to_rank_zero_stops_every_rank_under_ddp_and_resumes_exactly(tmp_path):
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(whole, *ddp)
+    saved, resume = ctrl_c(resumed, random.Random(3).randint(3, STEPS - 8), *ddp)
+    assert 3 <= saved < STEPS
+    run_printed(resumed, resume)
+    assert_identical(whole, resumed)
+
+
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted_under_two_process_ddp(tmp_path):
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
@@ -166,3 +232,29 @@ def test_stopped_after_an_epochs_last_batch_and_resumed_equals_uninterrupted(uni
     run(tmp_path, "--trainer.max_steps", "10")
     run(tmp_path, "--ckpt_path", "checkpoints/demo/last.ckpt")
     assert_identical(uninterrupted, tmp_path)
+
+
+@pytest.mark.slow
+def test_soak_twenty_kills_of_every_kind_and_resumes_end_bit_identical(tmp_path):
+    """A run stopped 20 times at random steps by a seeded mix of SIGINT, SIGTERM and SIGKILL (scheduled saves
+    every 4 steps, so a SIGKILL loses work that is then redone), resumed each time, ends as the run that
+    was never interrupted."""
+    steps = ["--trainer.max_steps", "60"]
+    whole, soaked = tmp_path / "whole", tmp_path / "soaked"
+    run(whole, *steps)
+    rng = random.Random(18)
+    last = soaked / "checkpoints" / "demo" / "last.ckpt"
+    survived = {"SIGINT": 0, "SIGTERM": 0, "SIGKILL": 0}
+    for _ in range(20):
+        saved = torch.load(last, weights_only=True)["global_step"] if last.exists() else 0
+        kind = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+        resume = ["--ckpt_path", "checkpoints/demo/last.ckpt"] if last.exists() else []
+        code, text = signal_at(soaked, kind, min(saved + rng.randint(1, 5), 54), *steps, *resume, every=4)
+        assert code == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[kind], text[-3000:]
+        after = torch.load(last, weights_only=True)["global_step"] if last.exists() else 0
+        assert after >= saved and (kind == signal.SIGKILL or after > saved), text[-3000:]
+        survived[kind.name] += 1
+    run(soaked, *steps, "--ckpt_path", "checkpoints/demo/last.ckpt")
+    assert_identical(whole, soaked, steps=60)
+    print(f"survived {survived}")
+    assert all(survived.values())

@@ -9,7 +9,7 @@ import time
 import torch
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ONE_STEP, ROOT, TINY
 from diffusion_lit.cli import main
 
 MSE_ONLY = f"{ROOT}/configs/ablation/mse_only.yaml"
@@ -43,6 +43,6 @@ def test_a_run_writing_to_a_file_shows_progress_lines_while_it_runs(tmp_path):
 def test_progress_bar_off_and_logger_off_do_not_stop_the_run(tmp_path, monkeypatch, mnist_dir):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, "--config", MSE_ONLY,  # has LR monitor
-          "--data.init_args.data_dir", str(mnist_dir), "--trainer.logger", "false",
+          *ONE_STEP, "--data.init_args.data_dir", str(mnist_dir), "--trainer.logger", "false",
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
     assert torch.load(tmp_path / "checkpoints" / "mnist" / "last.ckpt", weights_only=True)["global_step"] == 1

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -44,6 +45,7 @@ def fit_command(tmp_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "diffusion_lit.cli", "fit", *configs, *extra]
 
 
+@pytest.mark.slow  # test_exact_resume kills at a random step and compares every tensor
 def test_sigkill_mid_epoch_then_resume_ends_at_the_same_step(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     last = tmp_path / "checkpoints" / "demo" / "last.ckpt"

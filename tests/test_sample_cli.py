@@ -129,3 +129,11 @@ def test_sample_compiled_gives_the_same_images(demo_checkpoint, tmp_path, monkey
     assert len(compiled) == 1 and compiled[0].__name__ == "forward"
     eager, fast = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("eager", "compiled"))
     assert np.array_equal(eager, fast)
+
+
+def test_an_unknown_sampler_is_exactly_one_line(demo_checkpoint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample("--ckpt_path", str(demo_checkpoint), "--sampler", "foo")
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "foo" in err[0] and "--sampler" in err[0], err

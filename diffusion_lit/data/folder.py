@@ -4,6 +4,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
@@ -17,8 +18,37 @@ from diffusion_lit.errors import UserError
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+# Images whose pixels are not 8-bit: Pillow's convert() to "L" or "RGB" would clip them to 255 (16-bit images
+# come out white) or truncate them (float images in [0, 1] come out black). They are read as floats instead.
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+HIGH_DEPTH = SIXTEEN_BIT | {"I", "F"}
+
+
+def high_depth_problem(image: Image.Image, path: Path) -> str | None:
+    """Why a 16-bit, 32-bit integer or float image cannot be read as it is (None when it can): integer pixels
+    are read as 16-bit values (0 to 65535), float pixels as values in [0, 1]."""
+    if image.mode not in HIGH_DEPTH:
+        return None
+    low, high = image.getextrema()
+    if image.mode == "F" and not (0 <= low and high <= 1):
+        return f"{path} (mode F) holds float pixels from {low:g} to {high:g}; lit-ddpm reads float images in [0, 1]"
+    if image.mode == "I" and not (0 <= low and high <= 65535):
+        return f"{path} (mode I) holds integer pixels from {low} to {high}; lit-ddpm reads them as 0 to 65535"
+    return None
+
+
+def as_read(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in `mode` ("L" or "RGB") with 8-bit pixels, or, for a 16-bit, 32-bit integer or float one, as a
+    single-channel float ("F") image in [0, 1] (16-bit and integer pixels divided by 65535)."""
+    if image.mode not in HIGH_DEPTH:
+        return image.convert(mode)
+    pixels = np.asarray(image, dtype=np.float32)
+    return Image.fromarray(pixels if image.mode == "F" else pixels / np.float32(65535))  # float32: mode "F"
+
+
 class ImageFiles(Dataset):
-    """Images from a list of files, converted to one mode ("L" or "RGB"), with their labels."""
+    """Images from a list of files, read as the pictures they are (`as_read`) in one mode ("L" or "RGB"), with
+    their labels."""
 
     def __init__(self, paths: list[Path], labels: list[int], mode: str, transform) -> None:
         self.paths = paths
@@ -31,7 +61,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert(self.mode)), self.labels[index]
+            pixels = self.transform(as_read(image, self.mode))  # (1 or C, H, W)
+        return pixels.expand(len(self.mode), -1, -1), self.labels[index]  # a gray high-depth image into RGB
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -40,7 +71,8 @@ class ImageFolderDataModule(ImageDataModule):
     Args:
         root: the folder of images.
         image_size: side of the square images the model sees.
-        channels: 1 (grayscale) or 3 (RGB); every image is converted.
+        channels: 1 (grayscale) or 3 (RGB); every image is converted (alpha is dropped; 16-bit images are
+            divided by 65535, float images are read in [0, 1]; others of those modes are refused by name).
         hflip: randomly flip training images horizontally.
         bad_files: what to do with files that have an image extension but do not open as images:
             "skip" them (their number is reported) or "error" (list the first few and stop).
@@ -83,6 +115,9 @@ class ImageFolderDataModule(ImageDataModule):
 
     def setup(self, stage: str) -> None:
         """Find the images and split them."""
+        if self.root.is_file():
+            raise UserError(f"image folder {str(self.root)!r} is a file, not a folder; set data.init_args.root to the "
+                            f"folder that holds the images")  # fmt: skip
         if not self.root.is_dir():
             raise UserError(f"image folder {str(self.root)!r} does not exist; set data.init_args.root")
         paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -110,9 +145,14 @@ class ImageFolderDataModule(ImageDataModule):
             try:
                 with Image.open(path) as image:
                     image.verify()
+                with Image.open(path) as image:  # verify() leaves the image unusable: open it again
+                    problem = high_depth_problem(image, path)
                 good.append(path)
             except Exception:  # noqa: BLE001  (PIL raises many types for broken files)
                 bad.append(path)
+                continue
+            if problem:
+                raise UserError(f"{problem}: rescale it, or save it as an 8- or 16-bit image")
         if bad and self.bad_files == "error":
             shown = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
             raise UserError(

@@ -63,9 +63,10 @@ class Sampling:
             name += f"-{self.threshold}"
         return name
 
-    def check(self, timesteps: int, prefix: str = "") -> None:
-        """One clear line for settings that cannot run on a model with `timesteps` training steps; `prefix` is
-        how the user spells the settings (e.g. "--" or "evaluation.sampling.")."""
+    def check(self, timesteps: int, prefix: str = "", conditional: bool = True) -> None:
+        """One clear line for settings that cannot run on a model with `timesteps` training steps (and, unless
+        `conditional`, no class labels); `prefix` is how the user spells the settings (e.g. "--" or
+        "evaluation.sampling.")."""
         if self.sampler not in ("auto", *SAMPLERS):
             raise UserError(f"unknown {prefix}sampler {self.sampler!r}; choose auto or one of {', '.join(SAMPLERS)}")
         if self.steps is not None and not 1 <= self.steps <= timesteps:
@@ -76,3 +77,7 @@ class Sampling:
             raise UserError(f"unknown {prefix}variance {self.variance!r}; choose small or large")
         if self.threshold not in ("clip", "dynamic", "none"):
             raise UserError(f"unknown {prefix}threshold {self.threshold!r}; choose clip, dynamic or none")
+        if self.guidance != 1.0 and not conditional:
+            raise UserError(
+                f"{prefix}guidance needs a class-conditional model; this one is unconditional (leave it at 1)"
+            )

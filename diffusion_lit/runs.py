@@ -1,0 +1,173 @@
+"""What keeps a run's folder safe: one run at a time writes into it, a fresh run never replaces another run's
+checkpoints, and a signal (Ctrl-C, SIGTERM) stops a run at a step boundary instead of wherever it lands."""
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from diffusion_lit.errors import UserError
+
+STATE_KEY = "LastCheckpoint"  # where a checkpoint keeps its run's identity: checkpoint["callbacks"][STATE_KEY]
+
+
+def new_run_id() -> str:
+    """A fresh run's identity; a resumed run keeps the one its checkpoint holds."""
+    return uuid.uuid4().hex
+
+
+def owner_of(path: Path) -> tuple[str | None, int | None]:
+    """The run a checkpoint file belongs to and its step; (None, step) for a checkpoint of an earlier lit-ddpm,
+    (None, None) for a file that is no readable checkpoint (memory-mapped: only the index is read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (truncated, foreign: not known to be this run's)
+        return None, None
+    state = checkpoint.get("callbacks", {}).get(STATE_KEY) if isinstance(checkpoint, dict) else None
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    return (state or {}).get("run_id"), step
+
+
+def check_folder_is_ours(folder: Path, run_id: str, resumed_from: str | None) -> None:
+    """Refuse, in one line, to write into a folder holding another run's checkpoints: a fresh run, or one resumed
+    from another run's checkpoint, would replace them. A checkpoint of an earlier lit-ddpm (no run identity) is
+    taken as this run's only when the run resumes from a file in this folder."""
+    resumed_here = resumed_from is not None and Path(resumed_from).resolve().parent == folder.resolve()
+    for path in sorted(folder.glob("*.ckpt")):
+        owner, step = owner_of(path)
+        if owner == run_id or (owner is None and resumed_here):
+            continue
+        what = "a fresh run" if resumed_from is None else f"a run resumed from {resumed_from}"
+        held = f"{path.name} (step {step})" if step is not None else path.name
+        resume = folder / "last.ckpt" if (folder / "last.ckpt").exists() else path
+        raise UserError(
+            f"{folder} holds {held} of another run, which {what} would replace; resume that run with "
+            f"--ckpt_path {resume}, give this one another name (--name NAME), or move {folder} away"
+        )
+
+
+class RunLock:
+    """An exclusive lock on a run's folder (`folder/run.lock`), held while a run writes into it.
+
+    The lock is the kernel's (flock): it is dropped when its process ends, however it ends, so the lock of a
+    killed run is taken over by the next one. The file names its holder (host, PID, start time, command) for
+    the message a second run gets, and is removed when the run releases it. On a filesystem without locks
+    (some network filesystems) the run goes on unlocked, with a warning.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / "run.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> dict | None:
+        """Take the lock; returns the note of a holder that ended without releasing it (None if there was none).
+        Raises UserError naming the holder if a live process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_note(fd)
+                os.close(fd)
+                raise UserError(
+                    f"{self.path.parent} is in use by another run ({describe(holder)}); wait for it to end, or give "
+                    f"this run another name (--name NAME)"
+                ) from None
+            except OSError as error:
+                os.close(fd)
+                print(f"lit-ddpm: warning: cannot lock {self.path} ({error.strerror}); nothing stops a second run "
+                      f"from writing into {self.path.parent}", file=sys.stderr)  # fmt: skip
+                return None
+            try:  # the file may have been removed by a holder releasing it while we waited: lock the new one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        left = _read_note(fd)
+        note = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv)}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(note).encode(), 0)
+        self.fd = fd
+        return left
+
+    def release(self) -> None:
+        """Remove the lock file and let go (the file first, so that no one locks a file about to vanish)."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_note(fd: int) -> dict | None:
+    try:
+        return json.loads(os.pread(fd, 65536, 0).decode()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def describe(note: dict | None) -> str:
+    """Who holds (or held) a lock: "PID 123 on host, started 2026-12-01 10:00:00"."""
+    if not note:
+        return "a process that has not yet said which"
+    return f"PID {note['pid']} on {note['host']}, started {note['started']}"
+
+
+class Interrupted(SystemExit):
+    """A run stopped by a signal, its state saved: the process exits with 128 + the signal's number, as a
+    shell reports a process that the signal ended."""
+
+
+class StopSignals:
+    """While installed, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption, `kill`) ask the run to stop at
+    the next step boundary (`received` is set; the training loop looks at it); a second Ctrl-C aborts at once
+    (KeyboardInterrupt), without saving. A repeated SIGTERM changes nothing.
+
+    Args:
+        checkpoint: what will be saved, for the message.
+        announce: print the message (the main process only).
+    """
+
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self, checkpoint: str, announce: bool) -> None:
+        self.checkpoint = checkpoint
+        self.announce = announce
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Take over SIGINT and SIGTERM (only the main thread can; elsewhere the handlers stay as they are)."""
+        try:
+            for signal_number in self.NAMES:
+                self._previous[signal_number] = signal.signal(signal_number, self._handle)
+        except ValueError:
+            self.restore()
+
+    def restore(self) -> None:
+        """Give the signals back to the handlers they had."""
+        for signal_number, handler in self._previous.items():
+            signal.signal(signal_number, handler)
+        self._previous = {}
+
+    def _handle(self, signal_number: int, frame) -> None:
+        if self.received is not None:
+            if signal_number == signal.SIGINT:
+                self.restore()
+                raise KeyboardInterrupt
+            return
+        self.received = signal_number
+        if self.announce:
+            name, checkpoint = self.NAMES[signal_number], self.checkpoint
+            message = f"stopping after this training step to save {checkpoint} (Ctrl-C again to abort, without saving)"
+            print(f"\nlit-ddpm: {name}: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,194 @@
+"""No run is lost and none destroys another's: one run per folder at a time, no fresh run over a folder's
+checkpoints, dry runs write nothing, and a signal stops a run at a step boundary (a second Ctrl-C at once)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import ROOT, TINY
+from diffusion_lit.cli import main
+from diffusion_lit.errors import UserError
+from diffusion_lit.runs import RunLock, StopSignals
+
+DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
+SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
+         "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
+         "--trainer.val_check_interval", "2", "--trainer.logger", "false"]  # fmt: skip
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def one_line_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("lit-ddpm: error:")]
+    assert len(errors) == 1, lines
+    return errors[0]
+
+
+FOLDER = ["--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--name", "demo", "--data.init_args.root",
+          "images", "--data.init_args.image_size", "16", "--model.perceptual_weight", "0",
+          "--model.feature_matching_weight", "0", "--trainer.logger", "false"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _images(_in_tmp):
+    """An RGB image folder under the run's working directory (for FOLDER)."""
+    folder = Path("images")
+    folder.mkdir()
+    for index in range(6):
+        Image.new("RGB", (20, 20), (index * 60, 0, 0)).save(folder / f"{index}.png")
+
+
+def snapshot(*folders: str) -> dict[str, bytes]:
+    """Every file under the folders, by path, with its bytes."""
+    return {str(p): p.read_bytes() for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+# A fresh run never replaces a folder's checkpoints.
+
+
+def test_running_a_finished_run_again_is_refused_and_its_checkpoint_kept(capsys):
+    main(["fit", *DEMO, *SHORT])
+    before = snapshot("checkpoints", "samples")
+    assert "checkpoints/demo/last.ckpt" in before and any(name.startswith("samples/demo/") for name in before)
+    error = one_line_error(capsys, "fit", *DEMO, *SHORT)
+    assert "checkpoints/demo" in error and "--ckpt_path checkpoints/demo/last.ckpt" in error and "--name" in error
+    # The same refusal for a run with other data settings (a 3-channel model over a 1-channel one).
+    one_line_error(capsys, "fit", *FOLDER, *SHORT)
+    assert snapshot("checkpoints", "samples") == before
+
+
+def test_a_dry_run_writes_nothing_into_the_run_folders(capsys):
+    main(["fit", *DEMO, *SHORT])
+    before = snapshot("checkpoints", "samples")
+    main(["fit", *DEMO, "--trainer.fast_dev_run", "true", "--trainer.logger", "false"])  # the same config, dry
+    main(["fit", *FOLDER])  # a dry run of other data settings
+    assert snapshot("checkpoints", "samples") == before
+    main(["fit", *DEMO, "--name", "smoke"])  # a dry run of a new name leaves no folder either
+    assert not Path("checkpoints/smoke").exists() and not Path("samples/smoke").exists()
+
+
+def test_resuming_another_runs_checkpoint_into_an_occupied_folder_is_refused(capsys):
+    main(["fit", *DEMO, *SHORT])
+    main(["fit", *DEMO, *SHORT, "--name", "other"])
+    before = snapshot("checkpoints")
+    error = one_line_error(capsys, "fit", *DEMO, *SHORT, "--trainer.max_steps", "3",
+                           "--ckpt_path", "checkpoints/other/last.ckpt")  # fmt: skip
+    assert "checkpoints/demo" in error and "another run" in error
+    assert snapshot("checkpoints") == before
+
+
+def test_resuming_a_copy_of_the_runs_own_checkpoint_is_allowed(tmp_path):
+    # As SLURM's requeue does (it resumes from an hpc_ckpt_N.ckpt in another folder): the same run goes on.
+    main(["fit", *DEMO, *SHORT])
+    Path("elsewhere").mkdir()
+    (Path("elsewhere") / "copy.ckpt").write_bytes(Path("checkpoints/demo/last.ckpt").read_bytes())
+    main(["fit", *DEMO, *SHORT, "--trainer.max_steps", "3", "--ckpt_path", "elsewhere/copy.ckpt"])
+    assert torch.load("checkpoints/demo/last.ckpt", weights_only=True)["global_step"] == 3
+
+
+# One run per folder at a time.
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from diffusion_lit.runs import RunLock
+RunLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, env=ENV)
+    assert process.stdout.readline().strip() == b"locked"
+    return process
+
+
+def test_a_second_process_cannot_take_the_lock_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    folder = tmp_path / "run"
+    holder = hold_lock(folder)
+    try:
+        with pytest.raises(UserError) as error:
+            RunLock(folder).acquire()
+        assert f"PID {holder.pid} on " in str(error.value) and "started" in str(error.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(folder)
+    left = lock.acquire()  # the kernel dropped the dead process's lock; its note is still in the file
+    assert left is not None and left["pid"] == holder.pid
+    lock.release()
+    assert not (folder / "run.lock").exists()
+    again = RunLock(folder)
+    assert again.acquire() is None  # released cleanly: nothing left to report
+    again.release()
+
+
+def test_two_fits_into_one_folder_at_once_the_second_stops_and_names_the_first(capsys, tmp_path):
+    overlay = {"trainer": {"fast_dev_run": False, "max_steps": 100_000, "max_epochs": -1, "limit_val_batches": 0,
+                           "logger": False, "callbacks": [{"class_path": "diffusion_lit.callbacks.LastCheckpoint",
+                           "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 1}}]}}  # fmt: skip
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(overlay))
+    command = [sys.executable, "-m", "diffusion_lit.cli", "fit", *DEMO, "--config", str(tmp_path / "long.yaml")]
+    first = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = tmp_path / "checkpoints" / "demo" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    try:
+        assert first.poll() is None, first.stderr.read().decode()[-3000:]
+        error = one_line_error(capsys, "fit", *DEMO, *SHORT)
+        assert f"PID {first.pid}" in error and "checkpoints/demo" in error
+    finally:
+        first.kill()  # SIGKILL: its lock is left behind
+        first.wait()
+    step = torch.load(last, weights_only=True)["global_step"]
+    main(["fit", *DEMO, *SHORT, "--trainer.max_steps", str(step + 1), "--ckpt_path", str(last)])
+    assert f"PID {first.pid}" in capsys.readouterr().err  # it says whose lock it took over
+    assert torch.load(last, weights_only=True)["global_step"] == step + 1
+
+
+# Signals: the first asks for a stop at the next step boundary, a second Ctrl-C aborts at once.
+
+
+def test_the_first_signal_asks_for_a_stop_and_a_second_ctrl_c_aborts(capsys):
+    signals = StopSignals("last.ckpt", announce=True)
+    previous = signal.getsignal(signal.SIGINT)
+    signals.install()
+    try:
+        assert signals.received is None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == signal.SIGINT
+        assert "Ctrl-C again to abort" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_sigterm_asks_for_a_stop_too_and_a_repeated_one_changes_nothing():
+    signals = StopSignals("last.ckpt", announce=False)
+    signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == signal.SIGTERM
+    finally:
+        signals.restore()
