@@ -98,6 +98,8 @@ class LastCheckpoint(Checkpoint):
         self.run_id: str | None = None  # this run's identity: new, or the resumed checkpoint's
         self.saved_step: int | None = None  # the step of the newest state on disk; None before training starts
         self.writes = False  # whether this run may write into dirpath (not a dry run, the folder checked)
+        self.save_failed = False
+        self.save_due = False  # a scheduled save that fell after an epoch's last batch, for the next step
         self.lock = RunLock(self.dirpath)
         self.signals: StopSignals | None = None
 
@@ -113,6 +115,19 @@ class LastCheckpoint(Checkpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         """Resuming: the run goes on under its identity."""
         self.run_id = state_dict.get("run_id")
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+        """Resuming from the end of an epoch (a run that ended by max_epochs, or by max_steps on an epoch's last
+        batch): Lightning 2.6 restores the finished epoch's batch count with it and so runs an empty epoch
+        first, one epoch ahead of the uninterrupted run from then on. The next epoch starts at batch 0."""
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+        if not epochs or not batches or not batches.get("is_last_batch"):
+            return
+        finished = len({epochs["total"][key] for key in ("ready", "started", "processed", "completed")}) == 1
+        if finished and batches["current"]["completed"] == batches["current"]["ready"]:
+            batches["current"] = dict.fromkeys(batches["current"], 0)
+            batches["is_last_batch"] = False
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Take the folder (lock, then check that it holds no other run's checkpoints), once per run, on the main
@@ -144,9 +159,21 @@ class LastCheckpoint(Checkpoint):
         self.signals.install()
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args) -> None:
-        """The scheduled saves, and the stop a signal asked for."""
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        """The scheduled saves, the save of a run's last step, and the stop a signal asked for.
+
+        The last step is saved here, not when the run has ended (where Lightning 2.6 has already counted a
+        stopped epoch as done, and a resume would start the next one). An epoch's last batch is no place for a
+        save: Lightning resumes a checkpoint written there, but then counts one epoch too few in the resumed
+        run's checkpoints, so a second resume would repeat an epoch (found by `test_exact_resume`'s soak test);
+        a save due there waits for the next step, or for the end of the run (`on_load_checkpoint`)."""
+        due = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
+        last = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step  # max_time stops set should_stop
+        self.save_due = self.save_due or bool(due) or last
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        if self.save_due:
             self._save(trainer)
+            self.save_due = False
         signal_number = self._stop_requested(trainer)
         if signal_number:
             self._stop(trainer, signal_number)
@@ -159,7 +186,8 @@ class LastCheckpoint(Checkpoint):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         """A one-line stop (UserError) or Lightning's own SIGTERM stop (before training starts): save the state at
         this step boundary, if it is finite. Then let go of the signals and the folder."""
-        if isinstance(exception, SIGTERMException | UserError) and self.saved_step is not None:
+        retry = not self.save_failed and self.saved_step is not None
+        if isinstance(exception, SIGTERMException | UserError) and retry:
             try:
                 self._save(trainer)
             except UserError as refused:  # non-finite weights: the previous last.ckpt stays
@@ -186,7 +214,7 @@ class LastCheckpoint(Checkpoint):
         try:
             self._save(trainer)
             saved = f"saved {self.path} at step {trainer.global_step}" if self.writes else "a dry run: nothing saved"
-        except (UserError, OSError) as refused:  # non-finite weights, a full disk: the previous last.ckpt stays
+        except UserError as refused:  # non-finite weights, a full disk: the previous last.ckpt stays
             saved = f"not saved ({refused}); {self.path} keeps its step {self.saved_step}"
         if trainer.is_global_zero:
             resume = f"; resume with:\n  {self.resume_command}" if self.writes and self.path.exists() else ""
@@ -194,9 +222,22 @@ class LastCheckpoint(Checkpoint):
         raise Interrupted(128 + signal_number)
 
     def _save(self, trainer: "pl.Trainer") -> None:
-        if self.writes and trainer.global_step != self.saved_step:
+        """Write last.ckpt; a full disk (or any failed write) stops the run with one line on every process, and
+        the previous last.ckpt stays whole (the write is atomic)."""
+        if not self.writes or trainer.global_step == self.saved_step:
+            return
+        failure = None
+        try:
             trainer.save_checkpoint(self.path, weights_only=False)
-            self.saved_step = trainer.global_step
+        except OSError as error:  # only the main process writes: it alone fails, before Lightning's barrier
+            trainer.strategy.barrier("Trainer.save_checkpoint")
+            failure = error.strerror or str(error)
+        failure = trainer.strategy.broadcast(failure)
+        if failure:
+            self.save_failed = True
+            kept = f"the previous one (step {self.saved_step}) is whole" if self.path.exists() else "nothing was saved"
+            raise UserError(f"could not write {self.path} ({failure}); {kept}. Free space, then resume the run")
+        self.saved_step = trainer.global_step
 
     def _let_go(self) -> None:
         if self.signals is not None:

@@ -178,6 +178,9 @@ def main(args: list[str] | None = None) -> None:
     except UserError as error:
         print(f"lit-ddpm: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside training (sample, test): files are written whole or not at all
+        print("\nlit-ddpm: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

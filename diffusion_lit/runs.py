@@ -1,7 +1,6 @@
 """What keeps a run's folder safe: one run at a time writes into it, a fresh run never replaces another run's
 checkpoints, and a signal (Ctrl-C, SIGTERM) stops a run at a step boundary instead of wherever it lands."""
 
-import fcntl
 import json
 import os
 import signal
@@ -14,6 +13,11 @@ from pathlib import Path
 import torch
 
 from diffusion_lit.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs go on unlocked (RunLock says so)
+    fcntl = None
 
 STATE_KEY = "LastCheckpoint"  # where a checkpoint keeps its run's identity: checkpoint["callbacks"][STATE_KEY]
 
@@ -70,6 +74,8 @@ class RunLock:
         """Take the lock; returns the note of a holder that ended without releasing it (None if there was none).
         Raises UserError naming the holder if a live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return _unlocked(self.path, "this system has no flock")
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -83,9 +89,7 @@ class RunLock:
                 ) from None
             except OSError as error:
                 os.close(fd)
-                print(f"lit-ddpm: warning: cannot lock {self.path} ({error.strerror}); nothing stops a second run "
-                      f"from writing into {self.path.parent}", file=sys.stderr)  # fmt: skip
-                return None
+                return _unlocked(self.path, error.strerror)
             try:  # the file may have been removed by a holder releasing it while we waited: lock the new one
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
@@ -107,6 +111,11 @@ class RunLock:
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
         self.fd = None
+
+
+def _unlocked(path: Path, reason: str) -> None:
+    print(f"lit-ddpm: warning: cannot lock {path} ({reason}); nothing stops a second run from writing into "
+          f"{path.parent}", file=sys.stderr)  # fmt: skip
 
 
 def _read_note(fd: int) -> dict | None:

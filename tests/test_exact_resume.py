@@ -95,6 +95,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # the fast tier stops runs with Ctrl-C (the path SIGTERM takes too); the soak test mixes all three
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path, signal_number):
     at_step = random.Random(signal_number).randint(3, STEPS - 5)
@@ -226,11 +227,20 @@ def test_interrupted_and_resumed_equals_uninterrupted_under_two_process_ddp(tmp_
     assert_identical(whole, resumed)
 
 
-def test_stopped_after_an_epochs_last_batch_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
-    # The checkpoint after the last batch of epoch 2 holds a sampler with nothing left to yield: the resumed run
-    # must start epoch 3, not an empty epoch 2.
-    run(tmp_path, "--trainer.max_steps", "10")
-    run(tmp_path, "--ckpt_path", "checkpoints/demo/last.ckpt")
+def test_a_run_ended_and_resumed_again_and_again_equals_uninterrupted(uninterrupted, tmp_path):
+    # No scheduled saves: each last.ckpt is the one a run writes as it ends, at the end of epoch 2 (step 10),
+    # in the middle of epoch 4 (17), at the end of epoch 5 (25). After an epoch's end the resumed run must start
+    # the next epoch, not an empty one, and its own checkpoints must count its epochs right for the next resume.
+    overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"]}}
+    last = {"class_path": "diffusion_lit.callbacks.LastCheckpoint",
+            "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 0}}  # fmt: skip
+    overlay["trainer"]["callbacks"] = [last]
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "ends.yaml").write_text(yaml.safe_dump(overlay))
+    ends = ["--config", str(tmp_path / "ends.yaml")]
+    for index, steps in enumerate(["10", "17", "25", str(STEPS)]):
+        resume = ["--ckpt_path", "checkpoints/demo/last.ckpt"] if index else []
+        run(tmp_path, *ends, "--trainer.max_steps", steps, *resume)
     assert_identical(uninterrupted, tmp_path)
 
 
