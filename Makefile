@@ -20,8 +20,11 @@ demo: install ## Train the offline demo on CPU (~8 min; a sample grid every ~50 
 test: install ## Run the test suite (without the slow tests)
 	$(BIN)/pytest -q
 
-test-all: install ## Run every test, the slow ones too
+test-all: install ## Run every test, the slow ones too (subprocess kills, DDP, benchmarks end to end)
 	$(BIN)/pytest -q -m ''
+
+test-slow: install ## Run only the slow tests (what test-all adds to test)
+	$(BIN)/pytest -q -m slow
 
 lint: install ## Lint and check formatting
 	$(BIN)/ruff check .
@@ -47,4 +50,4 @@ bench: install ## Throughput vs diffusers and denoising-diffusion-pytorch, loop 
 gpu-check: install ## Speed, memory, TFLOP/s and MFU of the CIFAR-10 model on one GPU (synthetic data, < 5 min)
 	$(BIN)/python benchmarks/gpu_check.py --device cuda --json gpu-check.json
 
-.PHONY: help install demo test test-all lint fit-mnist fit-cifar10 eval-mnist eval-cifar10 bench gpu-check
+.PHONY: help install demo test test-all test-slow lint fit-mnist fit-cifar10 eval-mnist eval-cifar10 bench gpu-check

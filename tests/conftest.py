@@ -25,6 +25,15 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_quiet(monkeypatch):
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, StandInExtractor
+from conftest import ONE_STEP, ROOT, TINY, StandInExtractor
 from diffusion_lit.cli import main
 from diffusion_lit.data import ImageFolderDataModule
 from diffusion_lit.errors import UserError
@@ -88,9 +88,16 @@ def test_bad_checkpoint_files(capsys, demo_checkpoint, make, message):
 def test_the_cli_rebuilds_the_model_a_checkpoint_describes(demo_checkpoint, monkeypatch, tmp_path):
     # LightningCLI applies the checkpoint's hyper-parameters, so a config with another UNet still loads it.
     monkeypatch.setattr("diffusion_lit.evaluation.load_inception", lambda *args, **kwargs: StandInExtractor())
+    tested = []
+
+    def write(self, trainer, module, *args):  # instead of the scores' files: which network was tested
+        tested.append(module.unet.config["base_channels"])
+
+    monkeypatch.setattr("diffusion_lit.evaluation.SampleQuality._write", write)
     main(["test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--model.unet.init_args.base_channels", "16",
           "--evaluation.num_samples", "2", "--evaluation.sampling.steps", "2", "--evaluation.reference", "test",
           "--evaluation.cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    assert tested == [8]  # tests/tiny.yaml's width, as the checkpoint says, not the 16 asked for
 
 
 def test_checkpoint_of_another_model_config(demo_checkpoint):
@@ -119,9 +126,11 @@ def test_one_channel_data_into_a_three_channel_model():
 
 def test_the_cli_builds_the_model_for_the_data_channels(mnist_dir, tmp_path):
     # The CLI links data.image_shape into the UNet's in_channels: gray data never meets an RGB model.
-    main(["fit", "--config", f"{ROOT}/configs/cifar10.yaml", "--config", TINY, "--config",
+    main(["fit", "--config", f"{ROOT}/configs/cifar10.yaml", "--config", TINY, *ONE_STEP, "--config",
           f"{ROOT}/configs/ablation/mse_only.yaml", "--data.class_path", "diffusion_lit.data.MNISTDataModule",
           "--data.init_args.data_dir", str(mnist_dir)])  # fmt: skip
+    hyper_parameters = torch.load("checkpoints/cifar10/last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hyper_parameters["unet"]["init_args"]["in_channels"] == 1 and hyper_parameters["image_shape"] == (1, 28, 28)
 
 
 def broken_folder(image_folder: Path) -> Path:

@@ -10,10 +10,12 @@ from conftest import ONE_STEP, ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def test_gpu_check_runs_on_cpu_with_tiny_settings(capsys):
+@pytest.mark.slow  # a benchmark end to end
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gpu_check_runs_with_tiny_settings(capsys, device):
     import gpu_check
 
-    results = gpu_check.main(["--device", "cpu", "--tiny", "--no-compile"])
+    results = gpu_check.main(["--device", device, "--tiny", "--no-compile"])
     assert [(r["precision"], r["channels_last"]) for r in results["train"]] == [
         ("fp32", False), ("bf16", False), ("bf16", True)
     ]  # fmt: skip
@@ -26,6 +28,7 @@ def test_gpu_check_runs_on_cpu_with_tiny_settings(capsys):
     assert "| precision | compiled |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a benchmark end to end
 def test_throughput_runs_for_lit_ddpm_alone(monkeypatch, capsys):
     import throughput
 
@@ -47,6 +50,7 @@ def test_throughput_against_the_peers(monkeypatch, capsys):
     assert "lit-ddpm / diffusers" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a benchmark end to end
 def test_pipeline_runs_on_cpu_with_tiny_settings(tmp_path, capsys):
     pytest.importorskip("mlxtend")
     import pipeline
@@ -58,6 +62,7 @@ def test_pipeline_runs_on_cpu_with_tiny_settings(tmp_path, capsys):
     assert "on_device / torchvision" in capsys.readouterr().out and (tmp_path / "pipeline.json").exists()
 
 
+@pytest.mark.slow  # a benchmark end to end
 def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
@@ -75,6 +80,7 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     assert "| eps (today) | step=2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a benchmark end to end
 def test_sampler_quality_runs_end_to_end(tmp_path, monkeypatch, capsys):
     pytest.importorskip("mlxtend")
     import sampler_quality

@@ -27,27 +27,32 @@ def vgg(vgg_weights_file) -> list[str]:
     return ["--model.vgg_weights", vgg_weights_file]
 
 
+def assert_trained(run: str, image_shape: tuple[int, int, int]) -> None:
+    """The run wrote a checkpoint of one optimizer step, for a model built for the data's image shape."""
+    checkpoint = torch.load(f"checkpoints/{run}/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 1
+    assert tuple(checkpoint["hyper_parameters"]["image_shape"]) == image_shape
+    assert checkpoint["hyper_parameters"]["unet"]["init_args"]["in_channels"] == image_shape[0]
+    assert all(value.isfinite().all() for value in checkpoint["state_dict"].values() if value.is_floating_point())
+
+
 def test_fit_mnist(mnist_dir, vgg):
-    fit("--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, "--data.init_args.data_dir", str(mnist_dir), *vgg)
+    fit("--config", f"{ROOT}/configs/mnist.yaml", "--config", TINY, *ONE_STEP, "--data.init_args.data_dir",
+        str(mnist_dir), *vgg)  # fmt: skip
+    assert_trained("mnist", (1, 28, 28))
 
 
 @pytest.mark.parametrize("on_device", ["false", "true"])
 def test_fit_cifar10(cifar10_dir, vgg, on_device):
-    fit(
-        "--config",
-        f"{ROOT}/configs/cifar10.yaml",
-        "--config",
-        TINY,
-        "--data.init_args.data_dir",
-        str(cifar10_dir),
-        "--data.init_args.on_device",
-        on_device,
-        *vgg,
-    )
+    fit("--config", f"{ROOT}/configs/cifar10.yaml", "--config", TINY, *ONE_STEP, "--data.init_args.data_dir",
+        str(cifar10_dir), "--data.init_args.on_device", on_device, *vgg)  # fmt: skip
+    assert_trained("cifar10", (3, 32, 32))
 
 
 def test_fit_image_folder(image_folder, vgg):
-    fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--data.init_args.root", str(image_folder), *vgg)
+    fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, *ONE_STEP, "--data.init_args.root",
+        str(image_folder), "--data.init_args.batch_size", "3", *vgg)  # fmt: skip
+    assert_trained("folder", (3, 32, 32))
 
 
 def test_every_loss_term_is_logged(image_folder, vgg):

@@ -47,11 +47,21 @@ def test_image_folder_recursive_resized(image_folder, channels):
     assert datamodule.image_shape == (channels, 16, 16)
 
 
-def test_image_folder_flip_option(image_folder):
-    plain = ImageFolderDataModule(str(image_folder), image_size=8, hflip=False, num_workers=0)
-    plain.setup("fit")
+@pytest.mark.parametrize("hflip", [False, True])
+def test_image_folder_flip_option(image_folder, hflip):
+    from types import SimpleNamespace
+
+    data = ImageFolderDataModule(str(image_folder), image_size=8, hflip=hflip, num_workers=0)
+    data.setup("fit")
+    images = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))])  # (9, 3, 8, 8), unflipped
+    labels = torch.zeros(len(images), dtype=torch.long)
+    data.trainer = SimpleNamespace(training=True)
     torch.manual_seed(0)
-    assert torch.equal(plain.train_set[0][0], plain.train_set[0][0])
+    seen, _ = data.on_after_batch_transfer([images, labels], 0)
+    flipped = [torch.equal(s, i.flip(-1)) and not torch.equal(s, i) for s, i in zip(seen, images, strict=True)]
+    unchanged = [torch.equal(s, i) for s, i in zip(seen, images, strict=True)]
+    assert all(f or u for f, u in zip(flipped, unchanged, strict=True))
+    assert (0 < sum(flipped) < len(images)) if hflip else not any(flipped)
 
 
 @pytest.mark.parametrize("make", ["empty", "missing"])

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,6 +34,7 @@ class SaveRankState(Callback):
         torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow  # two spawned processes
 def test_two_process_ddp_fit_keeps_weights_and_ema_identical(tmp_path):
     torch.manual_seed(0)
     unet = randomise(UNet(1, base_channels=8, num_heads=2, dropout=0.0))

@@ -119,6 +119,7 @@ def tiny_demo_module() -> DiffusionModule:
     return DiffusionModule(unet, image_shape=(1, 28, 28), timesteps=20, ema_decay=None)
 
 
+@pytest.mark.slow  # two spawned processes
 def test_two_processes_give_the_same_fid_as_one(tmp_path, monkeypatch):
     # One thread per process: otherwise the thread count changes the float summation order, and a few
     # pixels (3 of 28,224 when measured) round to the neighbouring uint8 value.

@@ -123,6 +123,7 @@ def test_last_ckpt_is_the_newest_state_through_repeated_preemption(tmp_path):
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # never a last-v1.ckpt
 
 
+@pytest.mark.slow  # subprocess runs; the fast tier keeps Ctrl-C
 @pytest.mark.parametrize("ending", ["max_steps", "max_epochs", "max_time", "early_stopping"])
 def test_every_way_of_ending_leaves_last_ckpt_at_the_final_step(tmp_path, ending):
     # Scheduled saves every 4 steps; each ending falls between two of them.
@@ -180,11 +181,11 @@ def signal_at(folder: Path, signal_number: int, at_step: int, *extra: str, every
     return code, log.read_text()
 
 
-def ctrl_c(folder: Path, at_step: int, *extra: str) -> tuple[int, list[str]]:
-    """SIGINT once the run reports `at_step`, with no scheduled saves: the step last.ckpt then holds, and the
-    resume command the run printed."""
-    code, text = signal_at(folder, signal.SIGINT, at_step, *extra)
-    assert code == 130, text[-3000:]  # 128 + SIGINT, as a shell reports a Ctrl-C
+def stop(folder: Path, signal_number: int, at_step: int, *extra: str) -> tuple[int, list[str]]:
+    """SIGINT or SIGTERM once the run reports `at_step`, with no scheduled saves: the step last.ckpt then holds,
+    and the resume command the run printed."""
+    code, text = signal_at(folder, signal_number, at_step, *extra)
+    assert code == 128 + signal_number, text[-3000:]  # as a shell reports a process the signal ended
     last = folder / "checkpoints" / "demo" / "last.ckpt"
     assert last.is_file(), text[-3000:]
     saved = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
@@ -199,19 +200,25 @@ def run_printed(folder: Path, resume: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_ctrl_c_saves_the_step_it_stopped_at_and_its_printed_command_resumes_exactly(uninterrupted, tmp_path):
-    at_step = random.Random(signal.SIGINT).randint(3, STEPS - 8)
-    saved, resume = ctrl_c(tmp_path, at_step)
+@pytest.mark.parametrize(
+    "signal_number", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGINT", "SIGTERM"]
+)
+def test_a_signal_saves_the_step_it_stopped_at_and_the_printed_command_resumes_exactly(
+    uninterrupted, tmp_path, signal_number
+):
+    at_step = random.Random(signal_number).randint(3, STEPS - 8)
+    saved, resume = stop(tmp_path, signal_number, at_step)
     assert at_step <= saved <= at_step + 2  # no scheduled saves: this one is the signal's
     run_printed(tmp_path, resume)
     assert_identical(uninterrupted, tmp_path)
 
 
+@pytest.mark.slow  # two-process DDP in subprocesses
 def test_ctrl_c_to_rank_zero_stops_every_rank_under_ddp_and_resumes_exactly(tmp_path):
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run(whole, *ddp)
-    saved, resume = ctrl_c(resumed, random.Random(3).randint(3, STEPS - 8), *ddp)
+    saved, resume = stop(resumed, signal.SIGINT, random.Random(3).randint(3, STEPS - 8), *ddp)
     assert 3 <= saved < STEPS
     run_printed(resumed, resume)
     assert_identical(whole, resumed)
@@ -227,6 +234,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_under_two_process_ddp(tmp_
     assert_identical(whole, resumed)
 
 
+@pytest.mark.slow  # five subprocess runs
 def test_a_run_ended_and_resumed_again_and_again_equals_uninterrupted(uninterrupted, tmp_path):
     # No scheduled saves: each last.ckpt is the one a run writes as it ends, at the end of epoch 2 (step 10),
     # in the middle of epoch 4 (17), at the end of epoch 5 (25). After an epoch's end the resumed run must start

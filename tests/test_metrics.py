@@ -184,6 +184,7 @@ def _score_shard(rank: int, world_size: int, shards: list[list[int]], port: int,
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes
 @pytest.mark.parametrize("shards", [[[0, 1, 2], [3, 4, 5]], [[0], [1, 2, 3, 4, 5]], [[], [0, 1, 2, 3, 4, 5]]])
 def test_two_processes_compute_the_same_fid_and_is_as_one(shards):
     # The reference is loaded on rank 0 only; shares may be uneven or empty (nobody may hang in a collective).

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 
@@ -15,6 +16,7 @@ from diffusion_lit.cli import main
 MSE_ONLY = f"{ROOT}/configs/ablation/mse_only.yaml"
 
 
+@pytest.mark.slow  # a run in a subprocess, killed
 def test_a_run_writing_to_a_file_shows_progress_lines_while_it_runs(tmp_path):
     overlay = {"trainer": {"fast_dev_run": False, "max_steps": -1, "max_epochs": -1, "limit_val_batches": 0,
                            "log_every_n_steps": 5, "logger": False,

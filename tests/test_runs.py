@@ -140,6 +140,7 @@ def test_a_second_process_cannot_take_the_lock_and_a_dead_ones_lock_is_taken_ove
     again.release()
 
 
+@pytest.mark.slow  # a run in a subprocess, killed
 def test_two_fits_into_one_folder_at_once_the_second_stops_and_names_the_first(capsys, tmp_path):
     overlay = {"trainer": {"fast_dev_run": False, "max_steps": 100_000, "max_epochs": -1, "limit_val_batches": 0,
                            "logger": False, "callbacks": [{"class_path": "diffusion_lit.callbacks.LastCheckpoint",

@@ -96,7 +96,8 @@ def test_unknown_sampler_and_bad_checkpoints_are_one_line(tmp_path, monkeypatch,
         with pytest.raises(SystemExit) as exit_info:
             sample(*args)
         assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 def test_class_count_mismatch_between_model_and_data_is_one_line(image_folder, tmp_path, monkeypatch, capsys):
@@ -109,24 +110,35 @@ def test_class_count_mismatch_between_model_and_data_is_one_line(image_folder, t
 
 
 def test_sample_under_bf16_autocast(demo_checkpoint, tmp_path):
-    sample("--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "3", "--precision", "bf16",
-           "--output", "bf16")  # fmt: skip
-    images = np.load(tmp_path / "bf16" / "samples.npz")["arr_0"]
+    args = ("--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "3")
+    sample(*args, "--precision", "bf16", "--output", "bf16")
+    sample(*args, "--output", "fp32")
+    images, reference = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("bf16", "fp32"))
     assert images.shape == (2, 28, 28, 1) and images.dtype == np.uint8
+    # The same images up to bf16 rounding (NaN would come out as a constant image, far from these).
+    assert images.std() > 10 and np.abs(images.astype(int) - reference).mean() < 8
 
 
 def test_sample_compiled_gives_the_same_images(demo_checkpoint, tmp_path, monkeypatch):
     compiled = []
 
+    calls = []
+
     def compile_spy(function):  # stands in for torch.compile (no C++ toolchain needed); records the target
         compiled.append(function)
-        return lambda *args: function(*args)
+
+        def compiled_function(*args):
+            calls.append(1)
+            return function(*args)
+
+        return compiled_function
 
     args = ("--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "3")
     sample(*args, "--output", "eager")
     monkeypatch.setattr(torch, "compile", compile_spy)
     sample(*args, "--output", "compiled", "--compile", "true")
     assert len(compiled) == 1 and compiled[0].__name__ == "forward"
+    assert len(calls) == 3  # every network evaluation went through the compiled function
     eager, fast = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("eager", "compiled"))
     assert np.array_equal(eager, fast)
 

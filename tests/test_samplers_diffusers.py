@@ -182,7 +182,7 @@ def test_unipc_matches_diffusers_unipc_multistep(prediction, steps):
     assert_matches_diffusers(scheduler, "trailing", steps, run_ours, deterministic=True)
 
 
-@pytest.mark.parametrize("percentile_value", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("percentile_value", [0.2, 1.0, 3.0])
 def test_dynamic_threshold_matches_diffusers(percentile_value):
     # diffusers' _threshold_sample with no upper bound on s is Saharia et al.'s dynamic thresholding.
     scheduler = schedulers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1e9)
@@ -191,5 +191,7 @@ def test_dynamic_threshold_matches_diffusers(percentile_value):
     ours = threshold_x0(x0, "dynamic")
     assert torch.allclose(ours, scheduler._threshold_sample(x0), atol=1e-6)
     assert ours.abs().max() <= 1
-    if percentile_value <= 0.25:  # inside [-1, 1] already: untouched
+    if percentile_value <= 0.25:  # the 99.5th percentile of |x0| is below 1: untouched
         assert torch.equal(ours, x0)
+    else:
+        assert not torch.equal(ours, x0)
