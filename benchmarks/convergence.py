@@ -36,8 +36,8 @@ from diffusion_lit.data import DemoMNISTDataModule
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.metrics import frechet_distance
+from diffusion_lit.module import load_checkpoint
 from diffusion_lit.pixels import to_signed
-from diffusion_lit.sample import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TODAY_STEPS = 2520  # configs/demo.yaml: 18 epochs of 140 steps

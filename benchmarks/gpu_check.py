@@ -24,7 +24,7 @@ from pipeline import ROOT, fit_rate, synthetic_cifar
 from torch.utils.flop_counter import FlopCounterMode
 from training_step import LOSS, autocast, synchronize, train_step
 
-from diffusion_lit.diffusion import NoiseSchedule, Sampling, sample
+from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process
 from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.nn import UNet
 
@@ -124,10 +124,10 @@ def sample_variant(args, precision: str, compiled: bool, device, schedule, setti
     unet = make_unet(args, compiled, False, device).eval()
     shape = (args.sample_batch, 3, 32, 32)
     with torch.inference_mode(), autocast(device, precision):
-        sample(unet, schedule, shape, Sampling(settings.sampler, 2), device=device)
+        reverse_process(unet, schedule, shape, Sampling(settings.sampler, 2), device=device)
         synchronize(device)
         start = time.perf_counter()
-        images = sample(unet, schedule, shape, settings, device=device)
+        images = reverse_process(unet, schedule, shape, settings, device=device)
         synchronize(device)
     return {"images_per_s": args.sample_batch / (time.perf_counter() - start), "finite": bool(images.isfinite().all())}
 

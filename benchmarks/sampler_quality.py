@@ -24,8 +24,8 @@ from diffusion_lit.data import DemoMNISTDataModule
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.metrics import frechet_distance
+from diffusion_lit.module import load_checkpoint
 from diffusion_lit.pixels import to_signed
-from diffusion_lit.sample import load_checkpoint
 
 SAMPLERS = ["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
 ROWS = [Sampling(name, nfe) for name in SAMPLERS for nfe in (10, 20, 50)] + [Sampling("ddpm", 1000)]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from training_step import autocast, synchronize, train_step
 
-from diffusion_lit.diffusion import NoiseSchedule, Sampling, sample
+from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process
 from diffusion_lit.nn import UNet
 
 SIZES = {  # lit-ddpm base channels, diffusers block_out_channels, denoising-diffusion-pytorch dim
@@ -82,10 +82,10 @@ def measure(name: str, args, schedule: NoiseSchedule, device: torch.device) -> d
 
     model.eval()
     with torch.inference_mode(), autocast(device, args.precision):
-        sample(network, schedule, (args.batch, 3, 32, 32), Sampling("dpmpp", 2), device=device)  # warm-up
+        reverse_process(network, schedule, (args.batch, 3, 32, 32), Sampling("dpmpp", 2), device=device)  # warm-up
         synchronize(device)
         start = time.perf_counter()
-        sample(network, schedule, (args.batch, 3, 32, 32), Sampling("dpmpp", args.sample_steps), device=device)
+        reverse_process(network, schedule, (args.batch, 3, 32, 32), Sampling("dpmpp", args.sample_steps), device=device)
         synchronize(device)
         sample_seconds = time.perf_counter() - start
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -25,7 +25,7 @@ from diffusion_lit.pixels import to_uint8
 BATCH_SIZE = 250  # the default of `sample` and `test`: with the same seed and N, both draw the same images
 
 
-class Generator(Protocol):
+class ImageModel(Protocol):
     """What generation needs of a model: DiffusionModule satisfies it."""
 
     device: torch.device
@@ -56,7 +56,7 @@ def cycled_labels(num_classes: int | None, first: int, count: int) -> Tensor | N
 
 
 def generate(
-    model: Generator,
+    model: ImageModel,
     num_samples: int,
     settings: Sampling | None = None,
     seed: int = 0,
@@ -76,7 +76,7 @@ def generate(
         yield to_uint8(images), batch_labels
 
 
-def generate_all(model: Generator, num_samples: int, **options) -> tuple[Tensor, Tensor | None]:
+def generate_all(model: ImageModel, num_samples: int, **options) -> tuple[Tensor, Tensor | None]:
     """Every image of a run on this process, (N, C, H, W) uint8, and the labels (N,) or None."""
     batches = list(generate(model, num_samples, **options))
     images = torch.cat([images for images, _ in batches])

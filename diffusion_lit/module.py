@@ -7,18 +7,19 @@ import torch
 from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 
+from diffusion_lit.callbacks.ema import EMA
 from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit
 from diffusion_lit.diffusion.guidance import drop_labels, guided
 from diffusion_lit.diffusion.immiscible import assign_noise
 from diffusion_lit.diffusion.losses import DiffusionLoss
-from diffusion_lit.diffusion.samplers import sample
+from diffusion_lit.diffusion.samplers import reverse_process
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
-from diffusion_lit.ema import EMA
 from diffusion_lit.errors import UserError
 from diffusion_lit.nn import UNet
 from diffusion_lit.optim import adam_with_warmup, clip_gradients
 from diffusion_lit.pixels import to_unit
+from diffusion_lit.runs import run_seed
 
 MSE_ONLY = DiffusionLoss()  # validation and test score the MSE term alone, whatever the training loss
 
@@ -137,6 +138,17 @@ class DiffusionModule(LightningModule):
         """The batch's labels for a conditional model (a `dropout` share replaced by "no class"), else None."""
         return None if self.num_classes is None else drop_labels(batch[1], dropout, self.num_classes)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Seed each training batch's random stream by the run's seed, the batch's index over the run and the
+        process. Everything random in a training step draws from it (the datamodule's flips, then the noise,
+        timesteps, dropout and label dropout), so a resumed run draws what the uninterrupted one would have,
+        with no random state to save, and processes draw differently. Here, before the batch is moved to its
+        device, so that the flips drawn after the move come from this stream too."""
+        if self.trainer.training:
+            batch_index = self.trainer.fit_loop.total_batch_idx + 1  # this batch's
+            torch.manual_seed((run_seed() * 1_000_003 + batch_index) * 1_009 + self.trainer.global_rank)
+        return batch
+
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """One denoising loss on a batch of images in [-1, 1]; every term is logged as train/loss_<term>."""
         terms = self.losses(batch[0], labels=self._labels(batch, self.hparams.label_dropout))
@@ -181,7 +193,9 @@ class DiffusionModule(LightningModule):
         was_training = self.training
         self.eval()
         try:
-            x = sample(denoiser, self.schedule, (num_samples, *self.image_shape), settings, generator, self.device)
+            x = reverse_process(
+                denoiser, self.schedule, (num_samples, *self.image_shape), settings, generator, self.device
+            )
         finally:
             self.train(was_training)
         return to_unit(x).clamp(0, 1)
@@ -217,3 +231,17 @@ class DiffusionModule(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """The EMA callback (it averages only while fitting: checkpoints hold the EMA weights)."""
         return [] if self.hparams.ema_decay is None else [EMA(self.hparams.ema_decay)]
+
+
+def load_checkpoint(ckpt_path: str, device: str = "cpu", allowed_classes: Iterable[str] = ()) -> DiffusionModule:
+    """A DiffusionModule with the checkpoint's EMA weights, loaded safely (weights_only=True); the network is
+    built only if it is one of lit-ddpm's or its class is in `allowed_classes` (nothing else is imported)."""
+    check_checkpoint(ckpt_path, allowed_classes=allowed_classes)
+    try:
+        module = DiffusionModule.load_from_checkpoint(
+            ckpt_path, map_location=device, weights_only=True, allowed_classes=allowed_classes
+        )
+    except Exception as error:  # noqa: BLE001  (truncated, foreign or not a checkpoint: the same advice)
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserError(f"{ckpt_path!r} is not a readable lit-ddpm checkpoint ({reason})") from None
+    return module.eval()

@@ -22,6 +22,11 @@ except ImportError:  # Windows: runs go on unlocked (RunLock says so)
 STATE_KEY = "LastCheckpoint"  # where a checkpoint keeps its run's identity: checkpoint["callbacks"][STATE_KEY]
 
 
+def run_seed() -> int:
+    """The run's seed: `seed_everything`'s (the configs' `seed_everything: 0`), as Lightning's samplers take it."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 def new_run_id() -> str:
     """A fresh run's identity; a resumed run keeps the one its checkpoint holds."""
     return uuid.uuid4().hex

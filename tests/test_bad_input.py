@@ -87,13 +87,13 @@ def test_bad_checkpoint_files(capsys, demo_checkpoint, make, message):
 
 def test_the_cli_rebuilds_the_model_a_checkpoint_describes(demo_checkpoint, monkeypatch, tmp_path):
     # LightningCLI applies the checkpoint's hyper-parameters, so a config with another UNet still loads it.
-    monkeypatch.setattr("diffusion_lit.evaluation.load_inception", lambda *args, **kwargs: StandInExtractor())
+    monkeypatch.setattr("diffusion_lit.callbacks.quality.load_inception", lambda *args, **kwargs: StandInExtractor())
     tested = []
 
     def write(self, trainer, module, *args):  # instead of the scores' files: which network was tested
         tested.append(module.unet.config["base_channels"])
 
-    monkeypatch.setattr("diffusion_lit.evaluation.SampleQuality._write", write)
+    monkeypatch.setattr("diffusion_lit.callbacks.quality.SampleQuality._write", write)
     main(["test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--model.unet.init_args.base_channels", "16",
           "--evaluation.num_samples", "2", "--evaluation.sampling.steps", "2", "--evaluation.reference", "test",
           "--evaluation.cache_dir", str(tmp_path / "cache")])  # fmt: skip
@@ -305,7 +305,7 @@ def test_a_write_cut_short_leaves_no_file_that_looks_complete(capsys, demo_check
     assert not Path("out/samples.npz").exists()
     assert not [p for p in Path("out").rglob("*") if p.is_file() and p.name != "grid.png"]  # no partial file left
 
-    monkeypatch.setattr("diffusion_lit.evaluation.load_inception", lambda *args, **kwargs: StandInExtractor())
+    monkeypatch.setattr("diffusion_lit.callbacks.quality.load_inception", lambda *args, **kwargs: StandInExtractor())
     test = ["test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--evaluation.num_samples", "2",
             "--evaluation.sampling.steps", "2", "--evaluation.reference", "test",
             "--evaluation.cache_dir", "cache"]  # fmt: skip

@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import randomise
-from diffusion_lit.ema import EMA
+from diffusion_lit.callbacks.ema import EMA
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 

@@ -9,10 +9,10 @@ import torch
 from lightning.pytorch import Trainer
 
 from conftest import ROOT, TINY, StandInExtractor
+from diffusion_lit.callbacks import SampleQuality
 from diffusion_lit.cli import main
 from diffusion_lit.data import DemoMNISTDataModule
 from diffusion_lit.diffusion import Sampling
-from diffusion_lit.evaluation import SampleQuality
 from diffusion_lit.generation import shard
 from diffusion_lit.module import DiffusionModule
 
@@ -29,7 +29,7 @@ def extractors(monkeypatch) -> list[StandInExtractor]:
         made.append(StandInExtractor())
         return made[-1]
 
-    monkeypatch.setattr("diffusion_lit.evaluation.load_inception", load)
+    monkeypatch.setattr("diffusion_lit.callbacks.quality.load_inception", load)
     return made
 
 

@@ -160,7 +160,7 @@ def signal_at(folder: Path, signal_number: int, at_step: int, *extra: str, every
     its main process (rank 0) once it reports step `at_step`; returns its exit status and output."""
     overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"], "enable_progress_bar": True, "log_every_n_steps": 1}}
     overlay["trainer"]["callbacks"] = [
-        {"class_path": "diffusion_lit.progress.ProgressBar", "init_args": {"line_interval": 0}},
+        {"class_path": "diffusion_lit.callbacks.ProgressBar", "init_args": {"line_interval": 0}},
         {"class_path": "diffusion_lit.callbacks.LastCheckpoint",
          "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": every}},
     ]  # fmt: skip

@@ -4,7 +4,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lit.callbacks import LastCheckpoint, NonFiniteGuard
-from diffusion_lit.ema import EMA, warmup_decay
+from diffusion_lit.callbacks.ema import EMA, warmup_decay
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet

@@ -20,7 +20,7 @@ MSE_ONLY = f"{ROOT}/configs/ablation/mse_only.yaml"
 def test_a_run_writing_to_a_file_shows_progress_lines_while_it_runs(tmp_path):
     overlay = {"trainer": {"fast_dev_run": False, "max_steps": -1, "max_epochs": -1, "limit_val_batches": 0,
                            "log_every_n_steps": 5, "logger": False,
-                           "callbacks": [{"class_path": "diffusion_lit.progress.ProgressBar",
+                           "callbacks": [{"class_path": "diffusion_lit.callbacks.ProgressBar",
                                           "init_args": {"line_interval": 0}}]}}  # fmt: skip
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(overlay))
     configs = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, "--config", str(tmp_path / "run.yaml")]

@@ -9,8 +9,7 @@ import torch
 from conftest import ROOT, TINY
 from diffusion_lit.cli import main
 from diffusion_lit.errors import UserError
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sample import load_checkpoint
+from diffusion_lit.module import DiffusionModule, load_checkpoint
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
 SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "1", "--trainer.max_epochs", "-1",

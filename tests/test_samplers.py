@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion_lit.diffusion import NoiseSchedule, Sampling, sample, timestep_spacing
+from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process, timestep_spacing
 from diffusion_lit.diffusion.samplers import ddim, ddpm, threshold_x0
 from diffusion_lit.errors import UserError
 
@@ -53,7 +53,7 @@ def test_every_sampler_recovers_gaussian_data(sampler, steps, variance):
     generator = torch.Generator().manual_seed(0)
     model = gaussian_denoiser(schedule, data_std)
     settings = Sampling(sampler, steps, variance=variance, threshold="none")
-    x = sample(model, schedule, (20_000, 1), settings, generator=generator)
+    x = reverse_process(model, schedule, (20_000, 1), settings, generator=generator)
     assert x.mean().item() == pytest.approx(0.0, abs=0.02)
     assert x.std().item() == pytest.approx(data_std, rel=GAUSSIAN_STD_TOLERANCE[sampler, steps, variance])
 
@@ -64,7 +64,7 @@ def test_point_mass_data_is_recovered_for_every_sampler_and_prediction(sampler, 
     schedule = NoiseSchedule("cosine", prediction=prediction)
     c = torch.tensor([0.3, -0.6])
     generator = torch.Generator().manual_seed(1)
-    x = sample(point_mass_model(schedule, c), schedule, (64, 2), Sampling(sampler, steps), generator)
+    x = reverse_process(point_mass_model(schedule, c), schedule, (64, 2), Sampling(sampler, steps), generator)
     assert torch.allclose(x, c.expand(64, 2), atol=1e-3)
 
 
@@ -73,7 +73,7 @@ def test_seeded_samplers_are_deterministic_and_clipped(sampler, steps):
     schedule = NoiseSchedule()
     model = lambda x, t: -3 * x  # noqa: E731  (drives x0 far outside [-1, 1])
     first, second, other = (
-        sample(model, schedule, (2, 1, 4, 4), Sampling(sampler, steps), torch.Generator().manual_seed(seed))
+        reverse_process(model, schedule, (2, 1, 4, 4), Sampling(sampler, steps), torch.Generator().manual_seed(seed))
         for seed in (3, 3, 4)
     )
     assert torch.equal(first, second) and first.shape == (2, 1, 4, 4)
@@ -125,13 +125,13 @@ def test_bad_sampler_settings_are_refused():
     schedule = NoiseSchedule(timesteps=10)
     model = lambda x, t: x  # noqa: E731
     with pytest.raises(UserError, match="unknown sampler 'euler'"):
-        sample(model, schedule, (1, 1), Sampling("euler"))
+        reverse_process(model, schedule, (1, 1), Sampling("euler"))
     with pytest.raises(UserError, match="steps must be between 1 and the model's 10"):
-        sample(model, schedule, (1, 1), Sampling("ddim", steps=11))
+        reverse_process(model, schedule, (1, 1), Sampling("ddim", steps=11))
     with pytest.raises(UserError, match="eta is a DDIM setting"):
-        sample(model, schedule, (1, 1), Sampling("dpmpp", steps=5, eta=0.5))
+        reverse_process(model, schedule, (1, 1), Sampling("dpmpp", steps=5, eta=0.5))
     with pytest.raises(UserError, match="unknown threshold 'soft'"):
-        sample(model, schedule, (1, 1), Sampling("ddim", steps=5, threshold="soft"))
+        reverse_process(model, schedule, (1, 1), Sampling("ddim", steps=5, threshold="soft"))
     with pytest.raises(ValueError, match="unknown timestep spacing"):
         timestep_spacing(10, 5, "cubic")
 

@@ -1,7 +1,6 @@
 """What every lit-ddpm datamodule shares: (image, label) batches in [-1, 1], loaders that resume exactly,
 flips drawn on the training device, and what FID needs (`metrics.ReferenceData`)."""
 
-import os
 import warnings
 from typing import Literal
 
@@ -14,6 +13,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision import transforms
 
 from diffusion_lit.errors import UserError
+from diffusion_lit.runs import run_seed
 
 # torchdata 0.11 calls a torch function that newer torch marks deprecated, once per loader: not ours to fix.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -49,10 +49,9 @@ class ImageDataModule(LightningDataModule):
     The training loader is a torchdata StatefulDataLoader whose sampler shuffles by (seed_everything's seed,
     epoch) and shares the images out to the processes: Lightning saves its position in every checkpoint, so
     a resumed run continues the interrupted epoch, and the ones after it, with the very batches the
-    uninterrupted run would have had, on one process or many. Each training batch's random draws come from a
-    stream seeded by the batch (`on_before_batch_transfer`). Nothing random runs in the loader: horizontal
-    flips (`hflip`) are drawn in `on_after_batch_transfer`, on the training device, from that stream, so
-    data-loading workers hold no random state.
+    uninterrupted run would have had, on one process or many. Nothing random runs in the loader: horizontal
+    flips (`hflip`) are drawn in `on_after_batch_transfer`, on the training device, from the training step's
+    random stream (which DiffusionModule seeds for each batch), so data-loading workers hold no random state.
     """
 
     image_shape: tuple[int, int, int]
@@ -88,7 +87,7 @@ class ImageDataModule(LightningDataModule):
             num_replicas=processes,
             rank=rank,
             shuffle=True,
-            seed=_seed(),
+            seed=run_seed(),
             drop_last=True,
         )
         return StatefulDataLoader(self.train_set, sampler=sampler, drop_last=True, **self._options())
@@ -100,15 +99,6 @@ class ImageDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The held-out batches again."""
         return self.val_dataloader()
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Seed each training batch's random draws (its flips here; noise, timesteps, dropout and label dropout in
-        the training step) by the run's seed, the batch's index over the run and the process: a resumed run draws
-        what the uninterrupted one would have, with no random state to save, and processes draw differently."""
-        if self.trainer is not None and self.trainer.training:
-            batch_index = self.trainer.fit_loop.total_batch_idx + 1  # this batch's
-            torch.manual_seed((_seed() * 1_000_003 + batch_index) * 1_009 + self.trainer.global_rank)
-        return batch
 
     def images(self, batch, training: bool) -> list[Tensor]:
         """The batch as [images in [-1, 1], labels] on its device; datamodules that load indices override it."""
@@ -130,8 +120,3 @@ class ImageDataModule(LightningDataModule):
     def reference_name(self, split: Split) -> str:
         """A name for `reference_set(split)` that changes whenever its images do."""
         raise NotImplementedError
-
-
-def _seed() -> int:
-    """The run's seed: `seed_everything`'s (the configs' `seed_everything: 0`), as Lightning's samplers take it."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))

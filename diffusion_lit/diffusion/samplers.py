@@ -227,7 +227,7 @@ def unipc(
 
 
 @torch.inference_mode()
-def sample(
+def reverse_process(
     model: Denoiser,
     schedule: NoiseSchedule,
     shape: tuple[int, ...],

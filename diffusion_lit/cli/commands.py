@@ -12,11 +12,10 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from diffusion_lit import sample
-from diffusion_lit.callbacks import LastCheckpoint, NonFiniteGuard
+from diffusion_lit.callbacks import LastCheckpoint, NonFiniteGuard, SampleQuality
 from diffusion_lit.checkpoints import check_checkpoint
+from diffusion_lit.cli import sample
 from diffusion_lit.errors import OneLineErrors, UserError
-from diffusion_lit.evaluation import SampleQuality
 from diffusion_lit.module import DiffusionModule
 
 
@@ -181,7 +180,3 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # outside training (sample, test): files are written whole or not at all
         print("\nlit-ddpm: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

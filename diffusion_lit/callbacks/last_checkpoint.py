@@ -1,73 +1,16 @@
-"""Training callbacks. They reach the model only through DiffusionModule.sample()."""
+"""LastCheckpoint: last.ckpt, always the newest state of the run, in a folder that is the run's own."""
 
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch import Tensor
 
-from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import generate_all, save_grid
 from diffusion_lit.runs import Interrupted, RunLock, StopSignals, check_folder_is_ours, describe, new_run_id
-
-
-class SampleGrid(Callback):
-    """After every `every_n_epochs`-th validation, sample a grid from the EMA weights, save and log it.
-
-    The same seed is used every time, so successive grids show the same noise turning into images.
-
-    Args:
-        num_samples: images in the grid.
-        every_n_epochs: sample after every n-th validation epoch.
-        dirpath: where the PNG files go (`step=<global step>.png`).
-        seed: seed of the noise.
-        sampling: the sampler and its settings (default: those of `lit-ddpm sample`).
-    """
-
-    def __init__(
-        self,
-        num_samples: int = 64,
-        every_n_epochs: int = 1,
-        dirpath: str = "samples",
-        seed: int = 0,
-        sampling: Sampling = Sampling(),
-    ) -> None:
-        self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs
-        self.dirpath = Path(dirpath)
-        self.seed = seed
-        self.sampling = sampling
-
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """Settings the model cannot sample with stop the run before training, not at the first grid."""
-        conditional = pl_module.num_classes is not None
-        self.sampling.check(pl_module.hparams.timesteps, prefix="SampleGrid's sampling.", conditional=conditional)
-
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Sample, write `dirpath/step=N.png` and hand the grid to the logger (rank 0 only)."""
-        if trainer.sanity_checking or trainer.fast_dev_run or not trainer.is_global_zero or trainer.state.fn != "fit":
-            return  # a dry run (fast_dev_run) writes nothing
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        options = {"settings": self.sampling, "seed": self.seed, "batch_size": self.num_samples}
-        images, _ = generate_all(pl_module, self.num_samples, **options)  # a conditional model: classes in turn
-        path = self.dirpath / f"step={trainer.global_step}.png"
-        try:
-            grid = save_grid(images, path)
-        except OSError as error:  # a full disk must not end the training run: the grid is expendable
-            rank_zero_warn(f"could not write the sample grid {path} ({error.strerror or error}); training goes on")
-            return
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("samples", [str(path)], step=trainer.global_step)
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", grid, trainer.global_step)
 
 
 class LastCheckpoint(Checkpoint):
@@ -243,62 +186,3 @@ class LastCheckpoint(Checkpoint):
         if self.signals is not None:
             self.signals.restore()
         self.lock.release()
-
-
-class NonFiniteGuard(Callback):
-    """Skip every optimizer step whose gradients are not all finite, and stop a run that does not recover.
-
-    A skipped step moves neither the weights nor Adam's moments or step count. Skips are counted and logged
-    as train/skipped_steps. Every `max_nonfinite_steps` steps the streak is read; if that many steps or
-    more in a row were skipped, the run stops with one line (and LastCheckpoint saves `last.ckpt`, still
-    the weights of the last good step). fp16 loss scaling alone skips a handful in a row while it calibrates.
-
-    With fused Adam the flag goes to the optimizer as `found_inf` (the input GradScaler uses), so nothing is
-    read back from the GPU between checks; otherwise the gradients are dropped, which reads one flag per
-    step and keeps the CPU from queueing the next step early. Gradients are already reduced across
-    processes here, so every process takes the same decision.
-
-    Args:
-        max_nonfinite_steps: how often the streak is checked, and how long a streak stops the run.
-    """
-
-    def __init__(self, max_nonfinite_steps: int = 50) -> None:
-        if max_nonfinite_steps < 1:
-            raise UserError(
-                "NonFiniteGuard's max_nonfinite_steps must be at least 1 (remove the callback to turn it off)"
-            )
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.skipped: Tensor | None = None  # device counters: skipped steps in this run, and in a row
-        self.streak: Tensor | None = None
-
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped in this run (reads the count from the device)."""
-        return 0 if self.skipped is None else int(self.skipped)
-
-    def on_before_optimizer_step(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
-    ) -> None:
-        """Flag (or drop) this step's gradients if any is not finite; check the streak every N steps."""
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if self.max_nonfinite_steps is None or not grads:
-            return
-        bad = torch.nn.utils.get_total_norm(grads).isfinite().logical_not().long()
-        if self.skipped is None:
-            self.skipped, self.streak = torch.zeros_like(bad), torch.zeros_like(bad)
-        self.skipped += bad
-        self.streak = (self.streak + 1) * bad
-        pl_module.log("train/skipped_steps", self.skipped.float())
-        if optimizer.defaults.get("fused"):  # fp16's GradScaler sets its own found_inf over this one
-            optimizer.found_inf = bad.float()
-        elif bad.item():
-            for parameter in pl_module.parameters():
-                parameter.grad = None
-        limit = self.max_nonfinite_steps
-        if (trainer.global_step + 1) % limit == 0 and int(self.streak) >= limit:
-            folder = getattr(trainer.checkpoint_callback, "dirpath", None)  # LastCheckpoint saves it on the way out
-            raise UserError(
-                f"training stopped: the last {int(self.streak)} optimizer steps had non-finite gradients "
-                f"(step {trainer.global_step}); the last good state is in {Path(folder or '.') / 'last.ckpt'}. "
-                f"Lower model.lr, or use --trainer.precision bf16-mixed or 32-true instead of 16-mixed"
-            )

@@ -1,7 +1,6 @@
 """`lit-ddpm sample`: images from a checkpoint's EMA weights, without the dataset or the training config."""
 
 import math
-from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -10,29 +9,14 @@ from jsonargparse import ArgumentParser
 from rich.progress import Progress
 from torch import Tensor
 
-from diffusion_lit.checkpoints import check_checkpoint
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.generation import BATCH_SIZE, generate_all, save_grid, write_samples
-from diffusion_lit.module import DiffusionModule
+from diffusion_lit.module import DiffusionModule, load_checkpoint
 
 
 class OneLineParser(OneLineErrors, ArgumentParser):
     """jsonargparse, with one-line errors."""
-
-
-def load_checkpoint(ckpt_path: str, device: str = "cpu", allowed_classes: Iterable[str] = ()) -> DiffusionModule:
-    """A DiffusionModule with the checkpoint's EMA weights, loaded safely (weights_only=True); the network is
-    built only if it is one of lit-ddpm's or its class is in `allowed_classes` (nothing else is imported)."""
-    check_checkpoint(ckpt_path, allowed_classes=allowed_classes)
-    try:
-        module = DiffusionModule.load_from_checkpoint(
-            ckpt_path, map_location=device, weights_only=True, allowed_classes=allowed_classes
-        )
-    except Exception as error:  # noqa: BLE001  (truncated, foreign or not a checkpoint: the same advice)
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserError(f"{ckpt_path!r} is not a readable lit-ddpm checkpoint ({reason})") from None
-    return module.eval()
 
 
 def class_labels(module: DiffusionModule, label: str | None, num_samples: int) -> tuple[Tensor | None, int | None]:

@@ -1,0 +1,11 @@
+"""The training callbacks. They reach the model only through DiffusionModule.sample() (and its weights, for
+the EMA and the checkpoints); configs name them as diffusion_lit.callbacks.NAME."""
+
+from diffusion_lit.callbacks.ema import EMA
+from diffusion_lit.callbacks.grids import SampleGrid
+from diffusion_lit.callbacks.guard import NonFiniteGuard
+from diffusion_lit.callbacks.last_checkpoint import LastCheckpoint
+from diffusion_lit.callbacks.progress import ProgressBar
+from diffusion_lit.callbacks.quality import SampleQuality
+
+__all__ = ["EMA", "LastCheckpoint", "NonFiniteGuard", "ProgressBar", "SampleGrid", "SampleQuality"]
