@@ -40,10 +40,11 @@ def train_variant(folder: Path, perceptual: float, matching: float, epochs: int,
         "--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", str(epochs),
         "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
         "--trainer.callbacks+=diffusion_lit.callbacks.LastCheckpoint", "--trainer.callbacks.dirpath", "checkpoints",
-        "--model.perceptual_weight", str(perceptual), "--model.feature_matching_weight", str(matching),
+        "--model.loss.init_args.perceptual_weight", str(perceptual),
+        "--model.loss.init_args.feature_matching_weight", str(matching),
     ]  # fmt: skip
     if vgg:
-        command += ["--model.vgg_weights", vgg]
+        command += ["--model.loss.init_args.vgg_weights", vgg]
     subprocess.run(command, cwd=folder, check=True)
     return folder / "checkpoints" / "last.ckpt"
 

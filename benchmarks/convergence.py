@@ -42,12 +42,19 @@ from diffusion_lit.pixels import to_signed
 ROOT = Path(__file__).resolve().parents[1]
 TODAY_STEPS = 2520  # configs/demo.yaml: 18 epochs of 140 steps
 TODAY = "eps (today)"  # the demo recipe as it was: noise prediction, plain MSE, random noise pairing
+
+
+def _variant(prediction: str, snr_gamma: str, immiscible: str) -> list[str]:
+    loss = "--model.loss.init_args"
+    return ["--model.prediction", prediction, f"{loss}.snr_gamma", snr_gamma, f"{loss}.immiscible", immiscible]
+
+
 VARIANTS = {  # each says its prediction target, so that the table does not depend on configs/demo.yaml's
-    TODAY: ["--model.prediction", "eps", "--model.snr_gamma", "null", "--model.immiscible", "false"],
-    "eps + min-SNR-5": ["--model.prediction", "eps", "--model.snr_gamma", "5", "--model.immiscible", "false"],
-    "eps + immiscible": ["--model.prediction", "eps", "--model.snr_gamma", "null", "--model.immiscible", "true"],
-    "v": ["--model.prediction", "v", "--model.snr_gamma", "null", "--model.immiscible", "false"],
-    "v + min-SNR-5": ["--model.prediction", "v", "--model.snr_gamma", "5", "--model.immiscible", "false"],
+    TODAY: _variant("eps", "null", "false"),
+    "eps + min-SNR-5": _variant("eps", "5", "false"),
+    "eps + immiscible": _variant("eps", "null", "true"),
+    "v": _variant("v", "null", "false"),
+    "v + min-SNR-5": _variant("v", "5", "false"),
 }
 SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
 

@@ -145,7 +145,7 @@ def fit_variants(args, device: torch.device) -> list[dict]:
         for precision, on_device in variants:
             overrides = ["--trainer.precision", precision, "--data.init_args.data_dir", str(data),
                          "--data.init_args.download", "false", "--data.init_args.on_device", str(on_device).lower(),
-                         "--data.init_args.batch_size", str(args.batch), "--model.vgg_weights", str(vgg),
+                         "--data.init_args.batch_size", str(args.batch), "--model.loss.init_args.vgg_weights", str(vgg),
                          "--model.unet.init_args.base_channels", str(args.base),
                          "--evaluation.every_n_epochs", "null"]  # no Inception weights here  # fmt: skip
             rate = fit_rate(ROOT / "configs" / "cifar10.yaml", overrides, device, args.warmup, args.steps)

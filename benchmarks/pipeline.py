@@ -51,7 +51,8 @@ def bare_loop(device: torch.device, warmup: int, steps: int, base_channels: int)
     unet = UNet(in_channels=1, **unet_args).to(device)
     ema = [p.detach().clone() for p in unet.parameters()]
     schedule = NoiseSchedule("cosine", 1000).to(device)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=float(config["model"]["lr"]), fused=True)
+    lr = float(config["model"]["optimizer"]["init_args"]["lr"])
+    optimizer = torch.optim.Adam(unet.parameters(), lr=lr, fused=True)
     data = DemoMNISTDataModule(batch_size=config["data"]["init_args"]["batch_size"])
     data.setup("fit")
     loss_fn, done, start = DiffusionLoss(), 0, 0.0

@@ -1,6 +1,7 @@
 """Checking a checkpoint file before anything is built from it."""
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Iterable
@@ -12,30 +13,39 @@ from torch import Tensor
 from diffusion_lit.errors import OneLineErrors, UserError
 
 # Model settings of earlier versions, and where each went; their checkpoints name them in hyper_parameters.
-MOVED_SETTINGS = {
+DROPPED_SETTINGS = {
     "sample_variance": "evaluation.sampling.variance (`lit-ddpm sample --variance`)",
     "max_nonfinite_steps": "guard.max_nonfinite_steps",
 }
+LOSS_SETTINGS = ("perceptual_weight", "feature_matching_weight", "perceptual_layer", "vgg_weights", "snr_gamma",
+                 "immiscible")  # fmt: skip
+OPTIMIZER_SETTINGS = {"lr": "lr", "adam_betas": "betas", "weight_decay": "weight_decay", "fused_adam": "fused"}
+MOVED_SETTINGS = {
+    **DROPPED_SETTINGS,
+    **{name: f"model.loss.init_args.{name}" for name in LOSS_SETTINGS},
+    **{name: f"model.optimizer.init_args.{new}" for name, new in OPTIMIZER_SETTINGS.items()},
+}
+LOSS = "diffusion_lit.diffusion.losses.DiffusionLoss"
 
-
-# The class paths a checkpoint may name without the user naming them too, and the function that builds the model.
-NETWORKS = frozenset({"diffusion_lit.nn.UNet", "diffusion_lit.nn.unet.UNet"})
+# The class paths a checkpoint may name without the user naming them too (torch's optimizers too), and the
+# function that builds the model.
+KNOWN_CLASSES = frozenset({"diffusion_lit.nn.UNet", "diffusion_lit.nn.unet.UNet", LOSS})
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
-CLASS_SETTINGS = ("unet",)  # model settings that are classes to build: a plain string there is a class path too
+CLASS_SETTINGS = ("unet", "loss", "optimizer")  # classes to build: a plain string there is a class path too
 
 
 def check_checkpoint(path: str, settings: set[str] | None = None, allowed_classes: Iterable[str] = ()) -> None:
     """One clear line for a --ckpt_path that is missing, truncated, corrupt or not a checkpoint; that names a class
-    to build other than lit-ddpm's networks and `allowed_classes` (checked before anything is imported); or
-    (given the model's `settings`) whose hyper-parameters name settings the model does not have."""
+    to build other than lit-ddpm's and `allowed_classes` (checked before anything is imported); or (given the
+    model's `settings`) whose hyper-parameters name settings the model does not have."""
     checkpoint = _read(path)
     hyper_parameters = checkpoint.get("hyper_parameters", {})
-    foreign = foreign_classes(hyper_parameters, NETWORKS | set(allowed_classes))
+    foreign = foreign_classes(hyper_parameters, allowed_classes)
     if foreign:
         raise UserError(
-            f"--ckpt_path {path!r} names {foreign[0]!r} as a class to build, which is not a lit-ddpm network; nothing "
-            f"was imported. If you trust it, name it yourself: --model.unet.class_path {foreign[0]} (fit, validate, "
-            f"test) or --allow_class {foreign[0]} (sample)"
+            f"--ckpt_path {path!r} names {foreign[0]!r} as a class to build, which is not one of lit-ddpm's; nothing "
+            f"was imported. If you trust it, name it yourself, e.g. --model.unet.class_path {foreign[0]} (fit, "
+            f"validate, test) or --allow_class {foreign[0]} (sample)"
         )
     unknown = sorted(set(hyper_parameters) - (settings or set()) - {"_instantiator"})
     if settings is None or not unknown:
@@ -49,10 +59,41 @@ def check_checkpoint(path: str, settings: set[str] | None = None, allowed_classe
             f"diffusion_lit.checkpoints {' '.join(f'--drop {name}' for name in other)} {path}"
         )
     raise UserError(
-        f"--ckpt_path {path!r} was written by an earlier lit-ddpm: its model settings {', '.join(unknown)} no "
-        f"longer exist ({'; '.join(moved)}). `lit-ddpm sample` still reads it; to resume or test it, upgrade it "
-        f"once: python -m diffusion_lit.checkpoints {path}"
+        f"--ckpt_path {path!r} was written by an earlier lit-ddpm: its model settings {', '.join(unknown)} have "
+        f"moved ({'; '.join(moved)}). `lit-ddpm sample` reads it as it is; to resume or test it, upgrade it once: "
+        f"python -m diffusion_lit.checkpoints {path}"
     )
+
+
+def upgrade_hyper_parameters(hyper_parameters: dict) -> list[str]:
+    """An earlier lit-ddpm's model settings rewritten in today's layout, in place: the loss settings into `loss`,
+    the Adam ones into `optimizer`, the dropped ones removed (each has its own place and default now). Returns
+    the names moved or dropped."""
+    changed = sorted(set(hyper_parameters) & set(MOVED_SETTINGS))
+    for name in DROPPED_SETTINGS:
+        hyper_parameters.pop(name, None)
+    loss = {name: hyper_parameters.pop(name) for name in LOSS_SETTINGS if name in hyper_parameters}
+    if loss:
+        hyper_parameters["loss"] = {"class_path": LOSS, "init_args": loss}
+    adam = {new: hyper_parameters.pop(old) for old, new in OPTIMIZER_SETTINGS.items() if old in hyper_parameters}
+    if adam:
+        adam = {name: list(value) if isinstance(value, tuple) else value for name, value in adam.items()}
+        hyper_parameters["optimizer"] = {"class_path": "torch.optim.Adam", "init_args": adam}
+    return changed
+
+
+def upgraded(path: str) -> str | io.BytesIO:
+    """`path`, or, for a checkpoint of an earlier lit-ddpm, its contents with the settings in today's layout, in
+    memory (the file is left as it is)."""
+    checkpoint = _read(path)
+    if not set(checkpoint.get("hyper_parameters", {})) & set(MOVED_SETTINGS):
+        return path
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    upgrade_hyper_parameters(checkpoint["hyper_parameters"])
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def _read(path: str, label: str = "--ckpt_path ") -> dict:
@@ -71,10 +112,10 @@ def _read(path: str, label: str = "--ckpt_path ") -> dict:
     return checkpoint
 
 
-def foreign_classes(hyper_parameters: dict, allowed: Iterable[str]) -> list[str]:
-    """The class paths in a checkpoint's hyper-parameters that are not `allowed`: every `class_path` (jsonargparse
-    imports it to build the object), a plain string where a class setting is, and an instantiator other than
-    Lightning's. Nothing is imported."""
+def foreign_classes(hyper_parameters: dict, allowed: Iterable[str] = ()) -> list[str]:
+    """The class paths in a checkpoint's hyper-parameters that are neither lit-ddpm's, nor torch's optimizers, nor
+    `allowed`: every `class_path` (jsonargparse imports it to build the object), a plain string where a class
+    setting is, and an instantiator other than Lightning's. Nothing is imported."""
     found = []
 
     def walk(value) -> None:
@@ -92,13 +133,22 @@ def foreign_classes(hyper_parameters: dict, allowed: Iterable[str]) -> list[str]
     found += [hyper_parameters[name] for name in CLASS_SETTINGS if isinstance(hyper_parameters.get(name), str)]
     if hyper_parameters.get("_instantiator", INSTANTIATOR) != INSTANTIATOR:
         found.append(hyper_parameters["_instantiator"])
-    allowed = set(allowed)
-    return [str(path) for path in found if not isinstance(path, str) or path not in allowed]
+    allowed = KNOWN_CLASSES | set(allowed)
+    return [str(path) for path in found if not isinstance(path, str) or not (path in allowed or _torch_optimizer(path))]
+
+
+def _torch_optimizer(path: str) -> bool:
+    """Whether `path` names one of torch's optimizers (torch.optim.Adam, torch.optim.adam.Adam): looked up among
+    the names torch.optim has already imported, importing nothing."""
+    name = path.rsplit(".", 1)[-1]
+    kind = getattr(torch.optim, name, None)
+    is_optimizer = isinstance(kind, type) and issubclass(kind, torch.optim.Optimizer)
+    return is_optimizer and path in (f"torch.optim.{name}", f"{kind.__module__}.{name}")
 
 
 def upgrade_checkpoint(path: str, drop: Iterable[str] = ()) -> list[str]:
-    """Drop the settings of MOVED_SETTINGS, and those named in `drop`, from a checkpoint's hyper-parameters, in
-    place (atomically); returns the names dropped. The moved ones each have their own place (and default) now."""
+    """Rewrite an earlier lit-ddpm's model settings in today's layout (`upgrade_hyper_parameters`) and drop those
+    named in `drop`, in the file (atomically); returns the names moved or dropped."""
     checkpoint = _read(path, label="")
     hyper_parameters = checkpoint.get("hyper_parameters", {})
     absent = sorted(set(drop) - set(hyper_parameters))
@@ -106,9 +156,9 @@ def upgrade_checkpoint(path: str, drop: Iterable[str] = ()) -> list[str]:
         raise UserError(
             f"{path!r} has no model setting {absent[0]!r} to drop (it has {', '.join(sorted(hyper_parameters))})"
         )
-    dropped = sorted(set(hyper_parameters) & (set(MOVED_SETTINGS) | set(drop)))
-    for name in dropped:
+    for name in drop:
         del hyper_parameters[name]
+    dropped = sorted({*upgrade_hyper_parameters(hyper_parameters), *drop})
     partial = f"{path}.partial"
     try:
         torch.save(checkpoint, partial)
@@ -155,7 +205,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         options = parser.parse_args(args)
         for path in options.paths:
-            print(f"{path}: dropped {', '.join(upgrade_checkpoint(path, options.drop)) or 'nothing'}")
+            print(f"{path}: moved or dropped {', '.join(upgrade_checkpoint(path, options.drop)) or 'nothing'}")
     except UserError as error:
         print(f"lit-ddpm: error: {error}", file=sys.stderr)
         sys.exit(2)

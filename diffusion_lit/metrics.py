@@ -88,7 +88,7 @@ def load_inception(weights_path: str | None = None, antialias: bool = False) -> 
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(INCEPTION_URL)
     how_to_fix = (
         f"download {INCEPTION_URL} on a machine with internet access and put it at {hub_file}, "
-        f"or set evaluation.inception_weights to its path"
+        f"or set SampleQuality.inception_weights to its path"
     )
     if weights_path is not None:
         if not os.path.isfile(weights_path):

@@ -5,19 +5,19 @@ from collections.abc import Iterable
 
 import torch
 from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from diffusion_lit.callbacks.ema import EMA
-from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit
+from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit, upgraded
 from diffusion_lit.diffusion.guidance import drop_labels, guided
-from diffusion_lit.diffusion.immiscible import assign_noise
 from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.diffusion.samplers import reverse_process
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
 from diffusion_lit.errors import UserError
 from diffusion_lit.nn import UNet
-from diffusion_lit.optim import adam_with_warmup, clip_gradients
+from diffusion_lit.optim import DEFAULT_OPTIMIZER, clip_gradients, optimizer_config, with_warmup
 from diffusion_lit.pixels import to_unit
 from diffusion_lit.runs import run_seed
 
@@ -27,74 +27,59 @@ MSE_ONLY = DiffusionLoss()  # validation and test score the MSE term alone, what
 class DiffusionModule(LightningModule):
     """Trains a UNet to denoise under a fixed noise schedule (Ho et al. 2020) and samples from it.
 
+    Components are injected (LightningCLI's `class_path` / `init_args`), settings said once each:
+
     Args:
         unet: the denoising network.
+        loss: the training loss and its settings (its terms, their weights, the noise pairing); None: the plain
+            MSE on the prediction target (`DiffusionLoss()`). Validation and test score the MSE alone.
+        optimizer: a torch optimizer class or a `functools.partial` of one (in a config, `class_path` and
+            `init_args`), called with the parameters; None: Adam at 2e-4 with its fused kernel.
         image_shape: (channels, height, width) of the images; the CLI links it from the datamodule.
         schedule: beta schedule, "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020).
         timesteps: number of diffusion steps T.
         prediction: what the network predicts: "eps" (noise), "v" or "x0".
-        lr: Adam learning rate.
-        adam_betas: Adam's (beta1, beta2).
-        weight_decay: Adam's L2 weight decay.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0: none).
         ema_decay: decay of the EMA of the weights used for sampling, validation and test; None: no EMA.
-        perceptual_weight: weight of the VGG19 perceptual term (0: not computed, VGG never loaded).
-        feature_matching_weight: weight of the term on the UNet's own features (0: not computed).
-        perceptual_layer: the VGG19 layer compared, "conv_N" = the N-th conv (conv_4 is conv2_2).
-        vgg_weights: a local torchvision VGG19 state-dict file, for machines without internet access;
-            None: torchvision's cache, downloading into it when missing.
-        snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper): each sample's MSE is
-            weighted as if its x0 error were weighted by min(SNR, gamma). None: the plain mean (Ho et al.).
-        immiscible: pair the images of each batch with the noise samples nearest to them (a linear assignment,
-            Li et al. 2024) instead of at random; costs one host round trip per step.
         label_dropout: for a class-conditional UNet (`num_classes` set), the share of training labels
             replaced by "no class", so that one model also learns the unconditional distribution that
             classifier-free guidance needs (Ho & Salimans 2022, algorithm 1).
         compile: compile the UNet with torch.compile (in place: checkpoints keep their keys).
         channels_last: keep the UNet's weights and the images in channels-last memory layout (faster
             convolutions on tensor-core GPUs).
-        fused_adam: use Adam's fused kernel (CUDA and CPU): fewer kernel launches, and a non-finite step is
-            skipped on the device (callbacks.NonFiniteGuard), without the host waiting for the GPU.
     """
 
     def __init__(
         self,
         unet: UNet,
+        loss: DiffusionLoss | None = None,
+        optimizer: OptimizerCallable | None = None,
         image_shape: tuple[int, int, int] = (3, 32, 32),
         schedule: ScheduleName = "cosine",
         timesteps: int = 1000,
         prediction: Prediction = "eps",
-        lr: float = 2e-4,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
         warmup_steps: int = 0,
         ema_decay: float | None = 0.9999,
-        perceptual_weight: float = 0.0,
-        feature_matching_weight: float = 0.0,
-        perceptual_layer: str = "conv_4",
-        vgg_weights: str | None = None,
-        snr_gamma: float | None = None,
-        immiscible: bool = False,
         label_dropout: float = 0.1,
         compile: bool = False,
         channels_last: bool = False,
-        fused_adam: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["unet"])
-        # Checkpoints store the network as its config, not as a pickled module, and name Lightning's
-        # (allow-listed) CLI instantiator so that load_from_checkpoint rebuilds it however it was built.
-        network = type(unet)
-        self.hparams["unet"] = {"class_path": f"{network.__module__}.{network.__qualname__}", "init_args": unet.config}
+        self.save_hyperparameters(ignore=["unet", "loss"])
+        # Checkpoints keep the components as their configs, not as pickled objects, and name Lightning's
+        # (allow-listed) CLI instantiator so that load_from_checkpoint rebuilds them however they were built.
+        self.criterion = loss if loss is not None else DiffusionLoss()
+        self.make_optimizer = optimizer if optimizer is not None else DEFAULT_OPTIMIZER
+        self.hparams["unet"] = component_config(unet, unet.config)
+        self.hparams["loss"] = component_config(self.criterion, self.criterion.config)
+        if not isinstance(self.hparams.get("optimizer"), dict):  # a config's (LightningCLI) is kept as it is
+            self.hparams["optimizer"] = optimizer_config(self.make_optimizer)
         self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
         if problem := unet.cannot_take(image_shape):
             raise UserError(problem)
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
-        self.criterion = DiffusionLoss(
-            perceptual_weight, feature_matching_weight, perceptual_layer, vgg_weights, snr_gamma
-        )
 
     @property
     def num_classes(self) -> int | None:
@@ -107,8 +92,8 @@ class DiffusionModule(LightningModule):
         if self.num_classes is not None and data_classes != self.num_classes:
             raise UserError(
                 f"the model is conditional on {self.num_classes} classes but the data has "
-                f"{data_classes or 'no'} classes; set model.unet.init_args.num_classes to {data_classes}"
-                + (" (or give the image folder class sub-folders: data.init_args.class_folders: true)"
+                f"{data_classes or 'no'} classes; set UNet.num_classes to {data_classes}"
+                + (" (or give the image folder class sub-folders: ImageFolderDataModule.class_folders true)"
                    if not data_classes else "")
             )  # fmt: skip
 
@@ -119,7 +104,7 @@ class DiffusionModule(LightningModule):
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.unet.compile()
             self._compiled = True
-        if stage == "fit" and self.hparams.perceptual_weight:
+        if stage == "fit" and self.criterion.perceptual_weight:
             self.criterion.perceptual.load()  # missing weights stop the run here, before any training
 
     def losses(
@@ -128,10 +113,6 @@ class DiffusionModule(LightningModule):
         """Every configured loss term and their weighted total ("loss"), for clean images x0 in [-1, 1]."""
         if self.hparams.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        if noise is None:
-            noise = torch.randn_like(x0)
-            noise = assign_noise(x0, noise) if self.hparams.immiscible else noise
-        t = self.schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
         return self.criterion(self.unet, self.schedule, x0, noise, t, labels)
 
     def _labels(self, batch: tuple[Tensor, ...], dropout: float = 0.0) -> Tensor | None:
@@ -201,11 +182,8 @@ class DiffusionModule(LightningModule):
         return to_unit(x).clamp(0, 1)
 
     def configure_optimizers(self) -> dict:
-        """Adam with an optional linear learning-rate warm-up, stepped every optimizer step."""
-        hp = self.hparams
-        return adam_with_warmup(
-            self.parameters(), hp.lr, hp.adam_betas, hp.weight_decay, hp.warmup_steps, hp.fused_adam
-        )
+        """The optimizer, with an optional linear learning-rate warm-up stepped every optimizer step."""
+        return with_warmup(self.make_optimizer(self.parameters()), self.hparams.warmup_steps)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """trainer.gradient_clip_val / _algorithm, also for fused Adam under mixed precision (optim.clip_gradients)."""
@@ -218,6 +196,7 @@ class DiffusionModule(LightningModule):
         networks and `allowed_classes` (`checkpoints.check_checkpoint`: building a class imports its module)."""
         if isinstance(checkpoint_path, str | os.PathLike) and os.path.isfile(checkpoint_path):
             check_checkpoint(str(checkpoint_path), allowed_classes=allowed_classes)
+            checkpoint_path = upgraded(str(checkpoint_path))  # an earlier lit-ddpm's settings, in today's layout
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -231,6 +210,12 @@ class DiffusionModule(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """The EMA callback (it averages only while fitting: checkpoints hold the EMA weights)."""
         return [] if self.hparams.ema_decay is None else [EMA(self.hparams.ema_decay)]
+
+
+def component_config(component: object, init_args: dict) -> dict:
+    """A component as a config names it: {"class_path", "init_args"}."""
+    kind = type(component)
+    return {"class_path": f"{kind.__module__}.{kind.__qualname__}", "init_args": init_args}
 
 
 def load_checkpoint(ckpt_path: str, device: str = "cpu", allowed_classes: Iterable[str] = ()) -> DiffusionModule:

@@ -17,7 +17,7 @@
 set -euo pipefail
 CONFIG=${1:-configs/cifar10.yaml}
 
-# The batch size is per process: 8 processes x 64 = an effective batch of 512 (scale model.lr to taste).
+# The batch size is per process: 8 processes x 64 = an effective batch of 512 (scale model.optimizer.init_args.lr to taste).
 srun .venv/bin/lit-ddpm fit --config "$CONFIG" \
     --trainer.strategy ddp --trainer.num_nodes "$SLURM_NNODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
     --trainer.default_root_dir checkpoints

@@ -54,8 +54,8 @@ def test_unknown_config_key(capsys):
 
 
 def test_wrong_type(capsys):
-    error = one_line_error(capsys, "fit", *DEMO, "--model.lr", "fast")
-    assert "Parser key \"model.lr\": Expected a <class 'float'>. Got value: fast" in error
+    error = one_line_error(capsys, "fit", *DEMO, "--model.warmup_steps", "fast")
+    assert "Parser key \"model.warmup_steps\": Expected a <class 'int'>. Got value: fast" in error
 
 
 def test_unknown_sampler_for_evaluation(capsys):
@@ -66,7 +66,7 @@ def test_unknown_sampler_for_evaluation(capsys):
 def test_evaluation_steps_out_of_range(capsys, demo_checkpoint):
     steps = ["--evaluation.sampling.steps", "21"]
     error = one_line_error(capsys, "test", *DEMO, "--ckpt_path", str(demo_checkpoint), *steps)
-    assert "evaluation.sampling.steps must be between 1 and the model's 20 timesteps" in error
+    assert "SampleQuality.sampling.steps (--evaluation.sampling.steps) must be between 1 and the model's 20" in error
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_image_size_the_model_cannot_take(capsys, image_folder):
 
 
 def test_one_channel_data_into_a_three_channel_model():
-    with pytest.raises(UserError, match="1-channel images but the UNet takes 3; set model.unet.init_args.in_channels"):
+    with pytest.raises(UserError, match="1-channel images but the UNet takes 3; set UNet.in_channels to 1"):
         DiffusionModule(UNet(3, base_channels=8, num_heads=2), image_shape=(1, 28, 28))
 
 
@@ -225,12 +225,24 @@ def test_checkpoint_of_an_earlier_version_is_one_line_and_upgrades_in_place(caps
     from diffusion_lit.checkpoints import upgrade_checkpoint
 
     checkpoint = torch.load(demo_checkpoint, weights_only=True)
-    checkpoint["hyper_parameters"].update(sample_variance="small", max_nonfinite_steps=50)  # as 0.1 wrote them
+    today = dict(checkpoint["hyper_parameters"])
+    earlier = checkpoint["hyper_parameters"]  # the same settings as lit-ddpm 0.1 wrote them: flat, two more
+    loss, adam = earlier.pop("loss")["init_args"], earlier.pop("optimizer")["init_args"]
+    earlier.update(loss, lr=adam["lr"], adam_betas=tuple(adam["betas"]), weight_decay=adam["weight_decay"],
+                   fused_adam=adam["fused"], sample_variance="small", max_nonfinite_steps=50)  # fmt: skip
     torch.save(checkpoint, demo_checkpoint)
     for command in ("fit", "test"):
         error = one_line_error(capsys, command, *DEMO, "--ckpt_path", str(demo_checkpoint))
-        assert "max_nonfinite_steps, sample_variance no longer exist" in error and "diffusion_lit.checkpoints" in error
-    assert upgrade_checkpoint(str(demo_checkpoint)) == ["max_nonfinite_steps", "sample_variance"]
+        assert "adam_betas, feature_matching_weight" in error and "have moved" in error
+        assert "perceptual_weight -> model.loss.init_args.perceptual_weight" in error
+        assert f"python -m diffusion_lit.checkpoints {demo_checkpoint}" in error
+    main(["sample", "--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2", "--output", "early"])
+    assert Path("early/samples.npz").is_file()  # sample reads it as it is
+    assert "sample_variance" in upgrade_checkpoint(str(demo_checkpoint))
+    upgraded = torch.load(demo_checkpoint, weights_only=True)["hyper_parameters"]
+    assert upgraded["loss"]["init_args"] == today["loss"]["init_args"]
+    assert {name: upgraded["optimizer"]["init_args"][name] for name in ("lr", "betas", "weight_decay", "fused")} == {
+        name: today["optimizer"]["init_args"][name] for name in ("lr", "betas", "weight_decay", "fused")}  # fmt: skip
     main(["fit", *DEMO, *SHORT, "--trainer.logger", "false", "--trainer.max_steps", "3", "--ckpt_path",
           str(demo_checkpoint)])  # fmt: skip
     assert torch.load(demo_checkpoint, weights_only=True)["global_step"] == 3

@@ -24,7 +24,7 @@ def fit(*args: str) -> None:
 @pytest.fixture
 def vgg(vgg_weights_file) -> list[str]:
     """The shipped MNIST/CIFAR-10/folder configs use the perceptual term: give them local VGG weights."""
-    return ["--model.vgg_weights", vgg_weights_file]
+    return ["--model.loss.init_args.vgg_weights", vgg_weights_file]
 
 
 def assert_trained(run: str, image_shape: tuple[int, int, int]) -> None:
@@ -122,7 +122,7 @@ def test_print_config_round_trips(tmp_path, capsys, mnist_dir, vgg):
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
     assert config["model"]["unet"]["init_args"]["base_channels"] == 64
-    assert config["model"]["lr"] == 2e-4 and config["data"]["init_args"]["batch_size"] == 64
+    assert config["model"]["optimizer"]["init_args"]["lr"] == 2e-4 and config["data"]["init_args"]["batch_size"] == 64
     (tmp_path / "printed.yaml").write_text(printed)
     fit(
         "--config",
@@ -142,7 +142,7 @@ def test_v_overlay_switches_the_prediction_target_and_names_the_run(capsys):
         fit("--config", f"{ROOT}/configs/cifar10.yaml", "--config", f"{ROOT}/configs/v.yaml", "--print_config")
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["prediction"] == "v" and config["variant"] == "v"
-    assert config["model"]["lr"] == 2e-4  # the rest of the config is left alone
+    assert config["model"]["optimizer"]["init_args"]["lr"] == 2e-4  # the rest of the config is left alone
     with pytest.raises(SystemExit):
         fit("--config", f"{ROOT}/configs/cifar10.yaml", "--print_config")
     assert yaml.safe_load(capsys.readouterr().out)["model"]["prediction"] == "eps"
@@ -204,3 +204,11 @@ def test_help_lists_every_command_with_a_line_each(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2 and "sample" in capsys.readouterr().err
+
+
+def test_a_lower_layers_setting_is_followed_by_its_command_line_spelling(capsys, tmp_path):
+    # The datamodule names its argument as Python does; the command line adds how a config spells it.
+    with pytest.raises(SystemExit):
+        fit("--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--data.init_args.root", str(tmp_path / "no"))
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("set ImageFolderDataModule.root (--data.init_args.root)") and len(err.splitlines()) == 1

@@ -1,5 +1,6 @@
 """fit on 2 CPU processes (gloo): both ranks end with the same weights and the same EMA."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ class SaveRankState(Callback):
 def test_two_process_ddp_fit_keeps_weights_and_ema_identical(tmp_path):
     torch.manual_seed(0)
     unet = randomise(UNet(1, base_channels=8, num_heads=2, dropout=0.0))
-    module = DiffusionModule(unet, image_shape=(1, 16, 16), timesteps=20, ema_decay=0.9, lr=1e-3)
+    adam = functools.partial(torch.optim.Adam, lr=1e-3, fused=True)
+    module = DiffusionModule(unet, optimizer=adam, image_shape=(1, 16, 16), timesteps=20, ema_decay=0.9)
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     images = torch.rand(32, 1, 16, 16) * 2 - 1
     loader = DataLoader(TensorDataset(images, torch.arange(32)), batch_size=4, shuffle=True)

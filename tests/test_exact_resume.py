@@ -33,7 +33,8 @@ OVERLAY = {
              "init_args": {"num_samples": 4, "dirpath": "samples", "sampling": {"sampler": "dpmpp_sde", "steps": 3}}},
         ],
     },
-    "model": {"warmup_steps": 3, "lr": 2e-3, "unet": {"init_args": {"dropout": 0.1}}},  # dropout draws too
+    "model": {"warmup_steps": 3, "optimizer": {"init_args": {"lr": 2e-3}},
+              "unet": {"init_args": {"dropout": 0.1}}},  # dropout draws too
     "data": {"init_args": {"batch_size": 4, "val_size": 4980}},
 }  # fmt: skip
 

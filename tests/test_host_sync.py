@@ -73,7 +73,7 @@ def test_training_steps_read_nothing_from_the_device(monkeypatch):
     [
         ["--trainer.log_every_n_steps", "2"],  # the progress bar reads the loss on logging steps
         ["--guard.max_nonfinite_steps", "2"],  # the non-finite guard reads its streak every 2 steps
-        ["--model.fused_adam", "false"],  # the non-finite guard drops gradients on the host
+        ["--model.optimizer.init_args.fused", "false"],  # the non-finite guard drops gradients on the host
     ],
 )
 def test_the_count_sees_a_read(monkeypatch, change):

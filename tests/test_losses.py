@@ -152,9 +152,8 @@ def test_finite_under_bf16_autocast():
 def test_vgg_stays_out_of_checkpoints_and_train_mode(vgg_weights_file):
     module = DiffusionModule(
         UNet(1, base_channels=8, num_heads=2),
+        DiffusionLoss(perceptual_weight=0.1, vgg_weights=vgg_weights_file),
         image_shape=(1, 28, 28),
-        perceptual_weight=0.1,
-        vgg_weights=vgg_weights_file,
     )
     module.setup("fit")
     module.train()
@@ -182,13 +181,14 @@ def test_missing_weights_offline_is_one_clear_line(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
-    module = DiffusionModule(UNet(1, base_channels=8, num_heads=2), image_shape=(1, 28, 28), perceptual_weight=0.1)
+    loss = DiffusionLoss(perceptual_weight=0.1)
+    module = DiffusionModule(UNet(1, base_channels=8, num_heads=2), loss, image_shape=(1, 28, 28))
     with pytest.raises(UserError) as error:
         module.setup("fit")
     message = str(error.value)
     assert "\n" not in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in message
-    assert "--model.vgg_weights" in message and "--model.perceptual_weight 0" in message
+    assert "DiffusionLoss.vgg_weights" in message and "DiffusionLoss.perceptual_weight 0" in message
 
 
 def test_min_snr_weights_for_known_snrs():
@@ -240,9 +240,11 @@ def test_immiscible_assignment_is_the_optimal_permutation_of_the_batch_noise():
 
 
 def test_immiscible_training_noise_is_still_standard_normal_per_image():
-    module = DiffusionModule(tiny_unet(), image_shape=(1, 16, 16), timesteps=20, immiscible=True, ema_decay=None)
+    loss = DiffusionLoss(immiscible=True)
+    module = DiffusionModule(tiny_unet(), loss, image_shape=(1, 16, 16), timesteps=20, ema_decay=None)
     seen = []
-    module.criterion = lambda network, schedule, x0, noise, t, labels: seen.append(noise) or {"loss": noise.sum()}
+    schedule = module.schedule
+    schedule.q_sample = lambda x0, t, noise: seen.append(noise) or x0  # the noise the loss paired with x0
     x0 = torch.rand(16, 1, 16, 16) * 2 - 1
     for _ in range(50):
         module.losses(x0)

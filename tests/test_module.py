@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -10,9 +12,10 @@ from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 
 
-def tiny_module(**kwargs) -> DiffusionModule:
+def tiny_module(lr: float = 2e-4, fused: bool = True, **kwargs) -> DiffusionModule:
     unet = UNet(1, base_channels=8, num_heads=2, dropout=0.0)
-    return DiffusionModule(unet, image_shape=(1, 28, 28), timesteps=20, **kwargs)
+    optimizer = functools.partial(torch.optim.Adam, lr=lr, fused=fused)
+    return DiffusionModule(unet, optimizer=optimizer, image_shape=(1, 28, 28), timesteps=20, **kwargs)
 
 
 def test_loss_is_mse_on_eps_target():
@@ -108,7 +111,9 @@ def test_module_built_in_python_loads_from_its_checkpoint(tmp_path):
     trainer.fit(module, random_digits())
     trainer.save_checkpoint(tmp_path / "python.ckpt")
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "python.ckpt", weights_only=True)
-    assert loaded.unet.config == module.unet.config and loaded.hparams.lr == 1e-3
+    assert loaded.unet.config == module.unet.config and loaded.hparams.optimizer["init_args"]["lr"] == 1e-3
+    built = loaded.configure_optimizers()["optimizer"]  # the optimizer is rebuilt as it was given
+    assert isinstance(built, torch.optim.Adam) and built.defaults["lr"] == 1e-3 and built.defaults["fused"]
     assert torch.equal(loaded.unet.stem.weight, module.unet.stem.weight)  # after fit, the module holds the EMA
 
 
@@ -168,7 +173,7 @@ def run_with_bad_batches(
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_nonfinite_step_is_skipped_and_leaves_the_weights_alone(tmp_path, fused):
-    _, guard, after = run_with_bad_batches(tmp_path, {2}, max_steps=4, fused_adam=fused)
+    _, guard, after = run_with_bad_batches(tmp_path, {2}, max_steps=4, fused=fused)
     assert guard.skipped_steps == 1
 
     def changed(snapshots):
@@ -187,7 +192,7 @@ def test_a_nonfinite_step_is_skipped_and_leaves_the_weights_alone(tmp_path, fuse
 def test_too_many_nonfinite_steps_stop_with_a_good_checkpoint(tmp_path, fused):
     # Checked every 3 steps: after step 3 the streak is 2 (steps 2-3), after step 6 it is 5.
     with pytest.raises(UserError, match="the last 5 optimizer steps had non-finite gradients"):
-        run_with_bad_batches(tmp_path, {1, 2, 3, 4, 5}, max_steps=12, max_nonfinite_steps=3, fused_adam=fused)
+        run_with_bad_batches(tmp_path, {1, 2, 3, 4, 5}, max_steps=12, max_nonfinite_steps=3, fused=fused)
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 5  # Lightning counts the skipped steps too
     assert all(value.isfinite().all() for value in checkpoint["state_dict"].values() if value.is_floating_point())

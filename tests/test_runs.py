@@ -41,8 +41,8 @@ def one_line_error(capsys, *args: str) -> str:
 
 
 FOLDER = ["--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--name", "demo", "--data.init_args.root",
-          "images", "--data.init_args.image_size", "16", "--model.perceptual_weight", "0",
-          "--model.feature_matching_weight", "0", "--trainer.logger", "false"]  # fmt: skip
+          "images", "--data.init_args.image_size", "16", "--model.loss.init_args.perceptual_weight", "0",
+          "--model.loss.init_args.feature_matching_weight", "0", "--trainer.logger", "false"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

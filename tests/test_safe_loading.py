@@ -54,7 +54,7 @@ def test_a_checkpoint_naming_a_foreign_class_is_refused_before_any_import(hostil
         main([command, *args])
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and "hostile_probe.Net" in err[0] and "not a lit-ddpm network" in err[0], err
+    assert len(err) == 1 and "hostile_probe.Net" in err[0] and "not one of lit-ddpm's" in err[0], err
     assert never_imported(tmp_path)
 
 

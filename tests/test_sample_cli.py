@@ -106,7 +106,8 @@ def test_class_count_mismatch_between_model_and_data_is_one_line(image_folder, t
         main(["fit", "--config", f"{ROOT}/configs/folder.yaml", *SHORT, "--data.init_args.root", str(image_folder),
               "--data.init_args.image_size", "16", "--model.unet.init_args.num_classes", "10"])  # fmt: skip
     err = capsys.readouterr().err
-    assert "conditional on 10 classes but the data has no classes" in err and "class_folders: true" in err
+    assert "conditional on 10 classes but the data has no classes" in err
+    assert "ImageFolderDataModule.class_folders (--data.init_args.class_folders) true" in err
 
 
 def test_sample_under_bf16_autocast(demo_checkpoint, tmp_path):

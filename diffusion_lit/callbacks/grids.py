@@ -41,7 +41,7 @@ class SampleGrid(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Settings the model cannot sample with stop the run before training, not at the first grid."""
         conditional = pl_module.num_classes is not None
-        self.sampling.check(pl_module.hparams.timesteps, prefix="SampleGrid's sampling.", conditional=conditional)
+        self.sampling.check(pl_module.hparams.timesteps, prefix="SampleGrid.sampling.", conditional=conditional)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Sample, write `dirpath/step=N.png` and hand the grid to the logger (rank 0 only)."""

@@ -65,5 +65,5 @@ class NonFiniteGuard(Callback):
             raise UserError(
                 f"training stopped: the last {int(self.streak)} optimizer steps had non-finite gradients "
                 f"(step {trainer.global_step}); the last good state is in {Path(folder or '.') / 'last.ckpt'}. "
-                f"Lower model.lr, or use --trainer.precision bf16-mixed or 32-true instead of 16-mixed"
+                f"Lower optimizer.lr, or set Trainer.precision bf16-mixed or 32-true instead of 16-mixed"
             )

@@ -69,7 +69,9 @@ class SampleQuality(Callback):
         keep_best: bool = True,
     ) -> None:
         if num_samples < 2 or fit_num_samples < 2:
-            raise UserError("FID needs at least 2 samples: raise evaluation.num_samples / fit_num_samples")
+            raise UserError(
+                "FID needs at least 2 samples: raise SampleQuality.num_samples / SampleQuality.fit_num_samples"
+            )
         self.num_samples = num_samples
         self.sampling = sampling
         self.batch_size = batch_size
@@ -92,9 +94,9 @@ class SampleQuality(Callback):
         if stage not in ("fit", "test") or (stage == "fit" and not self.every_n_epochs) or self.metrics is not None:
             return
         if not isinstance(trainer.datamodule, ReferenceData):
-            raise UserError("FID needs a lit-ddpm datamodule (one with reference_set); set data.class_path")
+            raise UserError("FID needs a lit-ddpm datamodule (one with reference_set)")
         hparams = pl_module.hparams
-        self.sampling.check(hparams.timesteps, "evaluation.sampling.", conditional=pl_module.num_classes is not None)
+        self.sampling.check(hparams.timesteps, "SampleQuality.sampling.", conditional=pl_module.num_classes is not None)
         self.sampling = self.sampling.resolve(hparams.prediction, hparams.timesteps)  # what the JSON names
         if self.extractor is None:
             try:
@@ -102,7 +104,7 @@ class SampleQuality(Callback):
             except UserError as error:
                 if stage != "fit":
                     raise
-                raise UserError(f"{error} (or fit without FID: --evaluation.every_n_epochs null)") from None
+                raise UserError(f"{error} (or fit without FID: SampleQuality.every_n_epochs null)") from None
         self.metrics = QualityMetrics(self.extractor).to(trainer.strategy.root_device)
         if trainer.is_global_zero:  # loaded on one process only: the reference states are summed across them
             data = trainer.datamodule
@@ -163,7 +165,7 @@ class SampleQuality(Callback):
             except OSError as error:
                 raise UserError(
                     f"FID {scores['fid']:.3f}, IS {scores['is']:.3f}, but the results could not be written beside "
-                    f"the checkpoint ({error.strerror or error}); free space, or set evaluation.save_samples: none"
+                    f"the checkpoint ({error.strerror or error}); free space, or set SampleQuality.save_samples none"
                 ) from None
 
     def _gather(self, trainer: "pl.Trainer", images: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 import inspect
 import netrc
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -76,8 +77,9 @@ class DiffusionCLI(LightningCLI):
             )
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS:
-            named = self.config[subcommand].model.unet.class_path  # the user's own choice may be built
-            check_checkpoint(ckpt_path, set(inspect.signature(DiffusionModule).parameters), {named})
+            model = self.config[subcommand].model  # the classes the user's own config names may be built
+            named = {getattr(model.get(name), "class_path", None) for name in ("unet", "loss", "optimizer")}
+            check_checkpoint(ckpt_path, set(inspect.signature(DiffusionModule).parameters), named - {None})
 
     def before_fit(self) -> None:
         """Tell LastCheckpoint the command that resumes this run, for the line it prints when a signal stops it."""
@@ -112,6 +114,22 @@ def _fill(value, run: str):
         for key in list(value.keys()) if isinstance(value, dict) else list(vars(value)):
             value[key] = _fill(value[key], run)
     return value
+
+
+# Where each class's arguments are in a config: the lower layers' messages name a setting as `Class.argument`
+# (Python's spelling); the command line adds its own.
+DATAMODULES = ("MNISTDataModule", "CIFAR10DataModule", "ImageFolderDataModule", "DemoMNISTDataModule")
+SPELLINGS = {
+    "DiffusionModule": "model", "UNet": "model.unet.init_args", "DiffusionLoss": "model.loss.init_args",
+    "optimizer": "model.optimizer.init_args", "SampleQuality": "evaluation", "NonFiniteGuard": "guard",
+    "Trainer": "trainer", **dict.fromkeys(DATAMODULES, "data.init_args"),
+}  # fmt: skip
+SETTING = re.compile(rf"\b({'|'.join(SPELLINGS)})\.([a-z_]\w*(?:\.[a-z_]\w*)*)")
+
+
+def spelled(message: str) -> str:
+    """`message` with each `Class.argument` it names followed by the command line's spelling of it."""
+    return SETTING.sub(lambda match: f"{match[0]} (--{SPELLINGS[match[1]]}.{match[2]})", message)
 
 
 def _resume_command(argv: list[str], checkpoint: Path) -> str:
@@ -175,7 +193,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
         )
     except UserError as error:
-        print(f"lit-ddpm: error: {error}", file=sys.stderr)
+        print(f"lit-ddpm: error: {spelled(str(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside training (sample, test): files are written whole or not at all
         print("\nlit-ddpm: interrupted (Ctrl-C)", file=sys.stderr)

@@ -78,7 +78,7 @@ class ImageDataModule(LightningDataModule):
             raise UserError(
                 f"the training set has {len(self.train_set)} images, fewer than one batch of {self.batch_size}"
                 + (f" on each of {processes} processes" if processes > 1 else "")
-                + f"; lower data.init_args.batch_size to at most {len(self.train_set) // processes}"
+                + f"; lower {type(self).__name__}.batch_size to at most {len(self.train_set) // processes}"
             )
         # Shuffled by (seed, epoch) as Lightning's own DistributedSampler is, which it therefore keeps.
         sampler = EpochSampler(

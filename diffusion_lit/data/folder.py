@@ -99,7 +99,7 @@ class ImageFolderDataModule(ImageDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers)
         if channels not in (1, 3):
-            raise UserError(f"data.init_args.channels must be 1 or 3, got {channels}")
+            raise UserError(f"ImageFolderDataModule.channels must be 1 or 3, got {channels}")
         self.root = Path(root)
         self.classes = (
             sorted(p.name for p in self.root.iterdir() if p.is_dir()) if class_folders and self.root.is_dir() else []
@@ -116,10 +116,10 @@ class ImageFolderDataModule(ImageDataModule):
     def setup(self, stage: str) -> None:
         """Find the images and split them."""
         if self.root.is_file():
-            raise UserError(f"image folder {str(self.root)!r} is a file, not a folder; set data.init_args.root to the "
-                            f"folder that holds the images")  # fmt: skip
+            raise UserError(f"image folder {str(self.root)!r} is a file, not a folder; set ImageFolderDataModule.root "
+                            f"to the folder that holds the images")  # fmt: skip
         if not self.root.is_dir():
-            raise UserError(f"image folder {str(self.root)!r} does not exist; set data.init_args.root")
+            raise UserError(f"image folder {str(self.root)!r} does not exist; set ImageFolderDataModule.root")
         paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         paths = self._readable(paths)
         if len(paths) < 2:
@@ -157,7 +157,7 @@ class ImageFolderDataModule(ImageDataModule):
             shown = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
             raise UserError(
                 f"{len(bad)} files in {str(self.root)!r} are not readable images ({shown}); remove them, "
-                f"or set data.init_args.bad_files: skip"
+                f"or set ImageFolderDataModule.bad_files skip"
             )
         if bad:
             rank_zero_warn(f"skipped {len(bad)} unreadable image files in {str(self.root)!r}, e.g. {bad[0]}")

@@ -18,7 +18,7 @@ def _torchvision_dataset(cls: type, name: str, data_dir: str, train: bool, downl
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
             f"{name} is not in {data_dir!r} and could not be {'downloaded' if download else 'found'} ({reason}); "
-            f"run once with internet access (data.init_args.download: true) or copy the dataset files into "
+            f"run once with internet access ({cls.__name__}DataModule.download true) or copy the dataset files into "
             f"{data_dir!r}, or try the offline demo: lit-ddpm fit --config configs/demo.yaml"
         ) from None
 

@@ -6,12 +6,14 @@ sample by alpha_bar_t: ~1 for nearly clean inputs, ~0 for nearly pure noise. The
 clipped to [-1, 1] first, as at sampling time, so VGG and the UNet only see images in their range.
 """
 
+import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lit.diffusion.immiscible import assign_noise
 from diffusion_lit.diffusion.perceptual import imagenet_normalise, load_vgg19_features
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction
 
@@ -105,11 +107,20 @@ class FeatureMatchingTerm:
 
 
 class DiffusionLoss:
-    """MSE on the prediction target (Min-SNR-gamma weighted with `snr_gamma`), plus optional perceptual and
-    feature-matching terms.
+    """The training loss: MSE on the prediction target, plus optional perceptual and feature-matching terms.
 
-    Returns {"mse", "perceptual"?, "feature_matching"?, "loss"}; a term whose weight is 0 is not
-    computed at all. `perceptual_layer` and `vgg_weights` are those of PerceptualTerm.
+    Returns {"mse", "perceptual"?, "feature_matching"?, "loss"}; a term whose weight is 0 is not computed at all.
+
+    Args:
+        perceptual_weight: weight of the VGG19 perceptual term (0: not computed, VGG never loaded).
+        feature_matching_weight: weight of the term on the network's own features (0: not computed).
+        perceptual_layer: the VGG19 layer compared, "conv_N" = the N-th conv (conv_4 is conv2_2).
+        vgg_weights: a local torchvision VGG19 state-dict file, for machines without internet access;
+            None: torchvision's cache, downloading into it when missing.
+        snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023; 5 in the paper): each sample's MSE is weighted as
+            if its x0 error were weighted by min(SNR, gamma). None: the plain mean (Ho et al. 2020).
+        immiscible: pair the images of each batch with the noise samples nearest to them (a linear assignment,
+            Li et al. 2024) instead of at random; costs one host round trip per step.
     """
 
     def __init__(
@@ -119,10 +130,13 @@ class DiffusionLoss:
         perceptual_layer: str = "conv_4",
         vgg_weights: str | None = None,
         snr_gamma: float | None = None,
+        immiscible: bool = False,
     ) -> None:
+        self.config = {name: value for name, value in locals().items() if name in SETTINGS}  # for checkpoints
         self.perceptual_weight = perceptual_weight
         self.feature_matching_weight = feature_matching_weight
         self.snr_gamma = snr_gamma
+        self.immiscible = immiscible
         self.mse = MSETerm()
         self.perceptual = PerceptualTerm(perceptual_layer, vgg_weights)
         self.feature_matching = FeatureMatchingTerm()
@@ -132,11 +146,16 @@ class DiffusionLoss:
         network: Callable[[Tensor, Tensor], Tensor],
         schedule: NoiseSchedule,
         x0: Tensor,
-        noise: Tensor,
-        t: Tensor,
+        noise: Tensor | None = None,
+        t: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """All terms for clean images x0 (B, C, H, W), their noise, timesteps (B,) and class labels (B,) if any."""
+        """All terms for clean images x0 (B, C, H, W) and class labels (B,) if any; the noise and the timesteps
+        (B,) are drawn (in that order) where not given."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+            noise = assign_noise(x0, noise) if self.immiscible else noise
+        t = schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
         extra = () if labels is None else (labels,)  # unconditional networks take (x_t, t) only
         x_t = schedule.q_sample(x0, t, noise)
         output = network(x_t, t, *extra)
@@ -158,3 +177,6 @@ class DiffusionLoss:
             total = total + self.feature_matching_weight * terms["feature_matching"]
         terms["loss"] = total
         return terms
+
+
+SETTINGS = tuple(inspect.signature(DiffusionLoss).parameters)  # what a checkpoint keeps of a loss

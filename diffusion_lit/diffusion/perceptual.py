@@ -48,8 +48,8 @@ def _imagenet_state_dict() -> dict[str, Tensor]:
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         raise UserError(
             f"the perceptual loss needs VGG19 ImageNet weights: {cached} is missing and could not be downloaded "
-            f"({str(error).splitlines()[0]}); copy {weights.url} there, or pass --model.vgg_weights FILE, "
-            f"or turn the term off with --model.perceptual_weight 0"
+            f"({str(error).splitlines()[0]}); copy {weights.url} there, or set DiffusionLoss.vgg_weights to a local "
+            f"copy, or turn the term off with DiffusionLoss.perceptual_weight 0"
         ) from None
 
 
@@ -63,7 +63,7 @@ def load_vgg19_features(layer: str = "conv_4", weights_path: str | None = None) 
     # the prefix ends with the named conv, and [:-1] drops the ReLU that make_layers puts after it.
     features = make_layers(_vgg19_prefix(layer))[:-1]
     if weights_path is not None and not os.path.isfile(weights_path):
-        raise UserError(f"VGG19 weights file {weights_path!r} does not exist; fix --model.vgg_weights")
+        raise UserError(f"VGG19 weights file {weights_path!r} does not exist; fix DiffusionLoss.vgg_weights")
     state = torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path else _imagenet_state_dict()
     kept = {key[len("features.") :]: value for key, value in state.items() if key.startswith("features.")}
     kept = {key: value for key, value in kept.items() if int(key.split(".")[0]) < len(features)}

@@ -83,7 +83,7 @@ class UNet(nn.Module):
         if channels != self.in_channels:
             return (
                 f"the data has {channels}-channel images but the UNet takes {self.in_channels}; "
-                f"set model.unet.init_args.in_channels to {channels}"
+                f"set UNet.in_channels to {channels}"
             )
         if min(height, width) < 2 * self.size_multiple:
             return (
