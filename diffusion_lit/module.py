@@ -75,8 +75,7 @@ class DiffusionModule(LightningModule):
         if not isinstance(self.hparams.get("optimizer"), dict):  # a config's (LightningCLI) is kept as it is
             self.hparams["optimizer"] = optimizer_config(self.make_optimizer)
         self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
-        if problem := unet.cannot_take(image_shape):
-            raise UserError(problem)
+        unet.check_image_shape(image_shape)
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)

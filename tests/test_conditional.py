@@ -29,7 +29,7 @@ def test_labels_condition_the_output_and_none_means_the_no_class_label():
 
 def test_an_unconditional_unet_refuses_labels():
     unet = UNet(1, base_channels=8, num_heads=2)
-    with pytest.raises(ValueError, match="unconditional"):
+    with pytest.raises(UserError, match="unconditional"):
         unet(torch.randn(1, 1, 16, 16), torch.tensor([1]), torch.tensor([0]))
 
 

@@ -132,7 +132,7 @@ def test_bad_sampler_settings_are_refused():
         reverse_process(model, schedule, (1, 1), Sampling("dpmpp", steps=5, eta=0.5))
     with pytest.raises(UserError, match="unknown threshold 'soft'"):
         reverse_process(model, schedule, (1, 1), Sampling("ddim", steps=5, threshold="soft"))
-    with pytest.raises(ValueError, match="unknown timestep spacing"):
+    with pytest.raises(UserError, match="unknown timestep spacing"):
         timestep_spacing(10, 5, "cubic")
 
 

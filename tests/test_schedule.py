@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusion_lit.diffusion.schedule import NoiseSchedule, cosine_betas, linear_betas, posterior
+from diffusion_lit.errors import UserError
 
 
 def test_cosine_alpha_bar_matches_closed_form():
@@ -41,9 +42,9 @@ def test_tables_are_non_persistent_float64_buffers():
 
 
 def test_unknown_schedule_and_prediction_rejected():
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(UserError, match="unknown schedule"):
         NoiseSchedule("quadratic")
-    with pytest.raises(ValueError, match="unknown prediction"):
+    with pytest.raises(UserError, match="unknown prediction"):
         NoiseSchedule(prediction="score")
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from conftest import randomise
+from diffusion_lit.errors import UserError
 from diffusion_lit.nn import UNet
 
 
@@ -54,7 +55,7 @@ def test_default_parameter_count():
 
 
 def test_bad_attention_level_rejected():
-    with pytest.raises(ValueError, match="attention_levels"):
+    with pytest.raises(UserError, match="attention_levels"):
         UNet(attention_levels=(4,))
 
 

@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from diffusion_lit.errors import UserError
+
 
 def warmup_decay(decay: float, updates: int) -> float:
     """The decay for the update after `updates` earlier ones: min(decay, (1 + n) / (10 + n)).
@@ -38,7 +40,7 @@ class EMA(Callback):
 
     def __init__(self, decay: float = 0.9999) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+            raise UserError(f"DiffusionModule.ema_decay must lie in [0, 1) or be None, got {decay}")
         self.decay = decay
         self.average: dict[str, Tensor] | None = None
         self.updates = 0

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from diffusion_lit.diffusion.sampling import Sampling, Spacing, Threshold, Variance
 from diffusion_lit.diffusion.schedule import NoiseSchedule, posterior
+from diffusion_lit.errors import UserError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> network output
 DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022, sec. 2.3 and appendix E
@@ -26,7 +27,7 @@ def timestep_spacing(timesteps: int, steps: int, spacing: Spacing = "trailing") 
     noise; quadratic: denser near t = 0 (Song et al. 2021, sec. D.2), made strictly increasing.
     """
     if not 1 <= steps <= timesteps:
-        raise ValueError(f"steps must be between 1 and the {timesteps} training timesteps, got {steps}")
+        raise UserError(f"steps must be between 1 and the {timesteps} training timesteps, got {steps}")
     if spacing == "uniform":
         ascending = torch.arange(steps) * (timesteps // steps)
     elif spacing == "trailing":
@@ -36,7 +37,7 @@ def timestep_spacing(timesteps: int, steps: int, spacing: Spacing = "trailing") 
         for i in range(1, steps):  # the squares repeat near 0 when S is large: push them apart
             ascending[i] = max(ascending[i], ascending[i - 1] + 1)
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose uniform, trailing or quadratic")
+        raise UserError(f"unknown timestep spacing {spacing!r}; choose uniform, trailing or quadratic")
     return ascending.flip(0)
 
 

@@ -6,6 +6,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from diffusion_lit.errors import UserError
+
 ScheduleName = Literal["cosine", "linear"]
 Prediction = Literal["eps", "v", "x0"]
 
@@ -47,9 +49,9 @@ class NoiseSchedule(nn.Module):
     ) -> None:
         super().__init__()
         if schedule not in BETA_SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
+            raise UserError(f"unknown schedule {schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
         if prediction not in ("eps", "v", "x0"):
-            raise ValueError(f"unknown prediction target {prediction!r}; choose eps, v or x0")
+            raise UserError(f"unknown prediction target {prediction!r}; choose eps, v or x0")
         self.timesteps = timesteps
         self.prediction = prediction
         betas = BETA_SCHEDULES[schedule](timesteps)

@@ -3,6 +3,8 @@
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lit.errors import UserError
+
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with at most `groups` groups, fewer when `channels` is small (tiny test models)."""
@@ -45,7 +47,7 @@ class SelfAttention(nn.Module):
     def __init__(self, channels: int, num_heads: int = 8) -> None:
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention channels ({channels}) must be divisible by num_heads ({num_heads})")
+            raise UserError(f"attention channels ({channels}) must be divisible by UNet.num_heads ({num_heads})")
         self.num_heads = num_heads
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lit.errors import UserError
 from diffusion_lit.nn.blocks import Downsample, ResBlock, SelfAttention, Upsample, group_norm, zero_init
 from diffusion_lit.nn.embeddings import TimestepEmbedding
 
@@ -36,7 +37,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = _config(arguments)
         if not all(0 <= level < len(channel_mults) for level in attention_levels):
-            raise ValueError(f"attention_levels {list(attention_levels)} must lie in [0, {len(channel_mults) - 1}]")
+            raise UserError(f"UNet.attention_levels {list(attention_levels)} must lie in [0, {len(channel_mults) - 1}]")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.size_multiple = 2 ** (len(channel_mults) - 1)
@@ -77,20 +78,19 @@ class UNet(nn.Module):
             group_norm(channels), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1))
         )
 
-    def cannot_take(self, image_shape: Sequence[int]) -> str | None:
-        """Why images of `image_shape` (C, H, W) do not fit this network, with the fix; None when they do."""
+    def check_image_shape(self, image_shape: Sequence[int]) -> None:
+        """One clear line, with the fix, when images of `image_shape` (C, H, W) do not fit this network."""
         channels, height, width = image_shape
         if channels != self.in_channels:
-            return (
+            raise UserError(
                 f"the data has {channels}-channel images but the UNet takes {self.in_channels}; "
                 f"set UNet.in_channels to {channels}"
             )
         if min(height, width) < 2 * self.size_multiple:
-            return (
+            raise UserError(
                 f"{height}x{width} images are too small for this UNet's {len(self.config['channel_mults'])} levels: "
                 f"the sides must be at least {2 * self.size_multiple}"
             )
-        return None
 
     def _pad(self, x: Tensor) -> tuple[Tensor, tuple[slice, slice]]:
         """Pad H and W up to a multiple of 2**(levels - 1); return the padded x and the crop back."""
@@ -122,7 +122,7 @@ class UNet(nn.Module):
         embedding = self.time_embedding(t)
         if self.class_embedding is None:
             if y is not None:
-                raise ValueError("this UNet is unconditional (num_classes is None) but was given labels")
+                raise UserError("this UNet is unconditional (UNet.num_classes is None) but was given labels")
             return embedding
         y = torch.full_like(t, self.num_classes) if y is None else y
         return embedding + self.class_embedding(y)
