@@ -24,14 +24,13 @@ class NonFiniteGuard(Callback):
     processes here, so every process takes the same decision.
 
     Args:
-        max_nonfinite_steps: how often the streak is checked, and how long a streak stops the run.
+        max_nonfinite_steps: how often the streak is checked, and how long a streak stops the run; None: no
+            guard (non-finite steps are taken as they come).
     """
 
-    def __init__(self, max_nonfinite_steps: int = 50) -> None:
-        if max_nonfinite_steps < 1:
-            raise UserError(
-                "NonFiniteGuard's max_nonfinite_steps must be at least 1 (remove the callback to turn it off)"
-            )
+    def __init__(self, max_nonfinite_steps: int | None = 50) -> None:
+        if max_nonfinite_steps is not None and max_nonfinite_steps < 1:
+            raise UserError("NonFiniteGuard.max_nonfinite_steps must be at least 1, or None to turn the guard off")
         self.max_nonfinite_steps = max_nonfinite_steps
         self.skipped: Tensor | None = None  # device counters: skipped steps in this run, and in a row
         self.streak: Tensor | None = None

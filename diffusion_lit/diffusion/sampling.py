@@ -3,12 +3,12 @@
 sample grids."""
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from diffusion_lit.errors import UserError
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc")
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 Variance = Literal["small", "large"]
 Spacing = Literal["uniform", "trailing", "quadratic"]
 Threshold = Literal["clip", "dynamic", "none"]
