@@ -1,8 +1,8 @@
 """The bad-input table: each row ends in one clear line on stderr and exit status 2, and loses no work.
 
-Rows covered elsewhere: a dataset missing offline (test_data, test_cli), an image folder with no images
+Rows covered elsewhere: a dataset missing offline (test_data, test_commands), an image folder with no images
 (test_data), missing VGG weights (test_losses), missing or unreadable Inception weights (test_metrics),
-a --ckpt_path that does not exist (test_cli), bad `sample` options and checkpoints (test_sample_cli).
+a --ckpt_path that does not exist (test_commands), bad `sample` options and checkpoints (test_sample).
 """
 
 import errno
