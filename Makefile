@@ -44,10 +44,10 @@ eval-cifar10: install ## FID/IS of checkpoints/cifar10/last.ckpt (10,000 samples
 
 bench: install ## Throughput vs diffusers and denoising-diffusion-pytorch, loop overhead, data path (CPU, minutes)
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python benchmarks/throughput.py --json benchmarks/throughput-cpu.json
-	$(BIN)/python benchmarks/pipeline.py --json benchmarks/pipeline-cpu.json
+	$(BIN)/python -m benchmarks.throughput --json benchmarks/results/throughput-cpu.json
+	$(BIN)/python -m benchmarks.pipeline --json benchmarks/results/pipeline-cpu.json
 
 gpu-check: install ## Speed, memory, TFLOP/s and MFU of the CIFAR-10 model on one GPU (synthetic data, < 5 min)
-	$(BIN)/python benchmarks/gpu_check.py --device cuda --json gpu-check.json
+	$(BIN)/python -m benchmarks.gpu_check --device cuda --json benchmarks/results/gpu-check.json
 
 .PHONY: help install demo test test-all test-slow lint fit-mnist fit-cifar10 eval-mnist eval-cifar10 bench gpu-check

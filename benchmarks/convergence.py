@@ -1,7 +1,7 @@
 """Quality against wall-clock training time, for the demo recipe and variants of it, two seeds each.
 
-    python benchmarks/convergence.py --json convergence.json --plot docs/convergence.png      # the README's
-    python benchmarks/convergence.py --dataset photos --variants "eps (today)" v       # the RGB check
+    python -m benchmarks.convergence --json convergence.json --plot docs/convergence.png      # the README's
+    python -m benchmarks.convergence --dataset photos --variants "eps (today)" v       # the RGB check
 
 Each variant is `lit-ddpm fit --config configs/demo.yaml` plus a few flags, run in its own folder under
 --workdir, --jobs runs at a time, each on cpu_count / jobs threads (nothing else should run on the machine
@@ -9,7 +9,7 @@ meanwhile: the budgets are wall time). A callback saves the weights when the tra
 first step; start-up, validation and sampling are not in it) crosses each budget, and at step 2,520
 (today's demo), and stops the run after the last. Every checkpoint is then sampled (--num-samples images,
 seed 0) with the default sampler and with ancestral DDPM-50, and scored by classifier FID against
-held-out images: the 500 held-out digits, or the held-out photo patches (benchmarks/photo_patches.py)
+held-out images: the 500 held-out digits, or the held-out photo patches (benchmarks/common.py: write_photo_patches)
 for --dataset photos.
 
 The goal: the classifier FID today's demo reaches at 2,520 steps, in at most 60% of its wall time.
@@ -26,20 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from digits_classifier import features, train_classifier
 from lightning.pytorch import Callback
-from photo_patches import write_patches
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import ToTensor
 
-from diffusion_lit.data import DemoMNISTDataModule
+from benchmarks.common import ROOT, ClassifierFID, demo_digits, write_photo_patches
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
-from diffusion_lit.metrics import frechet_distance
 from diffusion_lit.module import load_checkpoint
 from diffusion_lit.pixels import to_signed
 
-ROOT = Path(__file__).resolve().parents[1]
 TODAY_STEPS = 2520  # configs/demo.yaml: 18 epochs of 140 steps
 TODAY = "eps (today)"  # the demo recipe as it was: noise prediction, plain MSE, random noise pairing
 
@@ -97,7 +93,7 @@ def train(
 ) -> list[dict]:
     """One run of the demo recipe with `variant`'s flags on `threads` CPU threads; returns its checkpoint log."""
     folder.mkdir(parents=True, exist_ok=True)
-    callback = {"class_path": "convergence.TimedCheckpoints",
+    callback = {"class_path": "benchmarks.convergence.TimedCheckpoints",
                 "init_args": {"dirpath": str(folder), "budgets": budgets, "steps": steps}}  # fmt: skip
     command = [
         sys.executable, "-m", "diffusion_lit.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), *data,
@@ -107,23 +103,19 @@ def train(
         "--trainer.callbacks", json.dumps([callback]), *variant,
     ]  # fmt: skip
     if not (folder / "log.jsonl").exists():
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks"), "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}  # benchmarks.convergence
         subprocess.run(command, cwd=folder, check=True, env=env)
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
-def real_images(dataset: str, workdir: Path) -> tuple[list[str], tuple[torch.Tensor, ...]]:
-    """Flags that point `fit` at the data, and (training images, labels, held-out images, labels) in [-1, 1]."""
+def real_images(dataset: str, workdir: Path) -> tuple[list[str], tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
+    """Flags that point `fit` at the data, and ((training images, labels), (held-out images, labels)), [-1, 1]."""
     if dataset == "digits":
-        data = DemoMNISTDataModule()
-        data.setup("fit")
-        images, labels = data.train_set.dataset.tensors  # both splits index one TensorDataset
-        train, held_out = data.train_set.indices, data.val_set.indices
-        return [], (images[train], labels[train], images[held_out], labels[held_out])
-    train_folder, held_out_folder = write_patches(workdir / "photo_patches")
+        return [], demo_digits()
+    train_folder, held_out_folder = write_photo_patches(workdir / "photo_patches")
     flags = ["--data.class_path", "diffusion_lit.data.ImageFolderDataModule", "--data.init_args.root",
              str(train_folder), "--data.init_args.channels", "3", "--data.init_args.num_workers", "0"]  # fmt: skip
-    return flags, (*load_folder(train_folder), *load_folder(held_out_folder))
+    return flags, (load_folder(train_folder), load_folder(held_out_folder))
 
 
 def load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,20 +126,10 @@ def load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quality_measure(dataset: str, workdir: Path, num_samples: int):
     """(flags for `fit`, a function uint8 samples -> classifier FID against the held-out images, the floor)."""
-    flags, (train_images, train_labels, held_out, held_out_labels) = real_images(dataset, workdir)
-    net = train_classifier(train_images, train_labels)
-    with torch.inference_mode():
-        accuracy = (net(held_out).argmax(1) == held_out_labels).float().mean()
-    reference = features(net, held_out)
-    real = train_images[torch.randperm(len(train_images))[:num_samples]]
-    floor = frechet_distance(*features(net, real), *reference)
-    print(f"{dataset}: classifier accuracy on held-out images {accuracy:.3f}; floor {floor:.2f}", flush=True)
-
-    def fid(samples: torch.Tensor) -> float:
-        with torch.inference_mode():
-            return frechet_distance(*features(net, to_signed(samples)), *reference)
-
-    return flags, fid, floor
+    flags, (train, held_out) = real_images(dataset, workdir)
+    quality = ClassifierFID(train, held_out, num_samples)
+    print(f"{dataset}: classifier accuracy on held-out images {quality.accuracy:.3f}; floor {quality.floor:.2f}")
+    return flags, quality, quality.floor
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """GPU check: training and sampling speed of the CIFAR-10 model on synthetic data, no network, a few minutes.
 
-    make gpu-check                                   # python benchmarks/gpu_check.py --device cuda
-    python benchmarks/gpu_check.py --device cpu --tiny --no-compile    # what the test suite runs
+    make gpu-check                                   # python -m benchmarks.gpu_check --device cuda
+    python -m benchmarks.gpu_check --device cpu --tiny --no-compile    # what the test suite runs
 
 For each variant (precision x eager/compiled x memory layout) it times --steps training steps of the
 CIFAR-10 UNet (40.7 M parameters at base 64) with lit-ddpm's loss and fused Adam on random 3x32x32
@@ -20,18 +20,18 @@ import time
 from pathlib import Path
 
 import torch
-from pipeline import ROOT, fit_rate, synthetic_cifar
 from torch.utils.flop_counter import FlopCounterMode
-from training_step import LOSS, autocast, synchronize, train_step
 
+from benchmarks.common import LOSS, ROOT, autocast, synchronize, synthetic_cifar, train_step
+from benchmarks.loss_terms import COMBINATIONS, time_terms
+from benchmarks.pipeline import fit_rate
 from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process
-from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.nn import UNet
 
 # Dense tensor-core peaks in TFLOP/s (bf16 / tf32), from NVIDIA's data sheets (SXM parts).
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0},
                "A100": {"bf16": 312.0, "fp32": 156.0}}  # fmt: skip
-OPTIONS = {"plain": (None, False), "Min-SNR-5 weighting": (5.0, False), "immiscible noise": (None, True)}
+OPTIONS = ["mse", "mse, Min-SNR-5 weighting", "mse, immiscible noise"]  # benchmarks.loss_terms' rows
 VARIANTS = [  # (precision, compiled, channels_last)
     ("fp32", False, False), ("bf16", False, False), ("bf16", False, True), ("fp32", True, False),
     ("bf16", True, False), ("bf16", True, True),
@@ -96,27 +96,6 @@ def train_variant(args, precision: str, compiled: bool, channels_last: bool, dev
         "mfu": tflops / peak if peak else None,
         "all_losses_finite": bool(all_finite.item()),
     }
-
-
-def option_variants(args, device, schedule) -> list[dict]:
-    """ms per training step (bf16, eager) with each training option, and its ratio to the plain step."""
-    rows = []
-    for name, (gamma, immiscible) in OPTIONS.items():
-        unet = make_unet(args, False, False, device)
-        optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4, fused=True)
-        x0 = torch.rand(args.batch, 3, 32, 32, device=device) * 2 - 1
-        criterion = DiffusionLoss(snr_gamma=gamma)
-        for _ in range(args.warmup):
-            train_step(unet, schedule, optimizer, x0, "bf16", criterion, immiscible)
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            train_step(unet, schedule, optimizer, x0, "bf16", criterion, immiscible)
-        synchronize(device)
-        rows.append({"option": name, "ms_per_step": 1000 * (time.perf_counter() - start) / args.steps})
-    for row in rows:
-        row["ratio"] = row["ms_per_step"] / rows[0]["ms_per_step"]
-    return rows
 
 
 def sample_variant(args, precision: str, compiled: bool, device, schedule, settings: Sampling) -> dict:
@@ -189,9 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"| {peak} | {row['tflops']:.1f} | {mfu} | {row['all_losses_finite']} |", flush=True)  # fmt: skip
     print("\n| training option (bf16, eager) | ms / step | vs plain |")
     print("| --- | ---: | ---: |")
-    results["options"] = option_variants(args, device, schedule)
+    options = {name: COMBINATIONS[name] for name in OPTIONS}
+    results["options"] = time_terms(device, options, args.base, args.batch, "bf16", args.steps)
     for row in results["options"]:
-        print(f"| {row['option']} | {row['ms_per_step']:.1f} | {row['ratio']:.2f}x |", flush=True)
+        print(f"| {row['terms']} | {row['ms_per_step']:.1f} | {row['ratio']:.2f}x |", flush=True)
     print("\n| sampler | precision | compiled | img/s | finite |")
     print("| --- | --- | --- | ---: | --- |")
     auto = [Sampling().resolve(prediction, 1000) for prediction in ("eps", "v")]

@@ -1,7 +1,7 @@
 """What surrounds the network: the Lightning training loop's cost over a bare loop, and the data path.
 
-    python benchmarks/pipeline.py                  # CPU, about a minute
-    python benchmarks/pipeline.py --device cuda
+    python -m benchmarks.pipeline                  # CPU, about a minute
+    python -m benchmarks.pipeline --device cuda
 
 Loop: the demo config's UNet, loss, Adam, gradient clipping and EMA, trained on the demo digits by
 (a) a bare PyTorch loop and (b) `lit-ddpm fit --config configs/demo.yaml` with its callbacks (progress
@@ -17,21 +17,17 @@ Images/second handed to the training step, and their ratio.
 import argparse
 import json
 import os
-import pickle
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import yaml
 from lightning.pytorch import Callback
-from training_step import synchronize
 
+from benchmarks.common import ROOT, synchronize, synthetic_cifar
 from diffusion_lit.cli import main as lit_ddpm
 from diffusion_lit.data import CIFAR10DataModule, DemoMNISTDataModule
 from diffusion_lit.diffusion import NoiseSchedule
@@ -39,7 +35,6 @@ from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
@@ -109,32 +104,6 @@ def fit_rate(config: Path, overrides: list[str], device: torch.device, warmup: i
         os.chdir(cwd)
         DiffusionModule.configure_callbacks = configured
     return steps / timer.seconds
-
-
-@contextmanager
-def synthetic_cifar(images: int) -> Iterator[Path]:
-    """A temporary folder holding `images` random training images (and as many test images) in CIFAR-10's
-    python pickle layout, readable by torchvision while the context lasts (its checksums are bypassed)."""
-    import torchvision.datasets.cifar as cifar
-
-    rng = np.random.default_rng(0)
-    check_integrity, cifar.check_integrity = cifar.check_integrity, lambda *args: True  # the files are fakes
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            batches = Path(folder) / "cifar-10-batches-py"
-            batches.mkdir()
-            for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-                count = images // 5
-                batch = {
-                    "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-                    "labels": list(rng.integers(0, 10, count)),
-                }
-                (batches / name).write_bytes(pickle.dumps(batch))
-            labels = {"label_names": [f"class{i}" for i in range(10)]}
-            (batches / "batches.meta").write_bytes(pickle.dumps(labels))
-            yield Path(folder)
-    finally:
-        cifar.check_integrity = check_integrity
 
 
 def data_rate(device: torch.device, images: int, batch: int, on_device: bool) -> float:

@@ -1,11 +1,11 @@
 """Sample quality against NFE for every sampler, on models trained on the offline MNIST digits.
 
     lit-ddpm fit --config configs/demo.yaml           # (make demo) -> checkpoints/demo/last.ckpt
-    python benchmarks/sampler_quality.py --model demo=checkpoints/demo/last.ckpt --json quality.json
+    python -m benchmarks.sampler_quality --model demo=checkpoints/demo/last.ckpt --json quality.json
 
 Every row draws --num-samples digits from each checkpoint's EMA weights, through the same path as
 `lit-ddpm sample` (the same seeds give the same images), and scores them by classifier FID
-(benchmarks/digits_classifier.py: a small CNN's 64-d features, not Inception) against the 500 held-out
+(benchmarks/common.py: a small CNN's 64-d features, not Inception) against the 500 held-out
 digits. Cost is the number of network evaluations (NFE): every sampler here costs one forward pass per
 step and next to nothing else, so NFE is wall time up to a constant (printed once, measured on the first
 row). With two or more --seeds the table shows the mean and the spread (max - min) over them.
@@ -17,15 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from digits_classifier import features, train_classifier
 from torchvision.utils import make_grid, save_image
 
-from diffusion_lit.data import DemoMNISTDataModule
+from benchmarks.common import ClassifierFID, demo_digits
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
-from diffusion_lit.metrics import frechet_distance
 from diffusion_lit.module import load_checkpoint
-from diffusion_lit.pixels import to_signed
 
 SAMPLERS = ["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
 ROWS = [Sampling(name, nfe) for name in SAMPLERS for nfe in (10, 20, 50)] + [Sampling("ddpm", 1000)]
@@ -57,12 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in args.model)
 
-    data = DemoMNISTDataModule()
-    data.setup("fit")
-    images, labels = data.train_set.dataset.tensors  # both splits index one TensorDataset
-    net = train_classifier(images[data.train_set.indices], labels[data.train_set.indices])
-    reference = features(net, images[data.val_set.indices])
-    floor = frechet_distance(*features(net, images[data.train_set.indices][: args.num_samples]), *reference)
+    quality = ClassifierFID(*demo_digits(), args.num_samples)
+    floor = quality.floor
     print(f"real-vs-real floor at {args.num_samples} samples: {floor:.2f}", flush=True)
 
     results, seconds_per_nfe = [], None
@@ -75,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                                           batch_size=args.num_samples)  # fmt: skip
                 elapsed = time.perf_counter() - start
                 seconds_per_nfe = seconds_per_nfe or elapsed / settings.steps / args.num_samples
-                with torch.inference_mode():
-                    fid = frechet_distance(*features(net, to_signed(samples)), *reference)
+                fid = quality(samples)
                 results.append({"model": label, "checkpoint": path, "sampling": settings.name, "nfe": settings.steps,
                                  "seed": seed, "classifier_fid": fid, "seconds": elapsed})  # fmt: skip
                 print(results[-1], flush=True)

@@ -1,7 +1,7 @@
 """Training and sampling throughput of lit-ddpm's UNet against two peers, same loss, optimizer and batch.
 
-    python benchmarks/throughput.py                    # CPU, small models (about 10 M parameters each)
-    python benchmarks/throughput.py --size full --device cuda --precision bf16 --batch 128
+    python -m benchmarks.throughput                    # CPU, small models (about 10 M parameters each)
+    python -m benchmarks.throughput --size full --device cuda --precision bf16 --batch 128
     (make bench runs the first line; the peers come from the `bench` extra)
 
 Peers: diffusers' UNet2DModel in the google/ddpm-cifar10-32 layout, and denoising-diffusion-pytorch's
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
-from training_step import autocast, synchronize, train_step
 
+from benchmarks.common import autocast, synchronize, train_step
 from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process
 from diffusion_lit.nn import UNet
 

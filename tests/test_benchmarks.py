@@ -7,13 +7,11 @@ import pytest
 
 from conftest import ONE_STEP, ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
 
 @pytest.mark.slow  # a benchmark end to end
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_gpu_check_runs_with_tiny_settings(capsys, device):
-    import gpu_check
+    from benchmarks import gpu_check
 
     results = gpu_check.main(["--device", device, "--tiny", "--no-compile"])
     assert [(r["precision"], r["channels_last"]) for r in results["train"]] == [
@@ -22,7 +20,7 @@ def test_gpu_check_runs_with_tiny_settings(capsys, device):
     assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in results["train"])
     # the auto samplers of eps and v models and DPM-Solver++ 20, each in fp32 and bf16
     assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 6
-    assert [r["option"] for r in results["options"]] == ["plain", "Min-SNR-5 weighting", "immiscible noise"]
+    assert [r["terms"] for r in results["options"]] == ["mse", "mse, Min-SNR-5 weighting", "mse, immiscible noise"]
     assert [(r["precision"], r["on_device"]) for r in results["fit"]] == [("bf16-mixed", True)]
     assert results["fit"][0]["images_per_s"] > 0  # lit-ddpm fit with configs/cifar10.yaml ran
     assert "| precision | compiled |" in capsys.readouterr().out
@@ -30,7 +28,7 @@ def test_gpu_check_runs_with_tiny_settings(capsys, device):
 
 @pytest.mark.slow  # a benchmark end to end
 def test_throughput_runs_for_lit_ddpm_alone(monkeypatch, capsys):
-    import throughput
+    from benchmarks import throughput
 
     argv = ["throughput.py", "--models", "lit-ddpm", "--batch", "2", "--train-steps", "1", "--sample-steps", "2",
             "--repeats", "1"]  # fmt: skip
@@ -42,7 +40,7 @@ def test_throughput_runs_for_lit_ddpm_alone(monkeypatch, capsys):
 @pytest.mark.slow
 def test_throughput_against_the_peers(monkeypatch, capsys):
     pytest.importorskip("denoising_diffusion_pytorch")
-    import throughput
+    from benchmarks import throughput
 
     argv = ["throughput.py", "--batch", "2", "--train-steps", "1", "--sample-steps", "2", "--repeats", "1"]
     monkeypatch.setattr(sys, "argv", argv)
@@ -53,7 +51,7 @@ def test_throughput_against_the_peers(monkeypatch, capsys):
 @pytest.mark.slow  # a benchmark end to end
 def test_pipeline_runs_on_cpu_with_tiny_settings(tmp_path, capsys):
     pytest.importorskip("mlxtend")
-    import pipeline
+    from benchmarks import pipeline
 
     results = pipeline.main(["--warmup", "1", "--steps", "2", "--base-channels", "8", "--images", "40",
                              "--batch", "8", "--json", str(tmp_path / "pipeline.json")])  # fmt: skip
@@ -66,7 +64,7 @@ def test_pipeline_runs_on_cpu_with_tiny_settings(tmp_path, capsys):
 def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
-    import convergence
+    from benchmarks import convergence
 
     argv = ["--variants", "eps (today)", "v + min-SNR-5", "--seeds", "0", "--budgets", "0.001", "--today-steps", "2",
             "--jobs", "2", "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
@@ -83,8 +81,7 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
 @pytest.mark.slow  # a benchmark end to end
 def test_sampler_quality_runs_end_to_end(tmp_path, monkeypatch, capsys):
     pytest.importorskip("mlxtend")
-    import sampler_quality
-
+    from benchmarks import sampler_quality
     from diffusion_lit.cli import main as cli
 
     monkeypatch.chdir(tmp_path)
@@ -99,3 +96,28 @@ def test_sampler_quality_runs_end_to_end(tmp_path, monkeypatch, capsys):
         ("dpmpp_sde3", 0), ("dpmpp_sde3", 1), ("unipc2-dynamic", 0), ("unipc2-dynamic", 1)
     ]  # fmt: skip
     assert "| dpmpp_sde3 | 3 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a benchmark end to end
+def test_loss_terms_times_every_combination(capsys):
+    from benchmarks import loss_terms
+
+    loss_terms.main(["--base-channels", "8", "--batch-size", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert all(f"| {name:<36} |" in out for name in loss_terms.COMBINATIONS)
+
+
+@pytest.mark.slow  # a benchmark end to end: one epoch of the demo recipe per variant
+def test_ablation_runs_end_to_end(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    from benchmarks import ablation
+
+    ablation.main(
+        ["--epochs", "1", "--num-samples", "8", "--workdir", str(tmp_path), "--json", str(tmp_path / "a.json")]
+    )
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert [(row["terms"], row["seed"], row["steps"]) for row in rows] == [
+        ("mse", 0, 140),
+        ("mse + feature matching", 0, 140),
+    ]
+    assert rows[0]["sampling"] == "unipc20" and "| mse | 140 | unipc20 |" in capsys.readouterr().out

@@ -1,0 +1,188 @@
+"""What the benchmarks share: the classifier-FID quality measure, one training step, device timing, and the
+offline data sets they build (RGB photo patches, fake CIFAR-10 files)."""
+
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from diffusion_lit.diffusion import NoiseSchedule
+from diffusion_lit.diffusion.losses import DiffusionLoss
+from diffusion_lit.metrics import feature_statistics, frechet_distance
+from diffusion_lit.pixels import to_signed
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+LOSS = DiffusionLoss()  # eps-MSE, lit-ddpm's training loss code for every model measured
+
+
+# Quality: "classifier FID", the Frechet distance between Gaussians fitted to the 64-d penultimate features of a
+# small CNN trained on the training images. It is not Inception FID: its numbers compare only with each other,
+# at the same sample count.
+
+
+def classifier(channels: int = 1, size: int = 28, classes: int = 10) -> nn.Sequential:
+    """A small CNN for CxSxS images (1x28x28 digits); its 64-d penultimate layer is the feature space."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, 64), nn.ReLU(), nn.Linear(64, classes),
+    )  # fmt: skip
+
+
+def train_classifier(images: Tensor, labels: Tensor, epochs: int = 3) -> nn.Sequential:
+    """Adam, batch 64, a few epochs: ~98% on held-out digits. images (N, C, S, S) in [-1, 1], labels (N,)."""
+    torch.manual_seed(0)
+    net = classifier(images.shape[1], images.shape[-1], int(labels.max()) + 1)
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(epochs):
+        for index in torch.randperm(len(images)).split(64):
+            loss = F.cross_entropy(net(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def features(net: nn.Sequential, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of the penultimate activations (64-d) of images in [-1, 1]."""
+    return feature_statistics(net[:-1](images))
+
+
+class ClassifierFID:
+    """Classifier FID of samples against held-out images, with the classifier trained on the training images.
+
+    `floor` is the score of `num_samples` real training images: what a perfect model would get.
+    """
+
+    def __init__(self, train: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], num_samples: int) -> None:
+        self.net = train_classifier(*train)
+        with torch.inference_mode():
+            self.accuracy = (self.net(held_out[0]).argmax(1) == held_out[1]).float().mean().item()
+        self.reference = features(self.net, held_out[0])
+        real = train[0][torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(0))[:num_samples]]
+        self.floor = frechet_distance(*features(self.net, real), *self.reference)
+
+    @torch.inference_mode()
+    def __call__(self, samples: Tensor) -> float:
+        """The score of uint8 samples (N, C, H, W)."""
+        return frechet_distance(*features(self.net, to_signed(samples)), *self.reference)
+
+    @torch.inference_mode()
+    def classes(self, samples: Tensor) -> int:
+        """How many classes the classifier finds among uint8 samples."""
+        return int(self.net(to_signed(samples)).argmax(1).unique().numel())
+
+
+def demo_digits() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The offline demo's digits in [-1, 1]: (training images, labels), (held-out images, labels)."""
+    from diffusion_lit.data import DemoMNISTDataModule
+
+    data = DemoMNISTDataModule()
+    data.setup("fit")
+    images, labels = data.train_set.dataset.tensors  # both splits index one TensorDataset
+    train, held_out = data.train_set.indices, data.val_set.indices
+    return (images[train], labels[train]), (images[held_out], labels[held_out])
+
+
+# Timing.
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast on the device, or nothing for fp32."""
+    return torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def train_step(
+    network: Callable[[Tensor, Tensor], Tensor],
+    schedule: NoiseSchedule,
+    optimizer: torch.optim.Optimizer,
+    x0: Tensor,
+    precision: str,
+    criterion: DiffusionLoss = LOSS,
+) -> Tensor:
+    """One step of denoising training on the batch x0 at random timesteps; returns the loss (no host sync,
+    unless the criterion pairs noise immiscibly: that assignment runs on the host)."""
+    with autocast(x0.device, precision):
+        loss = criterion(network, schedule, x0)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU, so that wall-clock times cover the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Offline data sets.
+
+# Ten photographs shipped inside scikit-learn (sklearn/datasets/images) and scikit-image (skimage/data).
+SKLEARN_PHOTOS = ["china.jpg", "flower.jpg"]
+SKIMAGE_PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+                  "motorcycle_left.png", "retina.jpg", "rocket.jpg"]  # fmt: skip
+
+
+def write_photo_patches(root: Path, per_photo: int = 500, seed: int = 0, side: int = 96) -> tuple[Path, Path]:
+    """A small real RGB data set built offline: each photograph scaled to `side` pixels on its short side, and
+    32x32 patches cut at seeded places, `per_photo` for training and a quarter as many elsewhere for a held-out
+    set, in one sub-folder per photo (labels for class_folders and the classifier). Written once; returns
+    (root/train, root/held_out). Needs the bench extra (scikit-learn, scikit-image)."""
+    import skimage.data
+    import sklearn.datasets
+
+    train, held_out = root / "train", root / "held_out"
+    if train.is_dir() and held_out.is_dir():
+        return train, held_out
+    photos = [Path(sklearn.datasets.__file__).parent / "images" / name for name in SKLEARN_PHOTOS]
+    photos += [Path(skimage.data.__file__).parent / name for name in SKIMAGE_PHOTOS]
+    rng = np.random.default_rng(seed)
+    for path in photos:
+        with Image.open(path) as photo:
+            photo = photo.convert("RGB")
+            scale = side / min(photo.size)
+            photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC)
+        pixels = np.asarray(photo)
+        for folder, count in ((train, per_photo), (held_out, per_photo // 4)):
+            (folder / path.stem).mkdir(parents=True, exist_ok=True)
+            tops = rng.integers(0, pixels.shape[0] - 32 + 1, count)
+            lefts = rng.integers(0, pixels.shape[1] - 32 + 1, count)
+            for index, (top, left) in enumerate(zip(tops, lefts, strict=True)):
+                Image.fromarray(pixels[top : top + 32, left : left + 32]).save(folder / path.stem / f"{index:04d}.png")
+    return train, held_out
+
+
+@contextmanager
+def synthetic_cifar(images: int) -> Iterator[Path]:
+    """A temporary folder holding `images` random training images (and as many test images) in CIFAR-10's
+    python pickle layout, readable by torchvision while the context lasts (its checksums are bypassed)."""
+    import torchvision.datasets.cifar as cifar
+
+    rng = np.random.default_rng(0)
+    check_integrity, cifar.check_integrity = cifar.check_integrity, lambda *args: True  # the files are fakes
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            batches = Path(folder) / "cifar-10-batches-py"
+            batches.mkdir()
+            for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+                count = images // 5
+                batch = {
+                    "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                    "labels": list(rng.integers(0, 10, count)),
+                }
+                (batches / name).write_bytes(pickle.dumps(batch))
+            labels = {"label_names": [f"class{i}" for i in range(10)]}
+            (batches / "batches.meta").write_bytes(pickle.dumps(labels))
+            yield Path(folder)
+    finally:
+        cifar.check_integrity = check_integrity
