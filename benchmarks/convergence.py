@@ -1,6 +1,6 @@
 """Quality against wall-clock training time, for the demo recipe and variants of it, two seeds each.
 
-    python -m benchmarks.convergence --json convergence.json --plot docs/convergence.png      # the README's
+    python -m benchmarks.convergence --json benchmarks/results/convergence-digits.json --plot docs/convergence.png
     python -m benchmarks.convergence --dataset photos --variants "eps (today)" v       # the RGB check
 
 Each variant is `lit-ddpm fit --config configs/demo.yaml` plus a few flags, run in its own folder under

@@ -1,6 +1,7 @@
 """DiffusionModule: thin Lightning glue around a UNet, a NoiseSchedule and the loss."""
 
 import os
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -20,6 +21,10 @@ from diffusion_lit.nn import UNet
 from diffusion_lit.optim import DEFAULT_OPTIMIZER, clip_gradients, optimizer_config, with_warmup
 from diffusion_lit.pixels import to_unit
 from diffusion_lit.runs import run_seed
+
+# The module seeds each training batch in on_before_batch_transfer on purpose (that hook runs before the
+# datamodule's on_after_batch_transfer draws the flips); Lightning warns about it once per run regardless.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 MSE_ONLY = DiffusionLoss()  # validation and test score the MSE term alone, whatever the training loss
 

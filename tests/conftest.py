@@ -34,6 +34,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
+def one_line_error(capsys, *args: str) -> str:
+    """Run lit-ddpm, expect exit status 2 and a single `lit-ddpm: error: ...` line on stderr; return it."""
+    from diffusion_lit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("lit-ddpm: error:")]
+    assert len(errors) == 1, lines
+    return errors[0]
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_quiet(monkeypatch):
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ONE_STEP, ROOT, TINY, StandInExtractor
+from conftest import ONE_STEP, ROOT, TINY, StandInExtractor, one_line_error
 from diffusion_lit.cli import main
 from diffusion_lit.data import ImageFolderDataModule
 from diffusion_lit.errors import UserError
@@ -30,17 +30,6 @@ SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--train
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def one_line_error(capsys, *args: str) -> str:
-    """Run lit-ddpm, expect exit status 2 and a single `lit-ddpm: error: ...` line on stderr; return it."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("lit-ddpm: error:")]
-    assert len(errors) == 1, lines
-    return errors[0]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, one_line_error
 from diffusion_lit.cli import main
 from diffusion_lit.errors import UserError
 from diffusion_lit.runs import RunLock, StopSignals
@@ -28,16 +28,6 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def one_line_error(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("lit-ddpm: error:")]
-    assert len(errors) == 1, lines
-    return errors[0]
 
 
 FOLDER = ["--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--name", "demo", "--data.init_args.root",

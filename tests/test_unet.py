@@ -50,7 +50,7 @@ def test_attention_at_16_and_8_for_32x32():
 
 
 def test_default_parameter_count():
-    # The CIFAR-10 configuration (README "Models"): base 64, mults [1, 2, 4, 8], one ResBlock per level.
+    # The CIFAR-10 configuration (docs/training.md "Models"): base 64, mults [1, 2, 4, 8], one ResBlock per level.
     assert sum(p.numel() for p in UNet().parameters()) == 40_700_867
 
 

@@ -2,9 +2,8 @@
 
 Every sampler walks a decreasing subsequence of the training timesteps (`timestep_spacing`) and works
 with any prediction target, through `NoiseSchedule.to_x0_eps`. The last step goes to alpha_bar = 1 (clean
-images) and adds no noise. All arithmetic is in the dtype of the initial noise. `sample` is the one entry
-point; `sampling.Sampling` holds every setting of a draw.
-"""
+images) and adds no noise. All arithmetic is in the dtype of the initial noise. `reverse_process` is the one
+entry point; `sampling.Sampling` holds every setting of a draw."""
 
 from collections.abc import Callable
 

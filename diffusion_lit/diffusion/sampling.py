@@ -13,7 +13,7 @@ Variance = Literal["small", "large"]
 Spacing = Literal["uniform", "trailing", "quadratic"]
 Threshold = Literal["clip", "dynamic", "none"]
 # The default for each prediction target: the cheapest sampler and step count within 10% of the best classifier
-# FID at 50 NFE or fewer, for a young and a 4x longer trained model alike (README "Which sampler": the table).
+# FID at 50 NFE or fewer, for a young and a 4x longer trained model alike (docs/sampling.md "Which sampler": the table).
 # x0 prediction was not measured; it gets the stochastic solver, the safe choice for a noisy x0.
 AUTO = {"eps": ("dpmpp_sde", 50), "v": ("unipc", 20), "x0": ("dpmpp_sde", 50)}
 STEPS = 50  # a named sampler without a step count
