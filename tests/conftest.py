@@ -1,6 +1,7 @@
 """Shared fixtures: tiny datasets written in the test's temp dir, and a way to shrink any config."""
 
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -32,6 +33,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def _trained_demo(tmp_path_factory) -> Path:
+    """The demo config shrunk by tiny.yaml, trained for 2 steps once per session: its last.ckpt."""
+    from diffusion_lit.cli import main
+
+    folder = tmp_path_factory.mktemp("trained_demo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("WANDB_MODE", "disabled")
+        torch.manual_seed(0)
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", TINY, *ONE_STEP,
+              "--trainer.max_steps", "2", "--trainer.logger", "false"])  # fmt: skip
+    return folder / "checkpoints" / "demo" / "last.ckpt"
+
+
+@pytest.fixture
+def demo_checkpoint(_trained_demo, tmp_path, monkeypatch) -> Path:
+    """A copy of the session's 2-step demo checkpoint at tmp_path/checkpoints/demo/last.ckpt, the working
+    directory being tmp_path: as if this test had just run `lit-ddpm fit` there (a copy: tests may spoil it)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "checkpoints" / "demo" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    shutil.copyfile(_trained_demo, path)
+    return path
 
 
 def one_line_error(capsys, *args: str) -> str:

@@ -32,12 +32,6 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def demo_checkpoint(tmp_path) -> Path:
-    main(["fit", *DEMO, *SHORT, "--trainer.logger", "false"])
-    return tmp_path / "checkpoints" / "demo" / "last.ckpt"
-
-
 def test_unknown_config_key(capsys):
     assert "unrecognized arguments: --model.lrr" in one_line_error(capsys, "fit", *DEMO, "--model.lrr", "1")
 

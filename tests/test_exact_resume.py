@@ -201,9 +201,8 @@ def run_printed(folder: Path, resume: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize(
-    "signal_number", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGINT", "SIGTERM"]
-)
+@pytest.mark.slow  # a run in a subprocess, stopped by a signal
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_saves_the_step_it_stopped_at_and_the_printed_command_resumes_exactly(
     uninterrupted, tmp_path, signal_number
 ):

@@ -33,14 +33,6 @@ def extractors(monkeypatch) -> list[StandInExtractor]:
     return made
 
 
-@pytest.fixture
-def demo_checkpoint(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    main(["fit", *DEMO, "--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.logger", "false",
-          "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "-1"])  # fmt: skip
-    return tmp_path / "checkpoints" / "demo" / "last.ckpt"
-
-
 def run_test(checkpoint: Path, cache: Path, *extra: str) -> None:
     main(["test", *DEMO, "--ckpt_path", str(checkpoint), "--evaluation.num_samples", "10",
           "--evaluation.batch_size", "4", "--evaluation.cache_dir", str(cache), *extra])  # fmt: skip

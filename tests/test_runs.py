@@ -110,6 +110,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow  # a lock holder in a subprocess, killed
 def test_a_second_process_cannot_take_the_lock_and_a_dead_ones_lock_is_taken_over(tmp_path):
     folder = tmp_path / "run"
     holder = hold_lock(folder)

@@ -24,10 +24,8 @@ class Net(UNet):
 
 
 @pytest.fixture
-def checkpoint(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    main(["fit", *DEMO, *SHORT])
-    return tmp_path / "checkpoints" / "demo" / "last.ckpt"
+def checkpoint(demo_checkpoint) -> Path:
+    return demo_checkpoint
 
 
 @pytest.fixture

@@ -17,13 +17,6 @@ SHORT = ["--config", TINY, "--config", f"{ROOT}/configs/ablation/mse_only.yaml",
 
 
 @pytest.fixture
-def demo_checkpoint(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", f"{ROOT}/configs/demo.yaml", *SHORT])
-    return tmp_path / "checkpoints" / "demo" / "last.ckpt"
-
-
-@pytest.fixture
 def conditional_checkpoint(tmp_path, monkeypatch, mnist_dir) -> Path:
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", f"{ROOT}/configs/mnist.yaml", "--config", f"{ROOT}/configs/cond.yaml", *SHORT,
