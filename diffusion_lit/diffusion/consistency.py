@@ -1,0 +1,144 @@
+"""Consistency models on the DDPM schedule: the consistency function of a diffusion network, its training loss
+(consistency tuning: Geng et al. 2024, "Consistency models made easy", ECT) and the multistep sampler (Song et
+al. 2023, algorithm 1).
+
+The mapping. The schedule's x_t = a_t x0 + s_t eps (a_t = sqrt(alpha_bar_t), s_t = sqrt(1 - alpha_bar_t)) is,
+in the variance-exploding coordinates y = x_t / a_t, y = x0 + sigma_t eps with sigma_t = s_t / a_t; the
+probability-flow ODE carries y along sigma, and its end at sigma = 0 is the sample. A consistency function
+f(x_t, t) maps every point of a trajectory to one point of it: here the point at the grid's smallest noise
+level, sigma_min = sigma_0, so that f(x_0, 0) = y_0 exactly (Song et al. 2023, eq. 5, with the boundary at
+t_min = 0). Built on the network's own x0 estimate x0_hat (`NoiseSchedule.to_x0_eps`, any prediction target):
+
+    f(x_t, t) = y_t + (1 - sigma_min / sigma_t) (x0_hat - y_t) = c_skip(t) x_t + c_out(t) x0_hat,
+    c_skip(t) = sigma_min / s_t,    c_out(t) = 1 - sigma_min / sigma_t.
+
+At t = 0, c_out = 0 and f = x_0 / a_0 = y_0, whatever the network says. Above it f is the diffusion model's
+denoiser x0_hat, moved towards the input by sigma_min / sigma_t (0.2% at sigma = 1 on the cosine schedule), so
+a student initialised with the teacher's weights starts as the teacher's one-step denoiser (ECT's starting
+point). For an eps network, x0_hat - y_t = -sigma_t eps_hat, so f = y_t - (sigma_t - sigma_min) eps_hat, the
+c_skip = 1, c_out = -sigma of EDM's eps parameterisation shifted to sigma_min; c_skip is written on x_t, so
+that nothing is divided by a_t, which is 1.5e-5 at t = 999.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from diffusion_lit.diffusion.schedule import NoiseSchedule, gather
+
+
+def sigmas(schedule: NoiseSchedule) -> Tensor:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every t (T,), float64, increasing."""
+    return schedule.sqrt_one_minus_alpha_bar / schedule.sqrt_alpha_bar
+
+
+def scalings(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """c_skip(t) (on x_t) and c_out(t) (on x0_hat), broadcastable against `like` (B, ...)."""
+    sigma = sigmas(schedule)
+    c_skip = sigma[0] / schedule.sqrt_one_minus_alpha_bar
+    c_out = 1 - sigma[0] / sigma
+    return gather(c_skip, t, like), gather(c_out, t, like)
+
+
+def consistency(network, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, labels: tuple = ()) -> Tensor:
+    """f(x_t, t): the consistency function built on `network` (module docstring); x_t (B, ...), t (B,)."""
+    x0_hat, _ = schedule.to_x0_eps(x_t, t, network(x_t, t, *labels))
+    c_skip, c_out = scalings(schedule, t, x_t)
+    return c_skip * x_t + c_out * x0_hat
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
+    """sqrt(|a - b|^2 + c^2) - c per sample (B,) (Song & Dhariwal 2024, "improved consistency training", sec. 3.3:
+    c = 0.00054 sqrt(d) for d dimensions when None), in float32."""
+    dims = a[0].numel()
+    c = 0.00054 * math.sqrt(dims) if c is None else c
+    return ((a.float() - b.float()).pow(2).flatten(1).sum(1) + c**2).sqrt() - c
+
+
+def lognormal_timesteps(
+    schedule: NoiseSchedule, batch_size: int, device, mean: float = -1.1, std: float = 2.0, generator=None
+) -> Tensor:
+    """Timesteps t (B,) whose sigma_t is the grid's nearest to ln sigma ~ N(mean, std^2) (ECT's sampling of noise
+    levels, EDM's P_mean and P_std for CIFAR-10), never 0: t = 0 is the boundary, where f needs no training."""
+    ln_sigma = torch.randn(batch_size, generator=generator, device=device) * std + mean
+    grid = sigmas(schedule).log().to(device)
+    t = torch.searchsorted(grid.float(), ln_sigma.float()).clamp(1, len(grid) - 1)
+    nearer_below = (ln_sigma - grid[t - 1]).abs() < (grid[t] - ln_sigma).abs()
+    return (t - nearer_below.long()).clamp(min=1)
+
+
+def paired_timesteps(schedule: NoiseSchedule, t: Tensor, stage: int, q: float = 2.0) -> Tensor:
+    """r < t for each t: the timestep whose sigma is nearest below sigma_t (1 - q^-stage), so the gap shrinks by q
+    each stage (ECT's schedule of Delta t). At stage 0 r = -1, the clean image: the consistency loss is then the
+    diffusion model's own denoising loss, where the teacher already is."""
+    if stage == 0:
+        return torch.full_like(t, -1)
+    grid = sigmas(schedule).to(t.device)
+    target = grid[t] * (1 - q ** (-stage))
+    r = torch.searchsorted(grid, target, right=True) - 1  # the largest sigma_r <= the target
+    return torch.minimum(r, t - 1)
+
+
+class ConsistencyLoss:
+    """Consistency tuning (ECT, Geng et al. 2024) of a network initialised from a diffusion model: for a noise
+    level t and one below it, r, on the same trajectory (the same image and noise), f(x_t, t) is pulled towards
+    f(x_r, r) computed without gradient, by a pseudo-Huber distance weighted 1 / (sigma_t - sigma_r). The gap
+    starts at the whole way down (r: the clean image, the diffusion loss) and shrinks by `q` every
+    `steps_per_stage` optimizer steps. Both forward passes draw the same dropout noise.
+
+    Returns {"consistency", "loss"}.
+
+    Args:
+        steps_per_stage: optimizer steps per stage of the gap schedule.
+        q: the factor the gap shrinks by each stage.
+        huber_c: pseudo-Huber's c; None: 0.00054 sqrt(dimensions) (Song & Dhariwal 2024).
+        p_mean: mean of ln sigma for the noise levels drawn (EDM's -1.1 for CIFAR-10).
+        p_std: its standard deviation (ECT's 2.0).
+    """
+
+    perceptual_weight = 0.0  # no VGG to load (DiffusionModule.setup asks)
+
+    def __init__(
+        self, steps_per_stage: int = 500, q: float = 2.0, huber_c: float | None = None, p_mean: float = -1.1,
+        p_std: float = 2.0,
+    ) -> None:  # fmt: skip
+        self.config = {name: value for name, value in locals().items() if name != "self"}  # for checkpoints
+        self.steps_per_stage = steps_per_stage
+        self.q = q
+        self.huber_c = huber_c
+        self.p_mean = p_mean
+        self.p_std = p_std
+
+    def __call__(
+        self, network, schedule: NoiseSchedule, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None,
+        labels: Tensor | None = None, step: int = 0,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """The loss for clean images x0 (B, C, H, W) at training step `step`; noise and t are drawn if not given."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        if t is None:
+            t = lognormal_timesteps(schedule, x0.shape[0], x0.device, self.p_mean, self.p_std)
+        r = paired_timesteps(schedule, t, step // self.steps_per_stage, self.q)
+        extra = () if labels is None else (labels,)
+        devices = [x0.device] if x0.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # the online pass then redraws the same dropout
+            r_net = r.clamp(min=0)
+            target = consistency(network, schedule, schedule.q_sample(x0, r_net, noise), r_net, extra)
+            target = torch.where((r < 0).view(-1, *[1] * (x0.dim() - 1)), x0, target)  # r = -1: the clean image
+        online = consistency(network, schedule, schedule.q_sample(x0, t, noise), t, extra)
+        grid = sigmas(schedule).to(x0.device)
+        gap = grid[t] - torch.where(r < 0, torch.zeros_like(grid[t]), grid[r.clamp(min=0)])
+        loss = (pseudo_huber(online, target, self.huber_c) / gap.float()).mean()
+        return {"consistency": loss, "loss": loss}
+
+
+@torch.no_grad()
+def consistency_sampler(network, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, generator=None) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, algorithm 1) from x = x_T ~ N(0, I) at timesteps[0]:
+    x0 = f(x, timesteps[0]); then for each later t, noise x0 back to x_t and map it again; returns x0."""
+    x0 = consistency(network, schedule, x, timesteps[:1].expand(len(x)))
+    for t in timesteps[1:]:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        t = t.expand(len(x))
+        x0 = consistency(network, schedule, schedule.q_sample(x0, t, noise), t)
+    return x0

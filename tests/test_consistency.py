@@ -1,0 +1,166 @@
+"""The consistency function on the DDPM schedule, its loss and its sampler, against closed forms."""
+
+import math
+
+import pytest
+import torch
+from test_samplers import gaussian_denoiser
+
+from diffusion_lit.diffusion import NoiseSchedule, timestep_spacing
+from diffusion_lit.diffusion.consistency import (
+    ConsistencyLoss,
+    consistency,
+    consistency_sampler,
+    lognormal_timesteps,
+    paired_timesteps,
+    pseudo_huber,
+    scalings,
+    sigmas,
+)
+from diffusion_lit.diffusion.samplers import dpmpp_2m
+
+
+def random_network(seed: int = 0):
+    weights = torch.randn(4, generator=torch.Generator().manual_seed(seed)).double()
+    return lambda x, t: torch.tanh(x * weights[0] + weights[1]) * 3 + t.view(-1, 1).double() * 1e-3
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_the_boundary_holds_exactly_whatever_the_network_says(prediction):
+    schedule = NoiseSchedule(prediction=prediction)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    t = torch.zeros(16, dtype=torch.long)
+    expected = x / schedule.sqrt_alpha_bar[0]  # y_0 = x_0 / a_0, the grid's least noisy point
+    torch.testing.assert_close(consistency(random_network(), schedule, x, t), expected, rtol=1e-15, atol=0)
+
+
+def test_the_scalings_against_their_closed_forms():
+    schedule = NoiseSchedule()
+    t = torch.arange(1000)
+    alpha_bar = schedule.alpha_bar
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+    c_skip, c_out = scalings(schedule, t, torch.zeros(1000, 1, dtype=torch.float64))
+    torch.testing.assert_close(c_skip[:, 0], sigma[0] / (1 - alpha_bar).sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(c_out[:, 0], 1 - sigma[0] / sigma, rtol=1e-12, atol=1e-15)
+    assert c_out[0, 0] == 0 and c_out[999, 0] == pytest.approx(1, abs=1e-6) and torch.all(c_out[1:, 0] > 0)
+    assert torch.all(sigmas(schedule).diff() > 0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_consistency_function_in_the_terms_of_each_prediction_target(prediction):
+    # eps: f = y - (sigma_t - sigma_min) eps_hat; v: f = y - (sigma_t - sigma_min) (sigma y + v_hat) / (1 + sigma^2)
+    # ... (1 + sigma^2)^(1/2) written out: the mapping of the module docstring, per target.
+    schedule = NoiseSchedule(prediction=prediction)
+    x = torch.randn(50, 3, dtype=torch.float64)
+    t = torch.randint(0, 1000, (50,))
+    output = random_network(1)(x, t)
+    a = schedule.sqrt_alpha_bar[t].view(-1, 1)
+    sigma, sigma_min = sigmas(schedule)[t].view(-1, 1), sigmas(schedule)[0]
+    y = x / a
+    if prediction == "eps":
+        expected = y - (sigma - sigma_min) * output
+    else:
+        expected = y - (sigma - sigma_min) * (sigma * y + output * (1 + sigma**2).sqrt()) / (1 + sigma**2)
+    torch.testing.assert_close(consistency(lambda *_: output, schedule, x, t), expected, rtol=1e-9, atol=1e-9)
+
+
+MEAN, STD = 0.3, 0.5  # 1-d Gaussian data
+
+
+def exact_endpoint(schedule: NoiseSchedule, x_t, t, sigma_end=None):
+    """Where the probability-flow ODE from (x_t, t) is at sigma_end (default sigma_min), in y = x / a, for data
+    N(MEAN, STD^2): the marginal of y is N(MEAN, STD^2 + sigma^2), and the flow keeps the standardised value
+    (y - MEAN) / sqrt(STD^2 + sigma^2)."""
+    sigma = sigmas(schedule)[t].view(-1, 1)
+    sigma_end = sigmas(schedule)[0] if sigma_end is None else sigma_end
+    y = x_t / schedule.sqrt_alpha_bar[t].view(-1, 1)
+    return MEAN + (y - MEAN) * math.sqrt(STD**2 + sigma_end**2) / (STD**2 + sigma**2).sqrt()
+
+
+def test_the_closed_form_endpoint_is_where_the_exact_denoisers_ode_ends():
+    # Integrate the probability-flow ODE with the exact denoiser (DPM-Solver++(2M) through every timestep; its
+    # last step, to sigma = 0, is first order) from t = 500 to the clean end: the closed form at sigma = 0, up to
+    # the solver's error (DDIM, first order throughout, is off by 3.6e-3; this by 3.7e-4).
+    schedule = NoiseSchedule(prediction="eps")
+    centred = gaussian_denoiser(schedule, STD)  # the exact eps of zero-mean data; shift by MEAN
+
+    def model(x_t, t):
+        return centred(x_t - schedule.sqrt_alpha_bar[t].view(-1, 1) * MEAN, t)
+
+    x = torch.randn(2000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    start = torch.full((2000,), 500)
+    timesteps = torch.arange(500, -1, -1)
+    x_end = dpmpp_2m(model, schedule, x, timesteps, "none")  # its last step goes to sigma = 0
+    torch.testing.assert_close(x_end, exact_endpoint(schedule, x, start, sigma_end=0.0), rtol=0, atol=1e-3)
+
+
+def exact_consistency_network(schedule: NoiseSchedule):
+    """An x0-predicting network whose consistency function is the exact one, f = exact_endpoint."""
+
+    def network(x_t, t):
+        c_skip, c_out = scalings(schedule, t, x_t)
+        return (exact_endpoint(schedule, x_t, t) - c_skip * x_t) / c_out
+
+    return network
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_the_sampler_with_the_exact_consistency_function_draws_the_data(steps):
+    schedule = NoiseSchedule(prediction="x0")
+    x = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    samples = consistency_sampler(exact_consistency_network(schedule), schedule, x, timestep_spacing(1000, steps),
+                                  torch.Generator().manual_seed(2))  # fmt: skip
+    assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
+    assert samples.std().item() == pytest.approx(STD, rel=0.01)
+
+
+def test_paired_timesteps_shrink_the_gap_by_q_per_stage():
+    schedule = NoiseSchedule()
+    grid = sigmas(schedule)
+    t = torch.arange(1, 1000)
+    assert torch.all(paired_timesteps(schedule, t, 0) == -1)  # stage 0: down to the clean image
+    for stage in (1, 2, 5):
+        r = paired_timesteps(schedule, t, stage)
+        assert torch.all(r < t)
+        target = grid[t] * (1 - 2.0**-stage)
+        below = r >= 0
+        assert torch.all(grid[r[below]] <= target[below] * (1 + 1e-12))
+        nxt = (r + 1).clamp(max=999)
+        assert torch.all((grid[nxt] > target) | (nxt >= t))  # r is the largest such index below t
+
+
+def test_lognormal_timesteps_are_the_nearest_grid_points_and_never_the_boundary():
+    schedule = NoiseSchedule()
+    generator = torch.Generator().manual_seed(0)
+    t = lognormal_timesteps(schedule, 5000, "cpu", generator=generator)
+    ln_sigma = torch.randn(5000, generator=torch.Generator().manual_seed(0)) * 2.0 - 1.1
+    nearest = (sigmas(schedule).log().view(1, -1) - ln_sigma.view(-1, 1).double()).abs().argmin(1).clamp(min=1)
+    assert torch.equal(t, nearest) and t.min() >= 1
+
+
+def test_pseudo_huber_against_its_formula():
+    a, b = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    c = 0.00054 * math.sqrt(32)
+    expected = ((a - b).pow(2).flatten(1).sum(1) + c**2).sqrt() - c
+    torch.testing.assert_close(pseudo_huber(a, b), expected)
+    assert torch.all(pseudo_huber(a, a) == 0)
+
+
+def test_at_stage_zero_the_loss_is_the_distance_to_the_clean_image_and_both_passes_share_dropout():
+    schedule = NoiseSchedule(prediction="eps")
+    masks = []
+    dropout = torch.nn.Dropout(0.5)
+
+    def network(x_t, t):
+        mask = dropout(torch.ones_like(x_t))
+        masks.append(mask)
+        return x_t * mask
+
+    x0 = torch.rand(8, 1, 4, 4) * 2 - 1
+    noise, t = torch.randn_like(x0), torch.randint(1, 1000, (8,))
+    terms = ConsistencyLoss(huber_c=0.01)(network, schedule, x0, noise, t, step=0)
+    online = consistency(lambda *_: masks[1] * schedule.q_sample(x0, t, noise), schedule,
+                         schedule.q_sample(x0, t, noise), t)  # fmt: skip
+    expected = ((online - x0).pow(2).flatten(1).sum(1) + 1e-4).sqrt() - 0.01
+    torch.testing.assert_close(terms["loss"], (expected / sigmas(schedule)[t].float()).mean(), rtol=1e-5, atol=0)
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1]) and 0 < masks[0].mean() < 2
