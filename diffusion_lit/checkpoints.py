@@ -29,7 +29,8 @@ LOSS = "diffusion_lit.diffusion.losses.DiffusionLoss"
 
 # The class paths a checkpoint may name without the user naming them too (torch's optimizers too), and the
 # function that builds the model.
-KNOWN_CLASSES = frozenset({"diffusion_lit.nn.UNet", "diffusion_lit.nn.unet.UNet", LOSS})
+KNOWN_CLASSES = frozenset({"diffusion_lit.nn.UNet", "diffusion_lit.nn.unet.UNet", LOSS,
+                           "diffusion_lit.diffusion.consistency.ConsistencyLoss"})  # fmt: skip
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 CLASS_SETTINGS = ("unet", "loss", "optimizer")  # classes to build: a plain string there is a class path too
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffusion_lit.callbacks.ema import EMA
 from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit, upgraded
+from diffusion_lit.diffusion.consistency import ConsistencyLoss
 from diffusion_lit.diffusion.guidance import drop_labels, guided
 from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.diffusion.samplers import reverse_process
@@ -57,7 +58,7 @@ class DiffusionModule(LightningModule):
     def __init__(
         self,
         unet: UNet,
-        loss: DiffusionLoss | None = None,
+        loss: DiffusionLoss | ConsistencyLoss | None = None,
         optimizer: OptimizerCallable | None = None,
         image_shape: tuple[int, int, int] = (3, 32, 32),
         schedule: ScheduleName = "cosine",
@@ -84,6 +85,12 @@ class DiffusionModule(LightningModule):
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
+
+    @property
+    def consistency_model(self) -> bool:
+        """Whether this is a few-step consistency model (`lit-ddpm distill`: its loss says so); "auto" sampling
+        then uses the consistency sampler."""
+        return isinstance(self.criterion, ConsistencyLoss)
 
     @property
     def num_classes(self) -> int | None:
@@ -117,7 +124,7 @@ class DiffusionModule(LightningModule):
         """Every configured loss term and their weighted total ("loss"), for clean images x0 in [-1, 1]."""
         if self.hparams.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        return self.criterion(self.unet, self.schedule, x0, noise, t, labels)
+        return self.criterion(self.unet, self.schedule, x0, noise, t, labels, step=self.global_step)
 
     def _labels(self, batch: tuple[Tensor, ...], dropout: float = 0.0) -> Tensor | None:
         """The batch's labels for a conditional model (a `dropout` share replaced by "no class"), else None."""
@@ -179,7 +186,13 @@ class DiffusionModule(LightningModule):
         self.eval()
         try:
             x = reverse_process(
-                denoiser, self.schedule, (num_samples, *self.image_shape), settings, generator, self.device
+                denoiser,
+                self.schedule,
+                (num_samples, *self.image_shape),
+                settings,
+                generator,
+                self.device,
+                self.consistency_model,
             )
         finally:
             self.train(was_training)

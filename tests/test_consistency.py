@@ -10,14 +10,13 @@ from diffusion_lit.diffusion import NoiseSchedule, timestep_spacing
 from diffusion_lit.diffusion.consistency import (
     ConsistencyLoss,
     consistency,
-    consistency_sampler,
     lognormal_timesteps,
     paired_timesteps,
     pseudo_huber,
     scalings,
     sigmas,
 )
-from diffusion_lit.diffusion.samplers import dpmpp_2m
+from diffusion_lit.diffusion.samplers import consistency_multistep, dpmpp_2m
 
 
 def random_network(seed: int = 0):
@@ -108,8 +107,8 @@ def exact_consistency_network(schedule: NoiseSchedule):
 def test_the_sampler_with_the_exact_consistency_function_draws_the_data(steps):
     schedule = NoiseSchedule(prediction="x0")
     x = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    samples = consistency_sampler(exact_consistency_network(schedule), schedule, x, timestep_spacing(1000, steps),
-                                  torch.Generator().manual_seed(2))  # fmt: skip
+    samples = consistency_multistep(exact_consistency_network(schedule), schedule, x, timestep_spacing(1000, steps),
+                                    "none", torch.Generator().manual_seed(2))  # fmt: skip
     assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
     assert samples.std().item() == pytest.approx(STD, rel=0.01)
 

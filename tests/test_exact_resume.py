@@ -276,3 +276,50 @@ def test_soak_twenty_kills_of_every_kind_and_resumes_end_bit_identical(tmp_path)
     assert_identical(whole, soaked, steps=60)
     print(f"survived {survived}")
     assert all(survived.values())
+
+
+@pytest.mark.slow  # runs in subprocesses, one stopped by Ctrl-C
+def test_a_distillation_stopped_by_ctrl_c_resumes_exactly(tmp_path):
+    """`lit-ddpm distill` has fit's exact resume: a student stopped by Ctrl-C and resumed with the command it
+    printed ends as the one that was never stopped."""
+    teacher = tmp_path / "teacher"
+    run(teacher, "--trainer.max_steps", "6")
+    student = ["--teacher", str(teacher / "checkpoints" / "demo" / "last.ckpt"), "--trainer.max_steps", "20",
+               "--model.loss.init_args.steps_per_stage", "4"]  # fmt: skip
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"]}}
+    last_checkpoint = {"class_path": "diffusion_lit.callbacks.LastCheckpoint",
+                       "init_args": {"dirpath": "checkpoints/{run}", "every_n_train_steps": 1}}  # fmt: skip
+    overlay["trainer"]["callbacks"] = [last_checkpoint]
+    for folder in (whole, stopped):
+        folder.mkdir()
+        (folder / "run.yaml").write_text(yaml.safe_dump(overlay))
+    distill = [sys.executable, "-m", "diffusion_lit.cli", "distill", "--config", f"{ROOT}/configs/demo.yaml",
+               "--config", TINY, "--config", "run.yaml", *student]  # fmt: skip
+    done = subprocess.run(distill, cwd=whole, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    process = subprocess.Popen(distill, cwd=stopped, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)  # fmt: skip
+    last = stopped / "checkpoints" / "demo_distill" / "last.ckpt"  # OVERLAY saves every step: wait for step 7
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+        try:
+            if torch.load(last, weights_only=True, map_location="cpu")["global_step"] >= 7:
+                break
+        except (FileNotFoundError, RuntimeError, EOFError):
+            continue
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 130, stderr[-3000:]
+    resume = shlex.split(next(line for line in stderr.splitlines() if "lit-ddpm distill" in line).strip())
+    assert resume[:2] == ["lit-ddpm", "distill"] and "--teacher" in resume
+    done = subprocess.run([sys.executable, "-m", "diffusion_lit.cli", *resume[1:]], cwd=stopped, env=ENV,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (torch.load(f / "checkpoints" / "demo_distill" / "last.ckpt", weights_only=True)
+                     for f in (whole, stopped))  # fmt: skip
+    assert first["global_step"] == second["global_step"] == 20
+    for key in ("state_dict", "current_model_state"):
+        for name, value in first[key].items():
+            assert torch.equal(value, second[key][name]), f"{key}.{name} differs"

@@ -7,5 +7,6 @@ from diffusion_lit.callbacks.guard import NonFiniteGuard
 from diffusion_lit.callbacks.last_checkpoint import LastCheckpoint
 from diffusion_lit.callbacks.progress import ProgressBar
 from diffusion_lit.callbacks.quality import SampleQuality
+from diffusion_lit.callbacks.teacher import InitFromTeacher
 
-__all__ = ["EMA", "LastCheckpoint", "NonFiniteGuard", "ProgressBar", "SampleGrid", "SampleQuality"]
+__all__ = ["EMA", "InitFromTeacher", "LastCheckpoint", "NonFiniteGuard", "ProgressBar", "SampleGrid", "SampleQuality"]

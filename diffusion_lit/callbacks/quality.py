@@ -97,7 +97,7 @@ class SampleQuality(Callback):
             raise UserError("FID needs a lit-ddpm datamodule (one with reference_set)")
         hparams = pl_module.hparams
         self.sampling.check(hparams.timesteps, "SampleQuality.sampling.", conditional=pl_module.num_classes is not None)
-        self.sampling = self.sampling.resolve(hparams.prediction, hparams.timesteps)  # what the JSON names
+        self.sampling = self.sampling.resolve(hparams.prediction, hparams.timesteps, pl_module.consistency_model)
         if self.extractor is None:
             try:
                 self.extractor = load_inception(self.inception_weights, self.antialias)

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -13,9 +14,9 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from diffusion_lit.callbacks import LastCheckpoint, NonFiniteGuard, SampleQuality
+from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
 from diffusion_lit.checkpoints import check_checkpoint
-from diffusion_lit.cli import sample
+from diffusion_lit.cli import distill, sample
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.module import DiffusionModule
 
@@ -40,9 +41,10 @@ COMMANDS = {
     "validate": "the denoising loss of a checkpoint's EMA weights on the held-out images",
     "test": "FID and Inception Score of a checkpoint's samples, written beside it as JSON (and the images)",
     "sample": "images from a checkpoint: grid.png, samples.npz, PNGs; needs only the checkpoint",
+    "distill": "a few-step student of a trained model: lit-ddpm distill --config CONFIG --teacher CHECKPOINT",
 }
 USAGE = (
-    "usage: lit-ddpm {fit,validate,test,sample} [--help] ...\n\ncommands:\n"
+    "usage: lit-ddpm {fit,validate,test,sample,distill} [--help] ...\n\ncommands:\n"
     + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
     + "\n\n`lit-ddpm COMMAND --help` lists a command's options."
 )
@@ -50,7 +52,14 @@ USAGE = (
 
 class DiffusionCLI(LightningCLI):
     """LightningCLI whose datamodule decides the image shape the model is built for, and whose run name is
-    said once: `name` (and an overlay's `variant`) fills every `{run}` in the trainer's settings."""
+    said once: `name` (and an overlay's `variant`) fills every `{run}` in the trainer's settings. With a
+    `teacher` it distills (`lit-ddpm distill`): the teacher's network, its weights to start from, `_distill`
+    after the run's name; `command_line` is what the user typed (for the resume command)."""
+
+    def __init__(self, *args, teacher: str | None = None, command_line: list[str] | None = None, **kwargs) -> None:
+        self.teacher = teacher
+        self.command_line = command_line
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         """Say the image shape once, in the datamodule; FID/IS settings live under `evaluation`."""
@@ -67,9 +76,10 @@ class DiffusionCLI(LightningCLI):
         """Refuse what cannot run (predict; a --ckpt_path that is missing, truncated, not a checkpoint, or that
         names a class other than lit-ddpm's networks and the config's) right after parsing: LightningCLI reads
         the checkpoint's hyper-parameters next, and building them imports the classes they name."""
-        self.argv = list(sys.argv[1:] if args is None else args)
+        self.argv = self.command_line or list(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        settings = set(inspect.signature(DiffusionModule).parameters)
         if subcommand == "predict":
             raise UserError(
                 "images come from `lit-ddpm sample --ckpt_path CKPT` (see `lit-ddpm sample --help`); "
@@ -79,13 +89,18 @@ class DiffusionCLI(LightningCLI):
         if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS:
             model = self.config[subcommand].model  # the classes the user's own config names may be built
             named = {getattr(model.get(name), "class_path", None) for name in ("unet", "loss", "optimizer")}
-            check_checkpoint(ckpt_path, set(inspect.signature(DiffusionModule).parameters), named - {None})
+            check_checkpoint(ckpt_path, settings, named - {None})
+        if self.teacher:
+            unet = self.config.fit.model.unet.class_path
+            self.config = distill.apply_teacher(self.config, parser, self.teacher, settings, {unet})
 
     def before_fit(self) -> None:
         """Tell LastCheckpoint the command that resumes this run, for the line it prints when a signal stops it."""
         for callback in self.trainer.callbacks:
             if isinstance(callback, LastCheckpoint):
                 callback.resume_command = _resume_command(self.argv, callback.path)
+        if self.teacher:  # before the EMA's setup copies the weights (model callbacks come after the trainer's)
+            self.trainer.callbacks.insert(0, InitFromTeacher(self.teacher))
 
     def before_instantiate_classes(self) -> None:
         """Put the run's name wherever the trainer's settings say `{run}` (folders, the logger's run name), and
@@ -94,6 +109,7 @@ class DiffusionCLI(LightningCLI):
         (Lightning would stop with a traceback on either)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         run = config.name if not config.variant else f"{config.name}_{config.variant}"
+        run += "_distill" if self.teacher else ""
         config.trainer = _fill(config.trainer, run)
         unwanted = set()
         if config.trainer.enable_progress_bar is False:
@@ -102,6 +118,10 @@ class DiffusionCLI(LightningCLI):
             unwanted.add("LearningRateMonitor")
         callbacks = config.trainer.callbacks or []
         config.trainer.callbacks = [c for c in callbacks if c.class_path.rsplit(".", 1)[-1] not in unwanted]
+
+
+# `distill` hands LightningCLI its own `fit` arguments while sys.argv holds the user's: intended, not a mistake.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 
 def _fill(value, run: str):
@@ -178,6 +198,9 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] == "sample":
             sample.main(argv[1:])
             return
+        teacher, command_line = None, None
+        if argv[0] == "distill":
+            command_line, (args, teacher) = list(argv), distill.fit_arguments(argv)
         if not argv[0].startswith("-") and argv[0] not in (*COMMANDS, "predict"):
             choices = ", ".join(f"'{name}'" for name in COMMANDS)
             raise UserError(
@@ -191,6 +214,8 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=SaveRunConfig,
             parser_class=OneLineErrorParser,
             save_config_kwargs={"overwrite": True},
+            teacher=teacher,
+            command_line=command_line,
         )
     except UserError as error:
         print(f"lit-ddpm: error: {spelled(str(error))}", file=sys.stderr)

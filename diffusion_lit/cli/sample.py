@@ -66,7 +66,7 @@ def main(args: list[str]) -> None:
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(options.ckpt_path, device, [options.allow_class] if options.allow_class else [])
     settings.check(module.schedule.timesteps, prefix="--", conditional=module.num_classes is not None)
-    settings = settings.resolve(module.hparams.prediction, module.schedule.timesteps)
+    settings = settings.resolve(module.hparams.prediction, module.schedule.timesteps, module.consistency_model)
     labels, per_row = class_labels(module, options.label, options.num_samples)
     num_samples = options.num_samples if labels is None else len(labels)
     if options.compile:  # the forward only: the progress hook around it stays eager

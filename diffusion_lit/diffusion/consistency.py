@@ -130,15 +130,3 @@ class ConsistencyLoss:
         gap = grid[t] - torch.where(r < 0, torch.zeros_like(grid[t]), grid[r.clamp(min=0)])
         loss = (pseudo_huber(online, target, self.huber_c) / gap.float()).mean()
         return {"consistency": loss, "loss": loss}
-
-
-@torch.no_grad()
-def consistency_sampler(network, schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, generator=None) -> Tensor:
-    """Multistep consistency sampling (Song et al. 2023, algorithm 1) from x = x_T ~ N(0, I) at timesteps[0]:
-    x0 = f(x, timesteps[0]); then for each later t, noise x0 back to x_t and map it again; returns x0."""
-    x0 = consistency(network, schedule, x, timesteps[:1].expand(len(x)))
-    for t in timesteps[1:]:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        t = t.expand(len(x))
-        x0 = consistency(network, schedule, schedule.q_sample(x0, t, noise), t)
-    return x0

@@ -149,9 +149,11 @@ class DiffusionLoss:
         noise: Tensor | None = None,
         t: Tensor | None = None,
         labels: Tensor | None = None,
+        step: int = 0,
     ) -> dict[str, Tensor]:
         """All terms for clean images x0 (B, C, H, W) and class labels (B,) if any; the noise and the timesteps
-        (B,) are drawn (in that order) where not given."""
+        (B,) are drawn (in that order) where not given. `step` (the training step) is for losses that change
+        over training (ConsistencyLoss); this one does not."""
         if noise is None:
             noise = torch.randn_like(x0)
             noise = assign_noise(x0, noise) if self.immiscible else noise

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from diffusion_lit.diffusion.consistency import consistency
 from diffusion_lit.diffusion.sampling import Sampling, Spacing, Threshold, Variance
 from diffusion_lit.diffusion.schedule import NoiseSchedule, posterior
 from diffusion_lit.errors import UserError
@@ -226,6 +227,26 @@ def unipc(
     return x
 
 
+def consistency_multistep(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    timesteps: Tensor,
+    threshold: Threshold = "clip",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, algorithm 1) from x = x_T ~ N(0, I) at timesteps[0]:
+    x0 = f(x, timesteps[0]) (`consistency.consistency`); then for each later t, x0 is noised back to x_t with
+    fresh noise and mapped again. One network evaluation per step; for a model distilled by `lit-ddpm distill`,
+    and, as a one-step denoiser at each step, for any diffusion model."""
+    x0 = threshold_x0(consistency(model, schedule, x, timesteps[:1].expand(len(x))), threshold)
+    for t in timesteps[1:].tolist():
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        t = torch.full((len(x),), t, device=x.device)
+        x0 = threshold_x0(consistency(model, schedule, schedule.q_sample(x0, t, noise), t), threshold)
+    return x0
+
+
 @torch.inference_mode()
 def reverse_process(
     model: Denoiser,
@@ -234,10 +255,12 @@ def reverse_process(
     settings: Sampling = Sampling(),
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    consistency_model: bool = False,
 ) -> Tensor:
-    """Draw x_T ~ N(0, I) of `shape` and run the sampler `settings` name (guidance is the denoiser's business)."""
+    """Draw x_T ~ N(0, I) of `shape` and run the sampler `settings` name (guidance is the denoiser's business);
+    "auto" picks the consistency sampler for a `consistency_model`."""
     settings.check(schedule.timesteps)
-    settings = settings.resolve(schedule.prediction, schedule.timesteps)
+    settings = settings.resolve(schedule.prediction, schedule.timesteps, consistency_model)
     timesteps = timestep_spacing(schedule.timesteps, settings.steps, settings.spacing)
     x = torch.randn(shape, generator=generator, device=device)
     name, threshold = settings.sampler, settings.threshold
@@ -247,4 +270,6 @@ def reverse_process(
         return ddim(model, schedule, x, timesteps, settings.eta, threshold, generator)
     if name == "unipc":
         return unipc(model, schedule, x, timesteps, threshold)
+    if name == "consistency":
+        return consistency_multistep(model, schedule, x, timesteps, threshold, generator)
     return dpmpp_2m(model, schedule, x, timesteps, threshold, generator, sde=name == "dpmpp_sde")

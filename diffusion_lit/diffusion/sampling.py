@@ -7,7 +7,7 @@ from typing import Literal, get_args
 
 from diffusion_lit.errors import UserError
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc", "consistency"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 Variance = Literal["small", "large"]
 Spacing = Literal["uniform", "trailing", "quadratic"]
@@ -16,6 +16,7 @@ Threshold = Literal["clip", "dynamic", "none"]
 # FID at 50 NFE or fewer, for a young and a 4x longer trained model alike (docs/sampling.md "Which sampler": the table).
 # x0 prediction was not measured; it gets the stochastic solver, the safe choice for a noisy x0.
 AUTO = {"eps": ("dpmpp_sde", 50), "v": ("unipc", 20), "x0": ("dpmpp_sde", 50)}
+AUTO_CONSISTENCY = ("consistency", 2)  # a model distilled by `lit-ddpm distill`, whatever its prediction target
 STEPS = 50  # a named sampler without a step count
 
 
@@ -25,10 +26,12 @@ class Sampling:
 
     Args:
         sampler: "auto" (the measured best for the model: DPM-Solver++(2M) SDE, 50 steps, for noise (eps)
-            prediction; UniPC, 20 steps, for v prediction), "ddpm" (ancestral), "ddim", "dpmpp"
-            (DPM-Solver++(2M)), "dpmpp_sde" (DPM-Solver++(2M) SDE) or "unipc" (UniPC-2, B(h) = e^h - 1).
-        steps: network evaluations (NFE); None: the auto sampler's, or 50 for a named one; never more than
-            the model's T (the original DDPM: sampler ddpm, steps 1000).
+            prediction; UniPC, 20 steps, for v prediction; the consistency sampler, 2 steps, for a model
+            distilled by `lit-ddpm distill`), "ddpm" (ancestral), "ddim", "dpmpp" (DPM-Solver++(2M)),
+            "dpmpp_sde" (DPM-Solver++(2M) SDE), "unipc" (UniPC-2, B(h) = e^h - 1) or "consistency" (multistep
+            consistency sampling, Song et al. 2023).
+        steps: network evaluations (NFE); None: the auto sampler's, or 50 for a named one (2 for consistency);
+            never more than the model's T (the original DDPM: sampler ddpm, steps 1000).
         eta: DDIM's eta (0: deterministic; 1: ancestral DDPM); other samplers take none.
         spacing: which timesteps the steps visit: "trailing" (starts at t = T - 1), "uniform" or "quadratic".
         variance: DDPM's reverse variance, "small" (the posterior's beta~) or "large" (beta).
@@ -45,10 +48,13 @@ class Sampling:
     threshold: Threshold = "clip"
     guidance: float = 1.0
 
-    def resolve(self, prediction: str, timesteps: int) -> "Sampling":
+    def resolve(self, prediction: str, timesteps: int, consistency_model: bool = False) -> "Sampling":
         """These settings with "auto" and a missing step count made concrete for a model's prediction target
-        and T (an explicit step count is kept: `check` refuses one above T)."""
-        sampler, steps = AUTO[prediction] if self.sampler == "auto" else (self.sampler, STEPS)
+        and T, or for a consistency model (an explicit step count is kept: `check` refuses one above T)."""
+        if self.sampler == "auto":
+            sampler, steps = AUTO_CONSISTENCY if consistency_model else AUTO[prediction]
+        else:
+            sampler, steps = self.sampler, AUTO_CONSISTENCY[1] if self.sampler == "consistency" else STEPS
         if self.sampler == "auto" or self.steps is None:
             return replace(self, sampler=sampler, steps=self.steps or min(steps, timesteps))
         return self

@@ -1,0 +1,36 @@
+"""InitFromTeacher: a student starts from its teacher's weights (`lit-ddpm distill`)."""
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from diffusion_lit.checkpoints import check_weights_fit, upgraded
+
+
+class InitFromTeacher(Callback):
+    """Before fitting, load a teacher checkpoint's EMA weights into the model, so that the student (and its EMA,
+    which copies the weights next) starts where the teacher is (Geng et al. 2024). A resumed run then restores
+    its own state over them. Every checkpoint of the run names the teacher.
+
+    Args:
+        teacher: the teacher's checkpoint (`lit-ddpm fit` writes them).
+    """
+
+    def __init__(self, teacher: str) -> None:
+        self.teacher = teacher
+
+    def state_dict(self) -> dict:
+        """What the student was distilled from."""
+        return {"teacher": self.teacher}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed student keeps naming its first teacher."""
+        self.teacher = state_dict.get("teacher", self.teacher)
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """The teacher's EMA weights into the model (safely: weights only; one line for another architecture)."""
+        if stage != "fit":
+            return
+        weights = torch.load(upgraded(self.teacher), map_location="cpu", weights_only=True)["state_dict"]
+        check_weights_fit(pl_module.state_dict(), weights)
+        pl_module.load_state_dict(weights)

@@ -1,0 +1,84 @@
+"""`lit-ddpm distill`: a student of a trained checkpoint, trained with the consistency loss from the teacher's
+weights, is an ordinary checkpoint that `sample` and `test` use with the consistency sampler by themselves."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import ONE_STEP, ROOT, TINY, StandInExtractor, one_line_error
+from diffusion_lit.callbacks import InitFromTeacher
+from diffusion_lit.cli import main
+from diffusion_lit.module import load_checkpoint
+
+DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, *ONE_STEP, "--trainer.logger", "false"]
+
+
+def distill(teacher: Path, *extra: str) -> Path:
+    main(["distill", *DEMO, "--teacher", str(teacher), "--trainer.max_steps", "3",
+          "--model.loss.init_args.steps_per_stage", "1", *extra])  # fmt: skip
+    return Path("checkpoints/demo_distill/last.ckpt")
+
+
+def test_a_student_is_a_checkpoint_that_says_what_it_is_and_samples_with_the_consistency_sampler(demo_checkpoint):
+    student = distill(demo_checkpoint)
+    checkpoint = torch.load(student, weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["hyper_parameters"]["loss"]["class_path"].endswith("consistency.ConsistencyLoss")
+    assert checkpoint["hyper_parameters"]["loss"]["init_args"]["steps_per_stage"] == 1
+    assert checkpoint["callbacks"]["InitFromTeacher"]["teacher"] == str(demo_checkpoint)
+    teacher = torch.load(demo_checkpoint, weights_only=True)["hyper_parameters"]
+    assert checkpoint["hyper_parameters"]["unet"] == teacher["unet"]  # the teacher's network, whatever the config
+    main(["sample", "--ckpt_path", str(student), "--num_samples", "4", "--output", "auto"])
+    images = np.load("auto/samples.npz")["arr_0"]
+    assert images.shape == (4, 28, 28, 1) and images.std() > 0
+    assert load_checkpoint(str(student)).consistency_model
+    main(["sample", "--ckpt_path", str(student), "--num_samples", "4", "--steps", "1", "--output", "one"])
+    assert not np.array_equal(np.load("one/samples.npz")["arr_0"], images)  # --steps overrides the 2 of auto
+
+
+def test_test_scores_a_student_with_the_consistency_sampler(demo_checkpoint, monkeypatch, tmp_path):
+    student = distill(demo_checkpoint)
+    monkeypatch.setattr("diffusion_lit.callbacks.quality.load_inception", lambda *args, **kwargs: StandInExtractor())
+    main(["test", "--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, "--ckpt_path", str(student),
+          "--evaluation.num_samples", "4", "--evaluation.reference", "test",
+          "--evaluation.cache_dir", "cache"])  # fmt: skip
+    (report,) = student.parent.glob("last-fid-*.json")
+    assert json.loads(report.read_text())["sampling"]["sampler"] == "consistency" and "consistency2" in report.name
+
+
+def test_the_student_starts_as_the_teacher(demo_checkpoint, tmp_path):
+    from lightning.pytorch import Trainer
+
+    student = load_checkpoint(str(demo_checkpoint))
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(1.0)  # anything but the teacher
+    callback = InitFromTeacher(str(demo_checkpoint))
+    callback.setup(Trainer(logger=False), student, "fit")
+    teacher = torch.load(demo_checkpoint, weights_only=True)["state_dict"]
+    assert all(torch.equal(value, teacher[name]) for name, value in student.state_dict().items())
+
+
+def test_a_conditional_teacher_makes_a_conditional_student(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cond = ["--config", f"{ROOT}/configs/mnist.yaml", "--config", f"{ROOT}/configs/cond.yaml", "--config", TINY,
+            *ONE_STEP, "--trainer.logger", "false", "--data.init_args.data_dir", str(mnist_dir),
+            "--config", f"{ROOT}/configs/ablation/mse_only.yaml"]  # fmt: skip
+    main(["fit", *cond])
+    main(["distill", *cond, "--teacher", "checkpoints/mnist_cond/last.ckpt", "--trainer.max_steps", "2"])
+    student = "checkpoints/mnist_cond_distill/last.ckpt"
+    assert load_checkpoint(student).num_classes == 10
+    main(["sample", "--ckpt_path", student, "--num_samples", "4", "--class", "3", "--guidance", "2", "--output", "c"])
+    assert np.load("c/samples.npz")["labels"].tolist() == [3, 3, 3, 3]
+
+
+def test_distill_without_a_teacher_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "distill needs a teacher" in one_line_error(capsys, "distill", *DEMO)
+
+
+def test_help_lists_distill(capsys):
+    main(["--help"])
+    assert any(line.strip().startswith("distill ") for line in capsys.readouterr().out.splitlines())
