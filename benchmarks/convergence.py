@@ -89,14 +89,16 @@ class TimedCheckpoints(Callback):
 
 
 def train(
-    folder: Path, variant: list[str], seed: int, budgets: list[float], steps: list[int], data: list[str], threads: int
-) -> list[dict]:
-    """One run of the demo recipe with `variant`'s flags on `threads` CPU threads; returns its checkpoint log."""
+    folder: Path, variant: list[str], seed: int, budgets: list[float], steps: list[int], data: list[str], threads: int,
+    command: str = "fit",
+) -> list[dict]:  # fmt: skip
+    """One run of the demo recipe (`lit-ddpm COMMAND`: fit, or distill with --teacher among the flags) with
+    `variant`'s flags on `threads` CPU threads; returns its checkpoint log."""
     folder.mkdir(parents=True, exist_ok=True)
     callback = {"class_path": "benchmarks.convergence.TimedCheckpoints",
                 "init_args": {"dirpath": str(folder), "budgets": budgets, "steps": steps}}  # fmt: skip
     command = [
-        sys.executable, "-m", "diffusion_lit.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), *data,
+        sys.executable, "-m", "diffusion_lit.cli", command, "--config", str(ROOT / "configs" / "demo.yaml"), *data,
         "--seed_everything", str(seed), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",

@@ -15,6 +15,7 @@ from diffusion_lit.diffusion.consistency import (
     pseudo_huber,
     scalings,
     sigmas,
+    teacher_step,
 )
 from diffusion_lit.diffusion.samplers import consistency_multistep, dpmpp_2m
 
@@ -98,7 +99,7 @@ def exact_consistency_network(schedule: NoiseSchedule):
 
     def network(x_t, t):
         c_skip, c_out = scalings(schedule, t, x_t)
-        return (exact_endpoint(schedule, x_t, t) - c_skip * x_t) / c_out
+        return (exact_endpoint(schedule, x_t, t) - c_skip * x_t) / torch.where(c_out > 0, c_out, 1)  # t = 0: any
 
     return network
 
@@ -157,9 +158,72 @@ def test_at_stage_zero_the_loss_is_the_distance_to_the_clean_image_and_both_pass
 
     x0 = torch.rand(8, 1, 4, 4) * 2 - 1
     noise, t = torch.randn_like(x0), torch.randint(1, 1000, (8,))
-    terms = ConsistencyLoss(huber_c=0.01)(network, schedule, x0, noise, t, step=0)
+    terms = ConsistencyLoss(target="data", huber_c=0.01)(network, schedule, x0, noise, t, step=0)
     online = consistency(lambda *_: masks[1] * schedule.q_sample(x0, t, noise), schedule,
                          schedule.q_sample(x0, t, noise), t)  # fmt: skip
     expected = ((online - x0).pow(2).flatten(1).sum(1) + 1e-4).sqrt() - 0.01
     torch.testing.assert_close(terms["loss"], (expected / sigmas(schedule)[t].float()).mean(), rtol=1e-5, atol=0)
     assert len(masks) == 2 and torch.equal(masks[0], masks[1]) and 0 < masks[0].mean() < 2
+
+
+def shifted_gaussian_eps(schedule: NoiseSchedule):
+    """The exact eps of data N(MEAN, STD^2), for an eps-predicting schedule."""
+    centred = gaussian_denoiser(schedule, STD)
+    return lambda x_t, t: centred(x_t - schedule.sqrt_alpha_bar[t].view(-1, 1) * MEAN, t)
+
+
+def test_the_teachers_step_follows_the_exact_ode_to_second_order_in_the_gap():
+    # One DDIM step of the exact denoiser lands on the exact flow (closed form) up to O(gap^2): 2e-6 over one
+    # grid step, 100x more over a 10x larger step, and far off over half the way down.
+    schedule = NoiseSchedule(prediction="eps")
+    x_t = torch.randn(500, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = torch.full((500,), 600)
+    errors = []
+    for r in (599, 590, 300):
+        exact = exact_endpoint(schedule, x_t, t, sigma_end=sigmas(schedule)[r].item()) * schedule.sqrt_alpha_bar[r]
+        step = teacher_step(shifted_gaussian_eps(schedule), schedule, x_t, t, torch.full((500,), r))
+        errors.append((step - exact).abs().max().item())
+    assert errors[0] < 1e-5 and 30 < errors[1] / errors[0] < 300 and errors[2] > 1e-2
+
+
+def test_with_the_teacher_target_the_exact_consistency_function_has_almost_no_loss_and_a_wrong_one_has_some():
+    # Gaussian data, the exact denoiser as the teacher: the exact consistency function's loss is only the
+    # teacher step's error, small once the gap is small (stage 9: 1/512 of sigma_t); a network that drifts along
+    # the trajectory by 0.01% per timestep has a loss 30x larger (87x today).
+    schedule = NoiseSchedule(prediction="x0")
+    eps = shifted_gaussian_eps(schedule)
+    a, s = schedule.sqrt_alpha_bar, schedule.sqrt_one_minus_alpha_bar
+    generator = torch.Generator().manual_seed(4)
+    x0 = torch.randn(4000, 1, dtype=torch.float64, generator=generator) * STD + MEAN
+    noise = torch.randn(4000, 1, dtype=torch.float64, generator=generator)
+    t = torch.randint(1, 1000, (4000,), generator=generator)
+    loss = ConsistencyLoss(steps_per_stage=1, huber_c=1e-6)
+    loss.teacher = torch.nn.Module()  # besides calling it, the loss asks only .to() of it
+    loss.teacher.forward = lambda x_t, t: (x_t - s[t].view(-1, 1) * eps(x_t, t)) / a[t].view(-1, 1)
+    exact = exact_consistency_network(schedule)
+
+    def wrong(x_t, t):  # not constant along a trajectory: 10% more at t = 999 than at t = 0
+        return exact(x_t, t) * (1 + t.view(-1, 1) / 10_000)
+
+    right = loss(exact, schedule, x0, noise, t, step=8)["loss"].item()
+    assert right < 1e-3 and loss(wrong, schedule, x0, noise, t, step=8)["loss"].item() > 30 * right
+
+
+def test_the_teacher_target_pairs_half_the_way_down_at_the_first_stage_and_needs_a_teacher():
+    schedule = NoiseSchedule(prediction="eps")
+    calls = []
+
+    def network(x_t, t):
+        calls.append(t.clone())
+        return torch.zeros_like(x_t)
+
+    loss = ConsistencyLoss(steps_per_stage=10)
+    x0, t = torch.zeros(6, 1, 2, 2), torch.tensor([100, 300, 500, 700, 900, 999])
+    with pytest.raises(Exception, match="needs its teacher"):
+        loss(network, schedule, x0, torch.randn_like(x0), t, step=0)
+    loss.teacher = torch.nn.Module()
+    loss.teacher.forward = network
+    loss(network, schedule, x0, torch.randn_like(x0), t, step=15)  # stage 1: r at sigma_t (1 - 1/4)
+    teacher_t, target_r, online_t = calls
+    assert torch.equal(teacher_t, t) and torch.equal(online_t, t)
+    assert torch.equal(target_r, paired_timesteps(schedule, t, 2).clamp(min=0))

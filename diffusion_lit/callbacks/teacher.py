@@ -1,5 +1,7 @@
 """InitFromTeacher: a student starts from its teacher's weights (`lit-ddpm distill`)."""
 
+import copy
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -9,8 +11,9 @@ from diffusion_lit.checkpoints import check_weights_fit, upgraded
 
 class InitFromTeacher(Callback):
     """Before fitting, load a teacher checkpoint's EMA weights into the model, so that the student (and its EMA,
-    which copies the weights next) starts where the teacher is (Geng et al. 2024). A resumed run then restores
-    its own state over them. Every checkpoint of the run names the teacher.
+    which copies the weights next) starts where the teacher is (Geng et al. 2024), and give a loss that asks for
+    one (`ConsistencyLoss(target="teacher")`) a frozen copy of that network. A resumed run then restores its
+    own state over the student's weights, not the copy's. Every checkpoint of the run names the teacher.
 
     Args:
         teacher: the teacher's checkpoint (`lit-ddpm fit` writes them).
@@ -34,3 +37,5 @@ class InitFromTeacher(Callback):
         weights = torch.load(upgraded(self.teacher), map_location="cpu", weights_only=True)["state_dict"]
         check_weights_fit(pl_module.state_dict(), weights)
         pl_module.load_state_dict(weights)
+        if hasattr(pl_module.criterion, "teacher"):
+            pl_module.criterion.teacher = copy.deepcopy(pl_module.unet).eval().requires_grad_(False)

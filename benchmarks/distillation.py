@@ -1,0 +1,119 @@
+"""Few-step generation: students of `lit-ddpm distill` against their teacher's own fast solvers, per compute.
+
+    python -m benchmarks.distillation --teacher-steps 2520 --seeds 0 1 \
+        --json benchmarks/results/distillation-digits.json --picture docs/distillation.png
+
+Trains a teacher of the demo recipe (timed from its first step, as the convergence benchmark does) to each of
+--teacher-steps, then distills each teacher (`lit-ddpm distill`, --seeds seeds) for the largest of
+--fractions of the teacher's training time, keeping the student at each fraction, once per ConsistencyLoss
+--targets (the teacher's ODE step, ECT's data pairs). Every teacher is scored with
+its auto sampler and with DDIM, DPM-Solver++ and UniPC at 1, 2, 4 and 10 NFE (and the consistency sampler on
+the teacher itself: its one-step denoiser at each step), every student with the consistency sampler at 1, 2
+and 4 steps; the score is classifier FID (benchmarks/common.py) of --num-samples images against held-out
+images. --dataset photos runs the same on the RGB photo patches.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from benchmarks.convergence import quality_measure, train
+from diffusion_lit.diffusion import Sampling
+from diffusion_lit.generation import generate_all
+from diffusion_lit.module import load_checkpoint
+
+SOLVERS = [Sampling(name, nfe) for name in ("ddim", "dpmpp", "unipc") for nfe in (1, 2, 4, 10)]
+SOLVERS += [Sampling("consistency", nfe) for nfe in (1, 2, 4)]
+STUDENT = [Sampling("consistency", steps) for steps in (1, 2, 4)]
+
+
+def score(checkpoint: Path, rows: list[Sampling], fid, num_samples: int) -> list[dict]:
+    """Classifier FID of each sampling of one checkpoint (seed 0 of the noise, as `lit-ddpm sample`)."""
+    module = load_checkpoint(str(checkpoint))
+    results = []
+    for settings in rows:
+        settings = settings.resolve(module.hparams.prediction, module.hparams.timesteps, module.consistency_model)
+        images, _ = generate_all(module, num_samples, settings=settings, batch_size=num_samples)
+        results.append({"sampling": settings.name, "nfe": settings.steps, "classifier_fid": fid(images)})
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the teachers, distill them, score everything, print the table; optionally JSON and a picture."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["digits", "photos"], default="digits")
+    parser.add_argument("--teacher-steps", type=int, nargs="+", default=[2520])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--workdir", default="distillation_runs")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=["teacher", "data"],
+        choices=["teacher", "data"],
+        help="ConsistencyLoss targets: the teacher's ODE step (distillation) or ECT's data pairs",
+    )
+    parser.add_argument("--distill-args", default="", help="extra flags for lit-ddpm distill, e.g. the loss's")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--picture", help="a PNG: the same noise, teacher's auto sampler and the students")
+    args = parser.parse_args(argv)
+    workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
+    data, fid, floor = quality_measure(args.dataset, workdir, args.num_samples)
+
+    log = train(workdir / "teacher", [], 0, [], args.teacher_steps, data, threads)
+    rows = []
+    for entry in log:
+        teacher = workdir / "teacher" / f"{entry['checkpoint']}.ckpt"
+        label = f"teacher {entry['step']}"
+        rows += [{"model": label, "seed": None, **row} for row in score(teacher, [Sampling(), *SOLVERS], fid,
+                                                                         args.num_samples)]  # fmt: skip
+        budgets = [fraction * entry["seconds"] / 60 for fraction in args.fractions]
+        for target, seed in [(target, seed) for target in args.targets for seed in args.seeds]:
+            folder = workdir / f"student-{entry['step']}-{target}-seed{seed}"
+            variant = ["--teacher", str(teacher), "--model.loss.target", target, *args.distill_args.split()]
+            for student in train(folder, variant, seed, budgets, [], data, threads, command="distill"):
+                minutes = float(student["checkpoint"].split("=")[1])  # written with 6 digits
+                fraction = min(args.fractions, key=lambda f: abs(f * entry["seconds"] / 60 - minutes))
+                for row in score(folder / f"{student['checkpoint']}.ckpt", STUDENT, fid, args.num_samples):
+                    rows.append({"model": f"student ({target}) of {entry['step']}, {fraction:.0%} of its time",
+                                 "seed": seed, "target": target, "steps": student["step"], **row})  # fmt: skip
+        print_table(rows, floor, args.num_samples)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "floor": floor, "rows": rows}, indent=2))
+    if args.picture:
+        save_picture(workdir, log, args, args.picture)
+
+
+def print_table(rows: list[dict], floor: float, num_samples: int) -> None:
+    """model | sampling | classifier FID (mean over seeds, and the spread)."""
+    print(f"\n| model | sampling | NFE | classifier FID ({num_samples} samples) |")
+    print("| --- | --- | ---: | ---: |")
+    for model, sampling in dict.fromkeys((row["model"], row["sampling"]) for row in rows):
+        scores = [row["classifier_fid"] for row in rows if row["model"] == model and row["sampling"] == sampling]
+        nfe = next(row["nfe"] for row in rows if row["model"] == model and row["sampling"] == sampling)
+        spread = f" ± {(max(scores) - min(scores)) / 2:.1f}" if len(scores) > 1 else ""
+        print(f"| {model} | {sampling} | {nfe} | {sum(scores) / len(scores):.1f}{spread} |")
+    print(f"| real training images (the floor) | | | {floor:.1f} |", flush=True)
+
+
+def save_picture(workdir: Path, log: list[dict], args, path: str) -> None:
+    """One row per model: the teacher's auto sampler, then the seed-0 student at its largest budget at 1, 2, 4
+    steps; the same 8 noises in every row."""
+    rows = []
+    for entry in log:
+        teacher = load_checkpoint(str(workdir / "teacher" / f"{entry['checkpoint']}.ckpt"))
+        rows.append(generate_all(teacher, 8, batch_size=8)[0])
+        folder = workdir / f"student-{entry['step']}-{args.targets[0]}-seed{args.seeds[0]}"
+        last = max(folder.glob("minutes=*.ckpt"), key=lambda p: float(p.stem.split("=")[1]))
+        student = load_checkpoint(str(last))
+        rows += [generate_all(student, 8, settings=settings, batch_size=8)[0] for settings in STUDENT]
+    save_image(make_grid(torch.cat(rows).float() / 255, nrow=8, padding=2, pad_value=1), path)
+
+
+if __name__ == "__main__":
+    main()
