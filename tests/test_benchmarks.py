@@ -121,3 +121,22 @@ def test_ablation_runs_end_to_end(tmp_path, capsys):
         ("mse + feature matching", 0, 140),
     ]
     assert rows[0]["sampling"] == "unipc20" and "| mse | 140 | unipc20 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a benchmark end to end
+def test_distillation_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    from benchmarks import distillation
+
+    argv = ["--teacher-steps", "4", "--fractions", "0.5", "--seeds", "0", "--num-samples", "8",
+            "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "d.json"),
+            "--picture", str(tmp_path / "d.png")]  # fmt: skip
+    distillation.main(argv)
+    report = json.loads((tmp_path / "d.json").read_text())
+    models = {row["model"] for row in report["rows"]}
+    assert models == {"teacher 4", "student (teacher) of 4, 50% of its time", "student (data) of 4, 50% of its time"}
+    teacher_rows = [row["sampling"] for row in report["rows"] if row["model"] == "teacher 4"]
+    assert len(teacher_rows) == 1 + 12 + 3 and "unipc4" in teacher_rows
+    assert all(row["classifier_fid"] > 0 for row in report["rows"])
+    assert "| student (teacher) of 4, 50% of its time | consistency2 | 2 |" in capsys.readouterr().out
+    assert (tmp_path / "d.png").stat().st_size > 0
