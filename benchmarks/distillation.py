@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         budgets = [fraction * entry["seconds"] / 60 for fraction in args.fractions]
         for target, seed in [(target, seed) for target in args.targets for seed in args.seeds]:
             folder = workdir / f"student-{entry['step']}-{target}-seed{seed}"
-            variant = ["--teacher", str(teacher), "--model.loss.target", target, *args.distill_args.split()]
+            # --distill.steps null: the budgets decide the length
+            variant = ["--teacher", str(teacher), "--model.loss.target", target, "--distill.steps", "null",
+                       *args.distill_args.split()]  # fmt: skip
             for student in train(folder, variant, seed, budgets, [], data, threads, command="distill"):
                 minutes = float(student["checkpoint"].split("=")[1])  # written with 6 digits
                 fraction = min(args.fractions, key=lambda f: abs(f * entry["seconds"] / 60 - minutes))

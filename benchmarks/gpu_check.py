@@ -8,7 +8,8 @@ CIFAR-10 UNet (40.7 M parameters at base 64) with lit-ddpm's loss and fused Adam
 images, then reports images/s, peak memory, achieved TFLOP/s (FLOPs of one step counted with
 torch.utils.flop_counter) and model-FLOPs utilisation against the card's dense peak, and whether any
 loss was non-finite. Then the per-step cost of the training options (Min-SNR-5 weighting, immiscible
-noise), and sampling speed with the default sampler and DPM-Solver++ 20 under torch.inference_mode.
+noise) and of a distillation step (`lit-ddpm distill`), and sampling speed with the default sampler
+and DPM-Solver++ 20 under torch.inference_mode.
 Last, `lit-ddpm fit --config configs/cifar10.yaml` itself (Lightning loop, callbacks, perceptual and
 feature-matching terms with random VGG19 weights, synthetic CIFAR-10 files) in the config's 16-mixed and
 in bf16-mixed with `on_device` data: that it runs, and its steps/s.
@@ -26,6 +27,7 @@ from benchmarks.common import LOSS, ROOT, autocast, synchronize, synthetic_cifar
 from benchmarks.loss_terms import COMBINATIONS, time_terms
 from benchmarks.pipeline import fit_rate
 from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process
+from diffusion_lit.diffusion.consistency import ConsistencyLoss
 from diffusion_lit.nn import UNet
 
 # Dense tensor-core peaks in TFLOP/s (bf16 / tf32), from NVIDIA's data sheets (SXM parts).
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| training option (bf16, eager) | ms / step | vs plain |")
     print("| --- | ---: | ---: |")
     options = {name: COMBINATIONS[name] for name in OPTIONS}
+    options["lit-ddpm distill's step (ConsistencyLoss, the teacher's DDIM step)"] = ConsistencyLoss()
     results["options"] = time_terms(device, options, args.base, args.batch, "bf16", args.steps)
     for row in results["options"]:
         print(f"| {row['terms']} | {row['ms_per_step']:.1f} | {row['ratio']:.2f}x |", flush=True)

@@ -10,6 +10,7 @@ JSON with --json.
 """
 
 import argparse
+import copy
 import itertools
 import json
 import statistics
@@ -37,8 +38,8 @@ def time_terms(
     device: torch.device, combinations: dict[str, dict], base_channels: int = 32, batch_size: int = 16,
     precision: str = "fp32", repeats: int = 5, image: tuple[int, int, int] = (3, 32, 32),
 ) -> list[dict]:  # fmt: skip
-    """ms per training step (the median of `repeats`, round-robin after a warm-up) of each loss combination, and
-    its ratio to the first."""
+    """ms per training step (the median of `repeats`, round-robin after a warm-up) of each loss combination
+    (DiffusionLoss settings, or a ready loss such as ConsistencyLoss), and its ratio to the first."""
     from torchvision.models.vgg import cfgs, make_layers
 
     torch.manual_seed(0)
@@ -46,9 +47,13 @@ def time_terms(
     optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4, fused=True)
     schedule = NoiseSchedule().to(device)
     vgg = make_layers(cfgs["E"][:4])[: vgg19_cut("conv_4")].to(device).eval().requires_grad_(False)
-    losses = {name: DiffusionLoss(**settings) for name, settings in combinations.items()}
+    losses = {name: settings if callable(settings) else DiffusionLoss(**settings)
+              for name, settings in combinations.items()}  # fmt: skip
     for loss in losses.values():
-        loss.perceptual.features = vgg  # random weights: the cost does not depend on them
+        if isinstance(loss, DiffusionLoss):
+            loss.perceptual.features = vgg  # random weights: the cost does not depend on them
+        if getattr(loss, "teacher", False) is None:  # a distillation loss: its frozen teacher, as distill gives it
+            loss.teacher = copy.deepcopy(unet).eval().requires_grad_(False)
     x0 = torch.rand(batch_size, *image, device=device) * 2 - 1
 
     def step(loss: DiffusionLoss) -> float:

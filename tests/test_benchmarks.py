@@ -20,7 +20,12 @@ def test_gpu_check_runs_with_tiny_settings(capsys, device):
     assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in results["train"])
     # the auto samplers of eps and v models and DPM-Solver++ 20, each in fp32 and bf16
     assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 6
-    assert [r["terms"] for r in results["options"]] == ["mse", "mse, Min-SNR-5 weighting", "mse, immiscible noise"]
+    assert [r["terms"] for r in results["options"]] == [
+        "mse",
+        "mse, Min-SNR-5 weighting",
+        "mse, immiscible noise",
+        "lit-ddpm distill's step (ConsistencyLoss, the teacher's DDIM step)",
+    ]
     assert [(r["precision"], r["on_device"]) for r in results["fit"]] == [("bf16-mixed", True)]
     assert results["fit"][0]["images_per_s"] > 0  # lit-ddpm fit with configs/cifar10.yaml ran
     assert "| precision | compiled |" in capsys.readouterr().out

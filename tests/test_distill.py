@@ -10,21 +10,23 @@ import torch
 from conftest import ONE_STEP, ROOT, TINY, StandInExtractor, one_line_error
 from diffusion_lit.callbacks import InitFromTeacher
 from diffusion_lit.cli import main
+from diffusion_lit.diffusion.consistency import ConsistencyLoss
 from diffusion_lit.module import load_checkpoint
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, *ONE_STEP, "--trainer.logger", "false"]
 
 
 def distill(teacher: Path, *extra: str) -> Path:
-    main(["distill", *DEMO, "--teacher", str(teacher), "--trainer.max_steps", "3",
-          "--model.loss.init_args.steps_per_stage", "1", *extra])  # fmt: skip
+    main(["distill", *DEMO, "--teacher", str(teacher), "--distill.steps", "3",  # over ONE_STEP's max_steps 1
+          "--distill.lr", "3e-4", "--model.loss.init_args.steps_per_stage", "1", *extra])  # fmt: skip
     return Path("checkpoints/demo_distill/last.ckpt")
 
 
 def test_a_student_is_a_checkpoint_that_says_what_it_is_and_samples_with_the_consistency_sampler(demo_checkpoint):
     student = distill(demo_checkpoint)
     checkpoint = torch.load(student, weights_only=True)
-    assert checkpoint["global_step"] == 3
+    assert checkpoint["global_step"] == 3  # --distill.steps, not the trainer's max_steps
+    assert checkpoint["hyper_parameters"]["optimizer"]["init_args"]["lr"] == 3e-4  # --distill.lr, not the config's
     assert checkpoint["hyper_parameters"]["loss"]["class_path"].endswith("consistency.ConsistencyLoss")
     assert checkpoint["hyper_parameters"]["loss"]["init_args"]["steps_per_stage"] == 1
     assert checkpoint["callbacks"]["InitFromTeacher"]["teacher"] == str(demo_checkpoint)
@@ -48,10 +50,11 @@ def test_test_scores_a_student_with_the_consistency_sampler(demo_checkpoint, mon
     assert json.loads(report.read_text())["sampling"]["sampler"] == "consistency" and "consistency2" in report.name
 
 
-def test_the_student_starts_as_the_teacher(demo_checkpoint, tmp_path):
+def test_the_student_starts_as_the_teacher_and_the_loss_gets_a_frozen_copy_of_it(demo_checkpoint, tmp_path):
     from lightning.pytorch import Trainer
 
     student = load_checkpoint(str(demo_checkpoint))
+    student.criterion = ConsistencyLoss()
     with torch.no_grad():
         for parameter in student.parameters():
             parameter.add_(1.0)  # anything but the teacher
@@ -59,6 +62,12 @@ def test_the_student_starts_as_the_teacher(demo_checkpoint, tmp_path):
     callback.setup(Trainer(logger=False), student, "fit")
     teacher = torch.load(demo_checkpoint, weights_only=True)["state_dict"]
     assert all(torch.equal(value, teacher[name]) for name, value in student.state_dict().items())
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(1.0)  # training (or a resume) moves the student, not the teacher's copy
+    copy = student.criterion.teacher
+    assert not copy.training and not any(parameter.requires_grad for parameter in copy.parameters())
+    assert all(torch.equal(value, teacher[f"unet.{name}"]) for name, value in copy.state_dict().items())
 
 
 def test_a_conditional_teacher_makes_a_conditional_student(mnist_dir, tmp_path, monkeypatch):

@@ -284,7 +284,7 @@ def test_a_distillation_stopped_by_ctrl_c_resumes_exactly(tmp_path):
     printed ends as the one that was never stopped."""
     teacher = tmp_path / "teacher"
     run(teacher, "--trainer.max_steps", "6")
-    student = ["--teacher", str(teacher / "checkpoints" / "demo" / "last.ckpt"), "--trainer.max_steps", "20",
+    student = ["--teacher", str(teacher / "checkpoints" / "demo" / "last.ckpt"), "--distill.steps", "20",
                "--model.loss.init_args.steps_per_stage", "4"]  # fmt: skip
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"]}}

@@ -65,6 +65,15 @@ class DiffusionCLI(LightningCLI):
         """Say the image shape once, in the datamodule; FID/IS settings live under `evaluation`."""
         parser.add_argument("--name", default="run", help="the run's name: checkpoints/{run}/, samples/{run}/, logs")
         parser.add_argument("--variant", default=None, help="an overlay's suffix: the run is then NAME_VARIANT")
+        parser.add_argument(
+            "--distill.steps", type=int | None, default=None,
+            help="lit-ddpm distill only: the student's optimizer steps (the trainer's max_steps, no epoch limit); "
+            "null: the trainer's own length",
+        )  # fmt: skip
+        parser.add_argument(
+            "--distill.lr", type=float | None, default=None,
+            help="lit-ddpm distill only: the optimizer's learning rate for the student; null: the config's",
+        )  # fmt: skip
         parser.add_lightning_class_args(SampleQuality, "evaluation")
         parser.add_lightning_class_args(NonFiniteGuard, "guard")
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
@@ -93,6 +102,13 @@ class DiffusionCLI(LightningCLI):
         if self.teacher:
             unet = self.config.fit.model.unet.class_path
             self.config = distill.apply_teacher(self.config, parser, self.teacher, settings, {unet})
+            chosen, fit = self.config.fit.distill, self.config.fit
+            if chosen.steps is not None:
+                fit.trainer.max_steps, fit.trainer.max_epochs = chosen.steps, -1
+            if chosen.lr is not None:
+                if fit.model.optimizer is None:
+                    raise UserError("--distill.lr needs the optimizer named in the config (model.optimizer)")
+                fit.model.optimizer.init_args.lr = chosen.lr
 
     def before_fit(self) -> None:
         """Tell LastCheckpoint the command that resumes this run, for the line it prints when a signal stops it."""

@@ -13,7 +13,7 @@ t_min = 0). Built on the network's own x0 estimate x0_hat (`NoiseSchedule.to_x0_
     c_skip(t) = sigma_min / s_t,    c_out(t) = 1 - sigma_min / sigma_t.
 
 At t = 0, c_out = 0 and f = x_0 / a_0 = y_0, whatever the network says. Above it f is the diffusion model's
-denoiser x0_hat, moved towards the input by sigma_min / sigma_t (0.2% at sigma = 1 on the cosine schedule), so
+denoiser x0_hat, moved towards the input by sigma_min / sigma_t (1% at sigma = 1; sigma_min = 0.01), so
 a student initialised with the teacher's weights starts as the teacher's one-step denoiser (ECT's starting
 point). For an eps network, x0_hat - y_t = -sigma_t eps_hat, so f = y_t - (sigma_t - sigma_min) eps_hat, the
 c_skip = 1, c_out = -sigma of EDM's eps parameterisation shifted to sigma_min; c_skip is written on x_t, so
