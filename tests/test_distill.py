@@ -59,7 +59,8 @@ def test_the_student_starts_as_the_teacher_and_the_loss_gets_a_frozen_copy_of_it
         for parameter in student.parameters():
             parameter.add_(1.0)  # anything but the teacher
     callback = InitFromTeacher(str(demo_checkpoint))
-    callback.setup(Trainer(logger=False), student, "fit")
+    trainer = Trainer(logger=False)
+    callback.setup(trainer, student, "fit")
     teacher = torch.load(demo_checkpoint, weights_only=True)["state_dict"]
     assert all(torch.equal(value, teacher[name]) for name, value in student.state_dict().items())
     with torch.no_grad():
@@ -68,6 +69,9 @@ def test_the_student_starts_as_the_teacher_and_the_loss_gets_a_frozen_copy_of_it
     copy = student.criterion.teacher
     assert not copy.training and not any(parameter.requires_grad for parameter in copy.parameters())
     assert all(torch.equal(value, teacher[f"unet.{name}"]) for name, value in copy.state_dict().items())
+    student.to("meta")  # where a strategy puts the student, the copy follows once, at the start of fitting
+    callback.on_fit_start(trainer, student)
+    assert student.device.type == "meta" and all(p.device.type == "meta" for p in copy.parameters())
 
 
 def test_a_conditional_teacher_makes_a_conditional_student(mnist_dir, tmp_path, monkeypatch):

@@ -39,3 +39,8 @@ class InitFromTeacher(Callback):
         pl_module.load_state_dict(weights)
         if hasattr(pl_module.criterion, "teacher"):
             pl_module.criterion.teacher = copy.deepcopy(pl_module.unet).eval().requires_grad_(False)
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The teacher's copy to the device the strategy has just put the student on (once, not every step)."""
+        if getattr(pl_module.criterion, "teacher", None) is not None:
+            pl_module.criterion.teacher.to(pl_module.device)

@@ -132,7 +132,7 @@ class ConsistencyLoss:
         self.huber_c = huber_c
         self.p_mean = p_mean
         self.p_std = p_std
-        self.teacher = None  # the frozen teacher network (InitFromTeacher sets it), for target "teacher"
+        self.teacher = None  # the frozen teacher network on the student's device (InitFromTeacher), for "teacher"
 
     def __call__(
         self, network, schedule: NoiseSchedule, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None,
@@ -150,7 +150,7 @@ class ConsistencyLoss:
                 raise UserError("ConsistencyLoss(target='teacher') needs its teacher: run lit-ddpm distill --teacher")
             r = paired_timesteps(schedule, t, stage + 1, self.q).clamp(min=0)
             with torch.no_grad():
-                x_r = teacher_step(self.teacher.to(x0.device), schedule, x_t, t, r, extra).to(x_t.dtype)
+                x_r = teacher_step(self.teacher, schedule, x_t, t, r, extra).to(x_t.dtype)
         else:
             r = paired_timesteps(schedule, t, stage, self.q)
             x_r = schedule.q_sample(x0, r.clamp(min=0), noise)

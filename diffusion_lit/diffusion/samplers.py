@@ -241,9 +241,8 @@ def consistency_multistep(
     and, as a one-step denoiser at each step, for any diffusion model."""
     x0 = threshold_x0(consistency(model, schedule, x, timesteps[:1].expand(len(x))), threshold)
     for t in timesteps[1:].tolist():
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         t = torch.full((len(x),), t, device=x.device)
-        x0 = threshold_x0(consistency(model, schedule, schedule.q_sample(x0, t, noise), t), threshold)
+        x0 = threshold_x0(consistency(model, schedule, schedule.q_sample(x0, t, _noise(x, generator)), t), threshold)
     return x0
 
 
