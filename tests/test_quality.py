@@ -8,11 +8,12 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from conftest import ROOT, TINY, StandInExtractor
+from conftest import ROOT, TINY, StandInExtractor, one_line_error
 from diffusion_lit.callbacks import SampleQuality
 from diffusion_lit.cli import main
 from diffusion_lit.data import DemoMNISTDataModule
 from diffusion_lit.diffusion import Sampling
+from diffusion_lit.errors import UserError
 from diffusion_lit.generation import shard
 from diffusion_lit.module import DiffusionModule
 
@@ -68,6 +69,39 @@ def test_test_writes_scores_json_and_samples_and_reuses_reference(demo_checkpoin
     assert np.array_equal(np.load(stem.with_suffix(".npz"))["arr_0"], images)
 
 
+def test_test_reports_bits_per_dim_without_inception_when_fid_is_off(demo_checkpoint, extractors, tmp_path, capsys):
+    run_test(demo_checkpoint, tmp_path / "cache", "--evaluation.fid", "false", "--evaluation.nll_images", "7",
+             "--evaluation.nll_timesteps", "3")  # fmt: skip
+    assert extractors == []  # no Inception: neither loaded nor asked for
+    report = json.loads(demo_checkpoint.with_name("last-bpd-small-n7-k3-seed0.json").read_text())
+    terms = report["terms"]
+    assert set(terms) == {"prior", "diffusion", "decoder"} and terms["prior"] >= 0 and terms["decoder"] > 0
+    assert report["bits_per_dim"] == pytest.approx(sum(terms.values()), rel=1e-9)
+    assert 1 < report["bits_per_dim"] < 100 and report["standard_error"] > 0
+    assert report["images"] == 7 and report["timesteps"] == 3 and report["pilot_images"] == 4
+    assert report["split"] == "test" and report["checkpoint"] == str(demo_checkpoint.resolve())
+    out = capsys.readouterr().out
+    assert "bits/dim" in out and "Sample quality" not in out
+    # all T = 20 terms: the same kind of number, without an estimate's noise (and no pilot)
+    run_test(demo_checkpoint, tmp_path / "cache", "--evaluation.fid", "false", "--evaluation.nll_images", "7")
+    full = json.loads(demo_checkpoint.with_name("last-bpd-small-n7-all-seed0.json").read_text())
+    assert full["timesteps"] == "all" and full["pilot_images"] == 0
+    assert full["bits_per_dim"] == pytest.approx(report["bits_per_dim"], rel=0.5)
+
+
+def test_without_inception_weights_test_writes_bits_per_dim_then_says_fid_was_skipped(
+    demo_checkpoint, tmp_path, capsys, monkeypatch
+):  # fmt: skip
+    def missing(*args, **kwargs):
+        raise UserError("the Inception weights file was not found: pass SampleQuality.inception_weights")
+
+    monkeypatch.setattr("diffusion_lit.callbacks.quality.load_inception", missing)
+    line = one_line_error(capsys, "test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--evaluation.nll_images",
+                          "4", "--evaluation.nll_timesteps", "2")  # fmt: skip
+    assert "FID and IS skipped: the Inception weights file was not found" in line and "bits/dim were written" in line
+    assert demo_checkpoint.with_name("last-bpd-small-n4-k2-seed0.json").is_file()
+
+
 def test_the_set_of_samples_does_not_depend_on_the_number_of_processes():
     for num_samples, batch_size in [(10, 4), (10_000, 250), (7, 7), (3, 5)]:
         single = shard(num_samples, batch_size, 0, 1)
@@ -87,7 +121,9 @@ def _evaluate(world_size: int, cache: str, out: str) -> None:
     torch.manual_seed(0)
     module = tiny_demo_module()
     # 12 samples in batches of 5: the two processes get uneven shares (5 and 7 images).
-    callback = SampleQuality(12, Sampling(steps=3), batch_size=5, cache_dir=cache, save_samples="npz")
+    callback = SampleQuality(
+        12, Sampling(steps=3), batch_size=5, cache_dir=cache, save_samples="npz", nll_images=11, nll_timesteps=4
+    )  # 4 pilot images on both, then 7 in groups of 1: shares of 3 and 4
     callback.extractor = StandInExtractor()
     trainer = Trainer(
         accelerator="cpu",
@@ -131,6 +167,12 @@ def test_two_processes_give_the_same_fid_as_one(tmp_path, monkeypatch):
     assert np.array_equal(scores[1]["images"], scores[2]["images"])
     assert scores[2]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)
     assert scores[2]["is"] == pytest.approx(scores[1]["is"], rel=1e-6) and scores[1]["is"] > 1.0
+    bounds = {w: json.loads(next((tmp_path / f"world{w}" / "checkpoints").glob("*-bpd-*.json")).read_text())
+              for w in (1, 2)}  # fmt: skip
+    assert bounds[2]["processes"] == 2 and bounds[2]["images"] == 11
+    for key in ("bits_per_dim", "standard_error"):
+        assert bounds[2][key] == bounds[1][key]  # the same per-image numbers, summed in the same order
+    assert bounds[2]["terms"] == bounds[1]["terms"]
     torch.set_num_threads(threads)
 
 

@@ -1,11 +1,15 @@
-"""SampleQuality: FID and Inception Score of a model's samples, for `lit-ddpm test` and while fitting.
+"""SampleQuality: FID and Inception Score of a model's samples, for `lit-ddpm test` and while fitting, and
+the likelihood bound of held-out images in bits per dimension, for `lit-ddpm test`.
 
 The callback only wires Lightning's hooks to the pieces that do the work: `generation` draws the seeded
 images (shared out over processes), `metrics` holds the extractor, the scores and the cached reference
-statistics of the datamodule's real images (anything that is a `metrics.ReferenceData`).
+statistics of the datamodule's real images (anything that is a `metrics.ReferenceData`), and
+`diffusion.likelihood` computes the bound.
 """
 
 import json
+import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -18,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
+from diffusion_lit.diffusion import likelihood
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import BATCH_SIZE, generate, shard, write_samples, written_whole
@@ -51,7 +56,16 @@ class SampleQuality(Callback):
         every_n_epochs: while fitting, compute FID after every n-th validation epoch; None: never.
         fit_num_samples: images generated for each FID while fitting.
         keep_best: while fitting, keep `best-fid-epoch=N.ckpt` (the lowest val/fid so far).
+        fid: whether `test` samples and scores FID and IS (false: bits/dim only, no Inception weights needed).
+        nll_images: `test` also reports the negative log-likelihood bound of the first `nll_images` held-out
+            images in bits/dim (Ho et al. 2020; `diffusion.likelihood`), for the DDPM reverse process with
+            `sampling.variance` and `sampling.threshold`, written as `<checkpoint stem>-bpd-...json`; None: not.
+        nll_timesteps: None: all T terms of each image's bound (the papers' protocol, T network evaluations
+            per image); K: an unbiased estimate from K timesteps per image, importance-sampled, with its
+            standard error (the first PILOT_IMAGES images are summed in full to measure the proposal).
     """
+
+    PILOT_IMAGES = 4
 
     def __init__(
         self,
@@ -67,11 +81,20 @@ class SampleQuality(Callback):
         every_n_epochs: int | None = None,
         fit_num_samples: int = 2_000,
         keep_best: bool = True,
+        fid: bool = True,
+        nll_images: int | None = None,
+        nll_timesteps: int | None = None,
     ) -> None:
         if num_samples < 2 or fit_num_samples < 2:
             raise UserError(
                 "FID needs at least 2 samples: raise SampleQuality.num_samples / SampleQuality.fit_num_samples"
             )
+        if nll_images is not None and nll_images < 2:
+            raise UserError(f"SampleQuality.nll_images must be at least 2 (or null: no bits/dim), got {nll_images}")
+        if nll_timesteps is not None and nll_timesteps < 1:
+            raise UserError(f"SampleQuality.nll_timesteps must be at least 1 (or null: all), got {nll_timesteps}")
+        if not fid and nll_images is None:
+            raise UserError("lit-ddpm test has nothing to do: set SampleQuality.fid true or SampleQuality.nll_images")
         self.num_samples = num_samples
         self.sampling = sampling
         self.batch_size = batch_size
@@ -84,6 +107,10 @@ class SampleQuality(Callback):
         self.every_n_epochs = every_n_epochs
         self.fit_num_samples = fit_num_samples
         self.keep_best = keep_best
+        self.fid = fid
+        self.nll_images = nll_images
+        self.nll_timesteps = nll_timesteps
+        self.fid_skipped: str | None = None  # why `test` could not score FID/IS (it still reports bits/dim)
         self.extractor: nn.Module | None = None  # tests may set a stand-in before the run
         self.metrics: QualityMetrics | None = None
         self.reference_file: Path | None = None
@@ -98,10 +125,19 @@ class SampleQuality(Callback):
         hparams = pl_module.hparams
         self.sampling.check(hparams.timesteps, "SampleQuality.sampling.", conditional=pl_module.num_classes is not None)
         self.sampling = self.sampling.resolve(hparams.prediction, hparams.timesteps, pl_module.consistency_model)
+        if self.nll_timesteps is not None and not self.nll_timesteps < hparams.timesteps:
+            raise UserError(
+                f"SampleQuality.nll_timesteps must be below the model's {hparams.timesteps} timesteps (null: all)"
+            )
+        if stage == "test" and not self.fid:
+            return
         if self.extractor is None:
             try:
                 self.extractor = load_inception(self.inception_weights, self.antialias)
             except UserError as error:
+                if stage == "test" and self.nll_images:  # bits/dim first, then this line
+                    self.fid_skipped = str(error)
+                    return
                 if stage != "fit":
                     raise
                 raise UserError(f"{error} (or fit without FID: SampleQuality.every_n_epochs null)") from None
@@ -150,7 +186,17 @@ class SampleQuality(Callback):
         self.best = (fid, path)
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Sample, score, log test/fid and test/is, and write the JSON and the images (rank 0)."""
+        """Bits/dim (when asked), then sample, score, log test/fid and test/is, and write the JSON and the
+        images (rank 0)."""
+        if self.nll_images:
+            self._likelihood(trainer, pl_module)
+        if self.fid_skipped:
+            raise UserError(
+                f"FID and IS skipped: {self.fid_skipped} (bits/dim were written; SampleQuality.fid false "
+                "skips FID and IS on purpose)"
+            )
+        if not self.fid:
+            return
         rank_zero_info(
             f"FID/IS: sampling {self.num_samples} images ({self.sampling.name}) on {trainer.world_size} process(es)"
         )
@@ -168,16 +214,91 @@ class SampleQuality(Callback):
                     f"the checkpoint ({error.strerror or error}); free space, or set SampleQuality.save_samples none"
                 ) from None
 
-    def _gather(self, trainer: "pl.Trainer", images: Tensor) -> Tensor:
-        """Every process's images on every process, in the global order (padded to equal size for all_gather)."""
+    def _gather(self, trainer: "pl.Trainer", images: Tensor, total: int | None = None, batch_size: int = 0) -> Tensor:
+        """Every process's rows on every process, in the global order (padded to equal size for all_gather):
+        the images of `test`, or each process's share of `total` items in batches of `batch_size` (`shard`)."""
         if trainer.world_size == 1:
             return images
-        world = trainer.world_size
-        counts = [sum(size for _, size in shard(self.num_samples, self.batch_size, r, world)) for r in range(world)]
+        world, total, batch_size = trainer.world_size, total or self.num_samples, batch_size or self.batch_size
+        counts = [sum(size for _, size in shard(total, batch_size, r, world)) for r in range(world)]
         padded = images.new_zeros((max(counts), *images.shape[1:]))
         padded[: len(images)] = images
-        gathered = trainer.strategy.all_gather(padded)  # (world, max_count, C, H, W)
+        gathered = trainer.strategy.all_gather(padded)  # (world, max_count, ...)
         return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
+
+    def _likelihood(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The bits/dim of the first `nll_images` held-out images: each process bounds its share (the pilot
+        images, which set the importance proposal, on every process), the per-image results are gathered in
+        the global order, and rank 0 writes the JSON."""
+        start = time.perf_counter()
+        dataset = trainer.datamodule.reference_set("test")
+        count = min(self.nll_images, len(dataset))
+        if count < self.nll_images:
+            rank_zero_info(f"bits/dim: the held-out split has {count} images, fewer than nll_images: using them all")
+        network, schedule, device = (lambda x, t: pl_module.unet(x, t, None)), pl_module.schedule, pl_module.device
+        options = {"variance": self.sampling.variance, "threshold": self.sampling.threshold,
+                   "batch_size": self.batch_size}  # fmt: skip
+        estimated = self.nll_timesteps is not None
+        what = f"{self.nll_timesteps} importance-sampled timesteps" if estimated else f"all {schedule.timesteps} terms"
+        rank_zero_info(f"bits/dim: {count} held-out images, {what}, on {trainer.world_size} process(es)")
+
+        def images(first: int, size: int) -> Tensor:
+            batch = torch.stack([dataset[i][0] for i in range(first, first + size)])
+            return likelihood.quantized(batch.to(device))
+
+        def seeds(first: int, size: int) -> list[int]:
+            return [self.seed * 1_000_000 + i for i in range(first, first + size)]
+
+        pilot, proposal, parts = (min(self.PILOT_IMAGES, count) if estimated else 0), None, []
+        with torch.inference_mode():
+            if pilot:
+                proposal, bound = likelihood.proposal_from(network, schedule, images(0, pilot), seeds(0, pilot),
+                                                           **options)  # fmt: skip
+                parts.append(bound)
+            per_image = (self.nll_timesteps + 1) if estimated else schedule.timesteps
+            group = max(1, self.batch_size // per_image)  # images bounded together
+            rest = count - pilot
+            local = []
+            for index, size in shard(rest, group, trainer.global_rank, trainer.world_size):
+                first = pilot + index * group
+                local.append(likelihood.image_bounds(network, schedule, images(first, size), seeds(first, size),
+                                                     proposal, self.nll_timesteps, **options))  # fmt: skip
+            stacked = [torch.stack([b.prior, b.diffusion, b.decoder], 1) for b in local]
+            mine = torch.cat(stacked) if stacked else torch.empty(0, 3, dtype=torch.float64)
+            gathered = self._gather(trainer, mine.to(device), rest, group).cpu()
+        nats = torch.cat([torch.stack([b.prior, b.diffusion, b.decoder], 1) for b in parts] + [gathered])
+        bits = likelihood.bits_per_dim(nats, math.prod(pl_module.image_shape))
+        total = bits.sum(1)
+        report = {
+            "bits_per_dim": total.mean().item(),
+            "standard_error": (total.std() / math.sqrt(count)).item(),
+            "terms": {name: bits[:, i].mean().item() for i, name in enumerate(likelihood.TERMS)},
+            "checkpoint": str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else None,
+            "images": count,
+            "split": "test",
+            "timesteps": "all" if not estimated else self.nll_timesteps,
+            "pilot_images": pilot,
+            "variance": self.sampling.variance,
+            "threshold": self.sampling.threshold,
+            "seed": self.seed,
+            "processes": trainer.world_size,
+            "seconds": time.perf_counter() - start,
+        }
+        pl_module.log_dict({"test/bpd": report["bits_per_dim"], "test/bpd_se": report["standard_error"]})
+        if trainer.is_global_zero:
+            checkpoint = Path(trainer.ckpt_path) if trainer.ckpt_path else Path("checkpoints") / "untrained.ckpt"
+            steps = "all" if not estimated else f"k{self.nll_timesteps}"
+            path = checkpoint.with_name(f"{checkpoint.stem}-bpd-{self.sampling.variance}-n{count}-{steps}"
+                                        f"-seed{self.seed}.json")  # fmt: skip
+            try:
+                with written_whole(path) as partial:
+                    partial.write_text(json.dumps(report, indent=2) + "\n")
+            except OSError as error:
+                raise UserError(
+                    f"{report['bits_per_dim']:.4f} bits/dim, but the results could not be written beside the "
+                    f"checkpoint ({error.strerror or error}); free space and run again"
+                ) from None
+            _print_likelihood(report, path)
 
     def _write(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", scores: dict, images: Tensor) -> None:
         """The JSON beside the checkpoint, and the images."""
@@ -207,6 +328,19 @@ class SampleQuality(Callback):
         with written_whole(stem.with_name(f"{stem.name}.json")) as partial:  # last: a JSON says its samples are whole
             partial.write_text(json.dumps(report, indent=2) + "\n")
         _print_scores(report, stem.with_name(f"{stem.name}.json"))
+
+
+def _print_likelihood(report: dict, path: Path) -> None:
+    """A rich table of the bound, its terms and how it was computed."""
+    table = Table(title="Likelihood (variational bound)", show_header=False)
+    error = f" ± {report['standard_error']:.3f} (standard error)" if report["images"] > 1 else ""
+    table.add_row("bits/dim", f"{report['bits_per_dim']:.3f}{error}")
+    table.add_row("terms", ", ".join(f"{name} {value:.3f}" for name, value in report["terms"].items()))
+    timesteps = "all" if report["timesteps"] == "all" else f"{report['timesteps']} importance-sampled"
+    table.add_row("images", f"{report['images']} held-out, timesteps {timesteps}, variance {report['variance']}")
+    table.add_row("seconds", f"{report['seconds']:.1f}")
+    table.add_row("written to", str(path))
+    Console().print(table)
 
 
 def _print_scores(report: dict, path: Path) -> None:
