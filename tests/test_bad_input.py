@@ -306,7 +306,8 @@ def test_a_write_cut_short_leaves_no_file_that_looks_complete(capsys, demo_check
             "--evaluation.cache_dir", "cache"]  # fmt: skip
     one_line_error(capsys, *test)
     written = sorted(p.name for p in demo_checkpoint.parent.iterdir())
-    assert written == ["last.ckpt"], written  # neither the scores' JSON nor a partial npz
+    # neither the scores' JSON nor a partial npz; bits/dim (tests/tiny.yaml), written whole before the samples
+    assert written == ["last-bpd-small-n8-all-seed0.json", "last.ckpt"], written
 
 
 def test_an_interrupted_grid_write_leaves_no_grid(demo_checkpoint, monkeypatch):

@@ -145,3 +145,22 @@ def test_distillation_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     assert all(row["classifier_fid"] > 0 for row in report["rows"])
     assert "| student (teacher) of 4, 50% of its time | consistency2 | 2 |" in capsys.readouterr().out
     assert (tmp_path / "d.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # a benchmark end to end
+def test_likelihood_runs_end_to_end_with_tiny_settings(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    from benchmarks import likelihood
+
+    argv = ["--steps", "2", "--predictions", "v", "--images", "6", "--full-images", "1", "--timesteps", "3",
+            "--num-samples", "8", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "l.json")]  # fmt: skip
+    likelihood.main(argv)
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    assert [(row["prediction"], row["step"]) for row in rows] == [("v", 2)]
+    bounds = rows[0]["bounds"]
+    assert [(b["split"], b["timesteps"], b["variance"]) for b in bounds] == [
+        ("held-out", 3, "small"), ("held-out", 3, "large"), ("train", 3, "small"), ("held-out", "all", "small"),
+        ("held-out", 3, "small"),
+    ]  # fmt: skip
+    assert all(b["bits_per_dim"] > 0 and b["seconds_per_1000_images"] > 0 for b in bounds)
+    assert "| v, step 2 |" in capsys.readouterr().out
