@@ -82,25 +82,12 @@ def paired_timesteps(schedule: NoiseSchedule, t: Tensor, stage: int, q: float = 
     return torch.minimum(r, t - 1)
 
 
-def teacher_step(
-    teacher, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, r: Tensor, labels: tuple = (), order: int = 1
-) -> Tensor:
-    """x_r from x_t by one step of the teacher along its probability-flow ODE; r < t, both (B,).
-
-    order 1: DDIM (the ODE's Euler step in y = x / a, sigma): x_r = a_r x0_hat + s_r eps_hat with the teacher's
-    (x0_hat, eps_hat) at (x_t, t), i.e. x_r = (s_r / s_t) x_t + a_r (1 - sigma_r / sigma_t) x0_hat.
-    order 2: the same with x0_hat replaced by the mean of the teacher's x0 estimates at both ends, the second at
-    the DDIM step's x_r (the trapezoidal rule of DPM-Solver++ in data prediction, Lu et al. 2022): two teacher
-    evaluations, error third order in the step instead of second."""
+def teacher_step(teacher, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, r: Tensor, labels: tuple = ()) -> Tensor:
+    """x_r from x_t by one DDIM step of the teacher (the probability-flow ODE's Euler step in y = x / a, sigma):
+    x_r = a_r x0_hat + s_r eps_hat with the teacher's (x0_hat, eps_hat) at (x_t, t); r < t, both (B,)."""
     x0_hat, eps_hat = schedule.to_x0_eps(x_t, t, teacher(x_t, t, *labels))
     a_r, s_r = gather(schedule.sqrt_alpha_bar, r, x_t), gather(schedule.sqrt_one_minus_alpha_bar, r, x_t)
-    x_r = a_r * x0_hat + s_r * eps_hat
-    if order == 1:
-        return x_r
-    x0_end, _ = schedule.to_x0_eps(x_r, r, teacher(x_r, r, *labels))
-    sigma = sigmas(schedule).to(x_t.device)
-    ratio = gather(sigma, r, x_t) / gather(sigma, t, x_t)
-    return s_r / gather(schedule.sqrt_one_minus_alpha_bar, t, x_t) * x_t + a_r * (1 - ratio) * (x0_hat + x0_end) / 2
+    return a_r * x0_hat + s_r * eps_hat
 
 
 class ConsistencyLoss:
@@ -134,7 +121,7 @@ class ConsistencyLoss:
 
     def __init__(
         self, target: Literal["teacher", "data"] = "teacher", steps_per_stage: int = 200, q: float = 2.0,
-        huber_c: float | None = None, p_mean: float = 1.0, p_std: float = 2.0, teacher_order: int = 1,
+        huber_c: float | None = None, p_mean: float = 1.0, p_std: float = 2.0,
     ) -> None:  # fmt: skip
         if target not in ("teacher", "data"):
             raise UserError(f"ConsistencyLoss target must be 'teacher' or 'data', got {target!r}")
@@ -145,7 +132,6 @@ class ConsistencyLoss:
         self.huber_c = huber_c
         self.p_mean = p_mean
         self.p_std = p_std
-        self.teacher_order = teacher_order
         self.teacher = None  # the frozen teacher network on the student's device (InitFromTeacher), for "teacher"
 
     def __call__(
@@ -164,7 +150,7 @@ class ConsistencyLoss:
                 raise UserError("ConsistencyLoss(target='teacher') needs its teacher: run lit-ddpm distill --teacher")
             r = paired_timesteps(schedule, t, stage + 1, self.q).clamp(min=0)
             with torch.no_grad():
-                x_r = teacher_step(self.teacher, schedule, x_t, t, r, extra, self.teacher_order).to(x_t.dtype)
+                x_r = teacher_step(self.teacher, schedule, x_t, t, r, extra).to(x_t.dtype)
         else:
             r = paired_timesteps(schedule, t, stage, self.q)
             x_r = schedule.q_sample(x0, r.clamp(min=0), noise)
