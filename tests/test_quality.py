@@ -58,7 +58,9 @@ def test_test_writes_scores_json_and_samples_and_reuses_reference(demo_checkpoin
     assert (
         sorted(p.name for p in stem.iterdir())[:2] == ["000000.png", "000001.png"] and len(list(stem.iterdir())) == 10
     )
-    assert "Sample quality" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Sample quality" in out and "Likelihood (variational bound)" in out  # FID, IS and bits/dim (tiny.yaml)
+    assert json.loads(demo_checkpoint.with_name("last-bpd-small-n8-all-seed0.json").read_text())["images"] == 8
     reference_calls = extractors[0].calls - 3  # 3 batches of samples, the rest was the 4,500 reference digits
     assert reference_calls > 0
 

@@ -39,7 +39,7 @@ class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
 COMMANDS = {
     "fit": "train a model: lit-ddpm fit --config configs/demo.yaml (resume: --ckpt_path CKPT)",
     "validate": "the denoising loss of a checkpoint's EMA weights on the held-out images",
-    "test": "FID and Inception Score of a checkpoint's samples, written beside it as JSON (and the images)",
+    "test": "FID and IS of a checkpoint's samples and bits/dim of held-out images, written beside it as JSON",
     "sample": "images from a checkpoint: grid.png, samples.npz, PNGs; needs only the checkpoint",
     "distill": "a few-step student of a trained model: lit-ddpm distill --config CONFIG --teacher CHECKPOINT",
 }
