@@ -39,9 +39,10 @@ def owner_of(path: Path) -> tuple[str | None, int | None]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001  (truncated, foreign: not known to be this run's)
         return None, None
-    state = checkpoint.get("callbacks", {}).get(STATE_KEY) if isinstance(checkpoint, dict) else None
-    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
-    return (state or {}).get("run_id"), step
+    if not isinstance(checkpoint, dict):
+        return None, None
+    state = checkpoint.get("callbacks", {}).get(STATE_KEY) or checkpoint  # a post-hoc EMA snapshot: at the top
+    return state.get("run_id"), checkpoint.get("global_step")
 
 
 def check_folder_is_ours(folder: Path, run_id: str, resumed_from: str | None) -> None:
@@ -49,12 +50,13 @@ def check_folder_is_ours(folder: Path, run_id: str, resumed_from: str | None) ->
     from another run's checkpoint, would replace them. A checkpoint of an earlier lit-ddpm (no run identity) is
     taken as this run's only when the run resumes from a file in this folder."""
     resumed_here = resumed_from is not None and Path(resumed_from).resolve().parent == folder.resolve()
-    for path in sorted(folder.glob("*.ckpt")):
+    for path in sorted([*folder.glob("*.ckpt"), *folder.glob("ema/step=*.pt")]):  # checkpoints, post-hoc EMA
         owner, step = owner_of(path)
         if owner == run_id or (owner is None and resumed_here):
             continue
         what = "a fresh run" if resumed_from is None else f"a run resumed from {resumed_from}"
-        held = f"{path.name} (step {step})" if step is not None else path.name
+        name = path.relative_to(folder)
+        held = f"{name} (step {step})" if step is not None else name
         resume = folder / "last.ckpt" if (folder / "last.ckpt").exists() else path
         raise UserError(
             f"{folder} holds {held} of another run, which {what} would replace; resume that run with "

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
 from diffusion_lit.checkpoints import check_checkpoint
-from diffusion_lit.cli import distill, sample
+from diffusion_lit.cli import distill, ema, sample
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.module import DiffusionModule
 
@@ -42,9 +42,10 @@ COMMANDS = {
     "test": "FID and IS of a checkpoint's samples and bits/dim of held-out images, written beside it as JSON",
     "sample": "images from a checkpoint: grid.png, samples.npz, PNGs; needs only the checkpoint",
     "distill": "a few-step student of a trained model: lit-ddpm distill --config CONFIG --teacher CHECKPOINT",
+    "ema": "a checkpoint of any EMA length, from a run's post-hoc EMA snapshots: lit-ddpm ema --run checkpoints/NAME",
 }
 USAGE = (
-    "usage: lit-ddpm {fit,validate,test,sample,distill} [--help] ...\n\ncommands:\n"
+    "usage: lit-ddpm {fit,validate,test,sample,distill,ema} [--help] ...\n\ncommands:\n"
     + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
     + "\n\n`lit-ddpm COMMAND --help` lists a command's options."
 )
@@ -211,8 +212,8 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] in ("-h", "--help"):
             print(USAGE)
             return
-        if argv[0] == "sample":
-            sample.main(argv[1:])
+        if argv[0] in ("sample", "ema"):
+            {"sample": sample, "ema": ema}[argv[0]].main(argv[1:])
             return
         teacher, command_line = None, None
         if argv[0] == "distill":
