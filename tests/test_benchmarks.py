@@ -164,3 +164,17 @@ def test_likelihood_runs_end_to_end_with_tiny_settings(tmp_path, capsys):
     ]  # fmt: skip
     assert all(b["bits_per_dim"] > 0 and b["seconds_per_1000_images"] > 0 for b in bounds)
     assert "| v, step 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a benchmark end to end
+def test_posthoc_ema_runs_end_to_end_with_tiny_settings(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    from benchmarks import posthoc_ema
+
+    argv = ["--steps", "4", "--every", "2", "--seeds", "0", "--sigma-rels", "0.05", "0.15", "--num-samples", "8",
+            "--threads", "1", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "p.json")]  # fmt: skip
+    posthoc_ema.main(argv)
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [row["seed"] for row in rows] == [0] and set(rows[0]["posthoc"]) == {"0.05", "0.15"}
+    assert sorted(p.name for p in (tmp_path / "runs/seed0/run/ema").iterdir()) == ["step=0000002.pt", "step=0000004.pt"]
+    assert "| post-hoc, sigma_rel 0.15 |" in capsys.readouterr().out
