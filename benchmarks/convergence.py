@@ -40,17 +40,22 @@ TODAY_STEPS = 2520  # configs/demo.yaml: 18 epochs of 140 steps
 TODAY = "eps (today)"  # the demo recipe as it was: noise prediction, plain MSE, random noise pairing
 
 
-def _variant(prediction: str, snr_gamma: str, immiscible: str) -> list[str]:
+def _variant(prediction: str, snr_gamma="null", immiscible="false", lognormal="null", edm="false") -> list[str]:
     loss = "--model.loss.init_args"
-    return ["--model.prediction", prediction, f"{loss}.snr_gamma", snr_gamma, f"{loss}.immiscible", immiscible]
+    return ["--model.prediction", prediction, f"{loss}.snr_gamma", snr_gamma, f"{loss}.immiscible", immiscible,
+            f"{loss}.lognormal_timesteps", lognormal, f"{loss}.edm_weighting", edm]  # fmt: skip
 
 
+EDM_LEVELS = "[-1.2,1.2]"  # ln sigma ~ N(-1.2, 1.2^2), Karras et al. 2022
 VARIANTS = {  # each says its prediction target, so that the table does not depend on configs/demo.yaml's
-    TODAY: _variant("eps", "null", "false"),
-    "eps + min-SNR-5": _variant("eps", "5", "false"),
-    "eps + immiscible": _variant("eps", "null", "true"),
-    "v": _variant("v", "null", "false"),
-    "v + min-SNR-5": _variant("v", "5", "false"),
+    TODAY: _variant("eps"),
+    "eps + min-SNR-5": _variant("eps", snr_gamma="5"),
+    "eps + immiscible": _variant("eps", immiscible="true"),
+    "v": _variant("v"),
+    "v + min-SNR-5": _variant("v", snr_gamma="5"),
+    "v + EDM noise levels": _variant("v", lognormal=EDM_LEVELS),
+    "v + EDM levels and weighting": _variant("v", lognormal=EDM_LEVELS, edm="true"),
+    "eps + EDM levels and weighting": _variant("eps", lognormal=EDM_LEVELS, edm="true"),
 }
 SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
 

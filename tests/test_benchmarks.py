@@ -71,13 +71,13 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from benchmarks import convergence
 
-    argv = ["--variants", "eps (today)", "v + min-SNR-5", "--seeds", "0", "--budgets", "0.001", "--today-steps", "2",
-            "--jobs", "2", "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
+    argv = ["--variants", "eps (today)", "v + EDM levels and weighting", "--seeds", "0", "--budgets", "0.001",
+            "--today-steps", "2", "--jobs", "2", "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
             "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")]  # fmt: skip
     convergence.main(argv)
     report = json.loads((tmp_path / "c.json").read_text())
     assert [(r["variant"], r["checkpoint"]) for r in report["rows"]] == [
-        ("eps (today)", "minutes=0.001"), ("eps (today)", "step=2"), ("v + min-SNR-5", "minutes=0.001")
+        ("eps (today)", "minutes=0.001"), ("eps (today)", "step=2"), ("v + EDM levels and weighting", "minutes=0.001")
     ]  # fmt: skip
     assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 for r in report["rows"])
     assert "| eps (today) | step=2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0

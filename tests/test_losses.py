@@ -8,7 +8,15 @@ from torch import nn
 from conftest import randomise
 from diffusion_lit.diffusion import NoiseSchedule
 from diffusion_lit.diffusion.immiscible import assign_noise
-from diffusion_lit.diffusion.losses import DiffusionLoss, FeatureMatchingTerm, MSETerm, PerceptualTerm, min_snr_weight
+from diffusion_lit.diffusion.losses import (
+    DiffusionLoss,
+    FeatureMatchingTerm,
+    MSETerm,
+    PerceptualTerm,
+    edm_weight,
+    lognormal_timesteps,
+    min_snr_weight,
+)
 from diffusion_lit.diffusion.perceptual import load_vgg19_features, vgg19_cut
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
@@ -222,6 +230,76 @@ def test_min_snr_weighted_mse_is_the_capped_snr_weighting_of_the_x0_error(predic
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     unweighted = DiffusionLoss()(lambda x_t, t: output, schedule, x0, noise, t)["mse"]
     assert unweighted.item() != pytest.approx(loss.item(), rel=1e-2)
+
+
+def test_edm_weights_for_known_snrs():
+    # Karras et al. 2022: lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the x0 error; sigma^2 = 1 / SNR
+    alpha_bar = torch.tensor([0.5, 0.9, 0.1, 0.999], dtype=torch.float64)  # SNR 1, 9, 1/9, 999
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    expected = torch.tensor([5.0, 13.0, 4 + 1 / 9, 1003.0], dtype=torch.float64)
+    assert torch.allclose(edm_weight(alpha_bar, "x0"), expected)
+    assert torch.allclose(edm_weight(alpha_bar, "x0"), lam)
+    assert torch.allclose(edm_weight(alpha_bar, "eps"), lam * sigma**2)  # |x0 error| = sigma |eps error|
+    assert torch.allclose(edm_weight(alpha_bar, "v"), torch.tensor([2.5, 1.3, 3.7, 1003 / 1000], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_edm_weighted_mse_is_lambda_times_the_x0_error(prediction):
+    schedule = NoiseSchedule(prediction=prediction)
+    generator = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(6, 1, 4, 4, generator=generator) * 2 - 1, torch.randn(6, 1, 4, 4, generator=generator)
+    t = torch.tensor([0, 50, 300, 600, 900, 990])
+    output = torch.randn(6, 1, 4, 4, generator=generator)
+    loss = DiffusionLoss(edm_weighting=True)(lambda x_t, t: output, schedule, x0, noise, t)["mse"]
+    x0_pred, _ = schedule.to_x0_eps(schedule.q_sample(x0, t, noise), t, output.double())
+    sigma2 = (1 - schedule.alpha_bar[t]) / schedule.alpha_bar[t]
+    expected = ((1 / sigma2 + 4) * (x0_pred - x0).pow(2).flatten(1).mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_lognormal_timesteps_have_the_normal_mass_of_their_bin_of_log_sigma():
+    from math import erf, sqrt
+
+    schedule, mean, std, n = NoiseSchedule(), -1.2, 1.2, 400_000
+    torch.manual_seed(0)
+    t = lognormal_timesteps(schedule, n, torch.device("cpu"), mean, std)
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
+    log_sigma = 0.5 * (1 / schedule.alpha_bar - 1).log()
+    edges = [-float("inf"), *((log_sigma[1:] + log_sigma[:-1]) / 2).tolist(), float("inf")]
+    cdf = [0.5 * (1 + erf((e - mean) / (std * sqrt(2)))) if abs(e) != float("inf") else float(e > 0) for e in edges]
+    expected = torch.tensor(cdf[1:]).double() - torch.tensor(cdf[:-1]).double()
+    counts = torch.bincount(t, minlength=1000).double()
+
+    # each bin within 5 standard errors of its binomial count; the drawn sigmas' log has the stated mean and spread
+    def within(counts):
+        return ((counts - n * expected).abs() <= 5 * (n * expected * (1 - expected)).sqrt() + 1).all()
+
+    assert within(counts)
+    drawn = log_sigma[t]
+    assert drawn.mean().item() == pytest.approx(mean, abs=0.01) and drawn.std().item() == pytest.approx(std, abs=0.01)
+    assert not within(torch.bincount(schedule.sample_timesteps(n, torch.device("cpu")), minlength=1000).double())
+
+
+def test_lognormal_timesteps_are_what_the_loss_draws():
+    schedule = NoiseSchedule()
+    seen = []
+    loss = DiffusionLoss(lognormal_timesteps=(-1.2, 1.2))
+    torch.manual_seed(3)
+    x0 = torch.zeros(64, 1, 4, 4)
+    noise = torch.randn_like(x0)
+    loss(lambda x_t, t: seen.append(t) or torch.zeros_like(x_t), schedule, x0, noise)
+    torch.manual_seed(3)
+    torch.randn_like(x0)
+    assert torch.equal(seen[0], lognormal_timesteps(schedule, 64, torch.device("cpu"), -1.2, 1.2))
+
+
+@pytest.mark.parametrize(
+    "settings", [{"snr_gamma": 5.0, "edm_weighting": True}, {"lognormal_timesteps": (-1.2, 0.0)}], ids=str
+)
+def test_contradictory_or_impossible_edm_settings_are_one_line(settings):
+    with pytest.raises(UserError, match="DiffusionLoss"):
+        DiffusionLoss(**settings)
 
 
 def test_immiscible_assignment_is_the_optimal_permutation_of_the_batch_noise():

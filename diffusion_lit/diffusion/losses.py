@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from diffusion_lit.diffusion.immiscible import assign_noise
 from diffusion_lit.diffusion.perceptual import imagenet_normalise, load_vgg19_features
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction
+from diffusion_lit.errors import UserError
 
 
 def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
@@ -33,6 +34,32 @@ def min_snr_weight(alpha_bar: Tensor, gamma: float, prediction: Prediction) -> T
     snr = alpha_bar / (1 - alpha_bar)
     capped = snr.clamp(max=gamma)
     return {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1)}[prediction]
+
+
+SIGMA_DATA = 0.5  # EDM's standard deviation of the data, for images in [-1, 1] (Karras et al. 2022, sec. 5)
+
+
+def edm_weight(alpha_bar: Tensor, prediction: Prediction) -> Tensor:
+    """EDM's loss weights (Karras et al. 2022, Table 1: lambda = 1 / c_out^2) for timesteps with these alpha_bar.
+
+    On the variance-preserving schedule sigma^2 = 1 / SNR = (1 - alpha_bar) / alpha_bar, and EDM weights the x0
+    error by lambda(sigma) = 1 / sigma^2 + 1 / sigma_data^2 = SNR + 4; that is (SNR + 4) / SNR on the eps error
+    and (SNR + 4) / (SNR + 1) on the v error (between 1 and 4: v prediction alone is this with sigma_data = 1).
+    """
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = snr + 1 / SIGMA_DATA**2
+    return {"eps": weight / snr, "x0": weight, "v": weight / (snr + 1)}[prediction]
+
+
+def lognormal_timesteps(schedule: NoiseSchedule, batch_size: int, device: torch.device, mean: float, std: float):
+    """Timesteps (B,) whose noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) is log-normal, ln sigma ~
+    N(mean, std^2) (EDM's training distribution, Karras et al. 2022 sec. 5: -1.2, 1.2), on the schedule's grid:
+    each draw goes to the timestep nearest in ln sigma (those beyond either end to the end), so timestep t has
+    the normal's probability between the midpoints of ln sigma to its neighbours."""
+    log_sigma = 0.5 * (1 / schedule.alpha_bar - 1).log()  # float64, increasing in t
+    edges = ((log_sigma[1:] + log_sigma[:-1]) / 2).to(device)
+    drawn = torch.randn(batch_size, device=device, dtype=torch.float64) * std + mean
+    return torch.searchsorted(edges, drawn)
 
 
 class MSETerm:
@@ -121,6 +148,10 @@ class DiffusionLoss:
             if its x0 error were weighted by min(SNR, gamma). None: the plain mean (Ho et al. 2020).
         immiscible: pair the images of each batch with the noise samples nearest to them (a linear assignment,
             Li et al. 2024) instead of at random; costs one host round trip per step.
+        lognormal_timesteps: (mean, std) of ln sigma for the training timesteps, EDM's noise levels (Karras et al.
+            2022: -1.2, 1.2), mapped to the schedule's grid (`lognormal_timesteps`). None: uniform over the T steps.
+        edm_weighting: weight each sample's MSE by EDM's lambda(sigma) = 1 / sigma^2 + 1 / 0.5^2 on its x0 error
+            (`edm_weight`); not with snr_gamma.
     """
 
     def __init__(
@@ -131,12 +162,20 @@ class DiffusionLoss:
         vgg_weights: str | None = None,
         snr_gamma: float | None = None,
         immiscible: bool = False,
+        lognormal_timesteps: tuple[float, float] | None = None,
+        edm_weighting: bool = False,
     ) -> None:
+        if snr_gamma is not None and edm_weighting:
+            raise UserError("DiffusionLoss: snr_gamma and edm_weighting are two weightings; set one of them")
+        if lognormal_timesteps is not None and not lognormal_timesteps[1] > 0:
+            raise UserError(f"DiffusionLoss.lognormal_timesteps is (mean, std) with std > 0, got {lognormal_timesteps}")
         self.config = {name: value for name, value in locals().items() if name in SETTINGS}  # for checkpoints
         self.perceptual_weight = perceptual_weight
         self.feature_matching_weight = feature_matching_weight
         self.snr_gamma = snr_gamma
         self.immiscible = immiscible
+        self.lognormal_timesteps = None if lognormal_timesteps is None else tuple(lognormal_timesteps)
+        self.edm_weighting = edm_weighting
         self.mse = MSETerm()
         self.perceptual = PerceptualTerm(perceptual_layer, vgg_weights)
         self.feature_matching = FeatureMatchingTerm()
@@ -157,15 +196,17 @@ class DiffusionLoss:
         if noise is None:
             noise = torch.randn_like(x0)
             noise = assign_noise(x0, noise) if self.immiscible else noise
+        if t is None and self.lognormal_timesteps is not None:
+            t = lognormal_timesteps(schedule, x0.shape[0], x0.device, *self.lognormal_timesteps)
         t = schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
         extra = () if labels is None else (labels,)  # unconditional networks take (x_t, t) only
         x_t = schedule.q_sample(x0, t, noise)
         output = network(x_t, t, *extra)
-        weight = (
-            None
-            if self.snr_gamma is None
-            else min_snr_weight(schedule.alpha_bar[t], self.snr_gamma, schedule.prediction)
-        )
+        weight = None
+        if self.snr_gamma is not None:
+            weight = min_snr_weight(schedule.alpha_bar[t], self.snr_gamma, schedule.prediction)
+        elif self.edm_weighting:
+            weight = edm_weight(schedule.alpha_bar[t], schedule.prediction)
         terms = {"mse": self.mse(output, schedule.target(x0, noise, t), weight)}
         total = terms["mse"]
         if self.perceptual_weight or self.feature_matching_weight:
