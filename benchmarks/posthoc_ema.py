@@ -23,6 +23,8 @@ from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.module import load_checkpoint
 
+EMA_DECAY = 0.995  # configs/demo.yaml's model.ema_decay
+
 
 def fid_of(module, fid, num_samples: int) -> float:
     """Classifier FID of the auto sampler's images (seed 0)."""
@@ -58,16 +60,20 @@ def main(argv: list[str] | None = None) -> None:
             "--trainer.callbacks+=diffusion_lit.callbacks.PostHocEMA",
             f"--trainer.callbacks.every_n_train_steps={args.every}",
         ]
-        train(folder, callbacks, seed, [], [args.steps], data, args.threads)
-        module = load_checkpoint(str(folder / f"step={args.steps}.ckpt"))
-        row = {"seed": seed, "fixed_ema": fid_of(module, fid, args.num_samples), "posthoc": {}}
-        found = snapshots(folder / "run")
-        for sigma_rel in args.sigma_rels:
-            state, _ = reconstruct(found, sigma_rel, args.steps)
-            module.load_state_dict(state)
-            row["posthoc"][f"{sigma_rel:g}"] = fid_of(module, fid, args.num_samples)
-        rows.append(row)
-        print_table(rows, module.hparams.ema_decay, floor)
+        done = folder / "row.json"  # a seed already trained and scored is not redone
+        if not done.exists():
+            if not (folder / f"step={args.steps}.ckpt").exists():
+                train(folder, callbacks, seed, [], [args.steps], data, args.threads)
+            module = load_checkpoint(str(folder / f"step={args.steps}.ckpt"))
+            row = {"seed": seed, "fixed_ema": fid_of(module, fid, args.num_samples), "posthoc": {}}
+            found = snapshots(folder / "run")
+            for sigma_rel in args.sigma_rels:
+                state, _ = reconstruct(found, sigma_rel, args.steps)
+                module.load_state_dict(state)
+                row["posthoc"][f"{sigma_rel:g}"] = fid_of(module, fid, args.num_samples)
+            done.write_text(json.dumps(row))
+        rows.append(json.loads(done.read_text()))
+        print_table(rows, EMA_DECAY, floor)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "floor": floor, "rows": rows}, indent=2))
 

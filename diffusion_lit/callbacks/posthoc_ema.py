@@ -78,8 +78,8 @@ class PostHocEMA(Callback):
 
     Disk: each snapshot holds len(sigma_rels) float32 copies of the weights; a run of S steps keeps
     S / every_n_train_steps of them, plus the last step's (the demo's 2.5M-parameter UNet, 2,520 steps, every
-    500: 6 files of 2 x 10 MB; configs/cifar10.yaml's 40.7M UNet with every_n_train_steps 50,000 over 800,000
-    steps: 17 files of 2 x 163 MB, 5.5 GB). The averages are also in every
+    500: 6 files of 2 x 10 MB; configs/cifar10.yaml's 40.7M UNet with every_n_train_steps 5,000 over its 78,200
+    steps: 16 files of 2 x 163 MB, 5.2 GB). The averages are also in every
     last.ckpt, so a resumed run goes on with them exactly. The model's own EMA (`DiffusionModule.ema_decay`)
     stays what sampling, validation and test use.
     """
