@@ -205,12 +205,13 @@ def test_fid_off_trains_past_the_fid_epoch_and_keeps_no_best_checkpoint(image_fo
 
 
 def test_checkpoint_of_an_earlier_version_is_one_line_and_upgrades_in_place(capsys, demo_checkpoint):
-    from diffusion_lit.checkpoints import upgrade_checkpoint
+    from diffusion_lit.checkpoints import LOSS_SETTINGS, upgrade_checkpoint
 
     checkpoint = torch.load(demo_checkpoint, weights_only=True)
     today = dict(checkpoint["hyper_parameters"])
     earlier = checkpoint["hyper_parameters"]  # the same settings as lit-ddpm 0.1 wrote them: flat, two more
     loss, adam = earlier.pop("loss")["init_args"], earlier.pop("optimizer")["init_args"]
+    loss = {name: loss[name] for name in LOSS_SETTINGS}  # the loss settings 0.1 had; later ones take their defaults
     earlier.update(loss, lr=adam["lr"], adam_betas=tuple(adam["betas"]), weight_decay=adam["weight_decay"],
                    fused_adam=adam["fused"], sample_variance="small", max_nonfinite_steps=50)  # fmt: skip
     torch.save(checkpoint, demo_checkpoint)
@@ -223,7 +224,7 @@ def test_checkpoint_of_an_earlier_version_is_one_line_and_upgrades_in_place(caps
     assert Path("early/samples.npz").is_file()  # sample reads it as it is
     assert "sample_variance" in upgrade_checkpoint(str(demo_checkpoint))
     upgraded = torch.load(demo_checkpoint, weights_only=True)["hyper_parameters"]
-    assert upgraded["loss"]["init_args"] == today["loss"]["init_args"]
+    assert upgraded["loss"]["init_args"] == {name: today["loss"]["init_args"][name] for name in LOSS_SETTINGS}
     assert {name: upgraded["optimizer"]["init_args"][name] for name in ("lr", "betas", "weight_decay", "fused")} == {
         name: today["optimizer"]["init_args"][name] for name in ("lr", "betas", "weight_decay", "fused")}  # fmt: skip
     main(["fit", *DEMO, *SHORT, "--trainer.logger", "false", "--trainer.max_steps", "3", "--ckpt_path",
