@@ -214,19 +214,26 @@ def test_min_snr_weights_for_known_snrs():
     )
 
 
+X0_WEIGHTS = {  # a weighting option, and the weight it puts on each sample's x0 error, in closed form of the SNR
+    "min-SNR-5": ({"snr_gamma": 5.0}, lambda snr: snr.clamp(max=5.0)),  # Hang et al. 2023: min(SNR, gamma)
+    "EDM": ({"edm_weighting": True}, lambda snr: snr + 4),  # Karras et al. 2022: 1 / sigma^2 + 1 / 0.5^2
+}
+
+
+@pytest.mark.parametrize("weighting", X0_WEIGHTS)
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-def test_min_snr_weighted_mse_is_the_capped_snr_weighting_of_the_x0_error(prediction):
-    # Hang et al. 2023: whatever the target, the weighted loss equals mean_b min(SNR_b, gamma) * |x0_pred - x0|^2.
+def test_weighted_mse_is_the_closed_form_weighting_of_the_x0_error(prediction, weighting):
+    # whatever the target, the weighted loss equals mean_b weight(SNR_b) * |x0_pred - x0|^2
+    settings, x0_weight = X0_WEIGHTS[weighting]
     schedule = NoiseSchedule(prediction=prediction)
     generator = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(6, 1, 4, 4, generator=generator) * 2 - 1, torch.randn(6, 1, 4, 4, generator=generator)
     t = torch.tensor([0, 50, 300, 600, 900, 990])
     output = torch.randn(6, 1, 4, 4, generator=generator)
-    loss = DiffusionLoss(snr_gamma=5.0)(lambda x_t, t: output, schedule, x0, noise, t)["mse"]
-    x0_pred, _ = schedule.to_x0_eps(schedule.q_sample(x0, t, noise), t, output)
+    loss = DiffusionLoss(**settings)(lambda x_t, t: output, schedule, x0, noise, t)["mse"]
+    x0_pred, _ = schedule.to_x0_eps(schedule.q_sample(x0, t, noise), t, output.double())
     alpha_bar = schedule.alpha_bar[t]
-    snr = alpha_bar / (1 - alpha_bar)
-    expected = (snr.clamp(max=5.0) * (x0_pred - x0).double().pow(2).flatten(1).mean(1)).mean()
+    expected = (x0_weight(alpha_bar / (1 - alpha_bar)) * (x0_pred - x0).pow(2).flatten(1).mean(1)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     unweighted = DiffusionLoss()(lambda x_t, t: output, schedule, x0, noise, t)["mse"]
     assert unweighted.item() != pytest.approx(loss.item(), rel=1e-2)
@@ -242,20 +249,6 @@ def test_edm_weights_for_known_snrs():
     assert torch.allclose(edm_weight(alpha_bar, "x0"), lam)
     assert torch.allclose(edm_weight(alpha_bar, "eps"), lam * sigma**2)  # |x0 error| = sigma |eps error|
     assert torch.allclose(edm_weight(alpha_bar, "v"), torch.tensor([2.5, 1.3, 3.7, 1003 / 1000], dtype=torch.float64))
-
-
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-def test_edm_weighted_mse_is_lambda_times_the_x0_error(prediction):
-    schedule = NoiseSchedule(prediction=prediction)
-    generator = torch.Generator().manual_seed(1)
-    x0, noise = torch.rand(6, 1, 4, 4, generator=generator) * 2 - 1, torch.randn(6, 1, 4, 4, generator=generator)
-    t = torch.tensor([0, 50, 300, 600, 900, 990])
-    output = torch.randn(6, 1, 4, 4, generator=generator)
-    loss = DiffusionLoss(edm_weighting=True)(lambda x_t, t: output, schedule, x0, noise, t)["mse"]
-    x0_pred, _ = schedule.to_x0_eps(schedule.q_sample(x0, t, noise), t, output.double())
-    sigma2 = (1 - schedule.alpha_bar[t]) / schedule.alpha_bar[t]
-    expected = ((1 / sigma2 + 4) * (x0_pred - x0).pow(2).flatten(1).mean(1)).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_lognormal_timesteps_have_the_normal_mass_of_their_bin_of_log_sigma():

@@ -10,13 +10,10 @@ from rich.table import Table
 
 from diffusion_lit.callbacks.posthoc_ema import reconstruct, snapshots
 from diffusion_lit.checkpoints import check_checkpoint
-from diffusion_lit.errors import OneLineErrors, UserError
+from diffusion_lit.cli.sample import OneLineParser
+from diffusion_lit.errors import UserError
 from diffusion_lit.generation import written_whole
 from diffusion_lit.runs import STATE_KEY
-
-
-class OneLineParser(OneLineErrors, ArgumentParser):
-    """jsonargparse, with one-line errors."""
 
 
 def parser() -> ArgumentParser:
@@ -32,11 +29,10 @@ def parser() -> ArgumentParser:
     return p
 
 
-def write(run: Path, found: list[dict], sigma_rel: float, step: int | None) -> Path:
-    """The run's last.ckpt with the reconstructed average as its weights: a checkpoint for sample and test (its
-    optimizer and training weights are left out: resume the run from last.ckpt)."""
+def write(run: Path, base: dict, found: list[dict], sigma_rel: float, step: int | None) -> Path:
+    """The run's last.ckpt (`base`, loaded) with the reconstructed average as its weights: a checkpoint for sample
+    and test (its optimizer and training weights are left out: resume the run from last.ckpt)."""
     state, coefficients = reconstruct(found, sigma_rel, step)
-    base = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
     if set(state) != set(base["state_dict"]):
         raise UserError(f"the snapshots in {run / 'ema'} are not of the model in {run / 'last.ckpt'}")
     step = step or max(s["global_step"] for s in found)
@@ -78,7 +74,8 @@ def main(args: list[str]) -> None:
         raise UserError(f"--run {run} has no last.ckpt: give a run's folder, e.g. checkpoints/demo")
     check_checkpoint(str(run / "last.ckpt"))
     found = snapshots(run)
-    paths = [write(run, found, sigma_rel, options.step) for sigma_rel in options.sigma_rel]
+    base = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    paths = [write(run, base, found, sigma_rel, options.step) for sigma_rel in options.sigma_rel]
     console = Console()
     if not options.config:
         for path in paths:
