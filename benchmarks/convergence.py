@@ -40,10 +40,27 @@ TODAY_STEPS = 2520  # configs/demo.yaml: 18 epochs of 140 steps
 TODAY = "eps (today)"  # the demo recipe as it was: noise prediction, plain MSE, random noise pairing
 
 
-def _variant(prediction: str, snr_gamma="null", immiscible="false", lognormal="null", edm="false") -> list[str]:
+def _variant(
+    prediction: str, snr_gamma="null", immiscible="false", lognormal="null", edm="false", **hyper: str
+) -> list[str]:  # fmt: skip
+    """The flags of one variant: its loss settings in full, and `hyper` (HYPER's names) where it departs from
+    configs/demo.yaml's training hyper-parameters."""
     loss = "--model.loss.init_args"
-    return ["--model.prediction", prediction, f"{loss}.snr_gamma", snr_gamma, f"{loss}.immiscible", immiscible,
-            f"{loss}.lognormal_timesteps", lognormal, f"{loss}.edm_weighting", edm]  # fmt: skip
+    flags = ["--model.prediction", prediction, f"{loss}.snr_gamma", snr_gamma, f"{loss}.immiscible", immiscible,
+             f"{loss}.lognormal_timesteps", lognormal, f"{loss}.edm_weighting", edm]  # fmt: skip
+    return flags + [flag for name, value in hyper.items() for flag in (HYPER[name], value)]
+
+
+HYPER = {  # the training hyper-parameters a variant may change, and their flags
+    "lr": "--model.optimizer.init_args.lr",
+    "warmup": "--model.warmup_steps",
+    "batch": "--data.init_args.batch_size",
+    "ema": "--model.ema_decay",
+    "dropout": "--model.unet.init_args.dropout",
+    "clip": "--trainer.gradient_clip_val",
+}
+# configs/folder.yaml's (and cifar10.yaml's) training hyper-parameters before this sweep, on the demo's UNet
+FOLDER_BEFORE = {"lr": "2e-4", "warmup": "5000", "batch": "64", "ema": "0.9999", "dropout": "0.1", "clip": "1.0"}
 
 
 EDM_LEVELS = "[-1.2,1.2]"  # ln sigma ~ N(-1.2, 1.2^2), Karras et al. 2022
@@ -56,6 +73,14 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
     "v + EDM noise levels": _variant("v", lognormal=EDM_LEVELS),
     "v + EDM levels and weighting": _variant("v", lognormal=EDM_LEVELS, edm="true"),
     "eps + EDM levels and weighting": _variant("eps", lognormal=EDM_LEVELS, edm="true"),
+    "folder.yaml before (eps + min-SNR-5, its hyper-parameters)": _variant("eps", snr_gamma="5", **FOLDER_BEFORE),
+    "v, lr 2e-3": _variant("v", lr="2e-3"),
+    "v, lr 5e-4": _variant("v", lr="5e-4"),
+    "v, batch 64": _variant("v", batch="64"),
+    "v, batch 16": _variant("v", batch="16"),
+    "v, dropout 0.1": _variant("v", dropout="0.1"),
+    "v, no clipping": _variant("v", clip="0"),
+    "v, EMA 0.999": _variant("v", ema="0.999"),
 }
 SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
 
