@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffusion_lit.callbacks.ema import EMA
 from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit, upgraded
+from diffusion_lit.diffusion.augment import AUGMENT_DIM, augment
 from diffusion_lit.diffusion.consistency import ConsistencyLoss
 from diffusion_lit.diffusion.guidance import drop_labels, guided
 from diffusion_lit.diffusion.losses import DiffusionLoss
@@ -50,6 +51,9 @@ class DiffusionModule(LightningModule):
         label_dropout: for a class-conditional UNet (`num_classes` set), the share of training labels
             replaced by "no class", so that one model also learns the unconditional distribution that
             classifier-free guidance needs (Ho & Salimans 2022, algorithm 1).
+        augment: non-leaky augmentation (Karras et al. 2022): the probability with which each training image
+            gets each of `diffusion.augment`'s mirrorings, rotation and shift, the UNet told which (it needs
+            `augment_dim: 6`); sampling asks for none. 0: no augmentation.
         compile: compile the UNet with torch.compile (in place: checkpoints keep their keys).
         channels_last: keep the UNet's weights and the images in channels-last memory layout (faster
             convolutions on tensor-core GPUs).
@@ -67,6 +71,7 @@ class DiffusionModule(LightningModule):
         warmup_steps: int = 0,
         ema_decay: float | None = 0.9999,
         label_dropout: float = 0.1,
+        augment: float = 0.0,
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
@@ -82,6 +87,7 @@ class DiffusionModule(LightningModule):
             self.hparams["optimizer"] = optimizer_config(self.make_optimizer)
         self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
         unet.check_image_shape(image_shape)
+        _check_augment(augment, unet, self.criterion)
         self.unet = unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
@@ -119,12 +125,19 @@ class DiffusionModule(LightningModule):
             self.criterion.perceptual.load()  # missing weights stop the run here, before any training
 
     def losses(
-        self, x0: Tensor, noise: Tensor | None = None, t: Tensor | None = None, labels: Tensor | None = None
+        self,
+        x0: Tensor,
+        noise: Tensor | None = None,
+        t: Tensor | None = None,
+        labels: Tensor | None = None,
+        augment: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Every configured loss term and their weighted total ("loss"), for clean images x0 in [-1, 1]."""
+        """Every configured loss term and their weighted total ("loss"), for clean images x0 in [-1, 1] (and the
+        augmentation labels of x0, if augmented)."""
         if self.hparams.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        return self.criterion(self.unet, self.schedule, x0, noise, t, labels, step=self.global_step)
+        conditions = {} if augment is None else {"augment": augment}  # a ConsistencyLoss takes none
+        return self.criterion(self.unet, self.schedule, x0, noise, t, labels, step=self.global_step, **conditions)
 
     def _labels(self, batch: tuple[Tensor, ...], dropout: float = 0.0) -> Tensor | None:
         """The batch's labels for a conditional model (a `dropout` share replaced by "no class"), else None."""
@@ -143,7 +156,10 @@ class DiffusionModule(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """One denoising loss on a batch of images in [-1, 1]; every term is logged as train/loss_<term>."""
-        terms = self.losses(batch[0], labels=self._labels(batch, self.hparams.label_dropout))
+        x0, augmentation = batch[0], None
+        if self.hparams.augment:
+            x0, augmentation = augment(x0, self.hparams.augment)
+        terms = self.losses(x0, labels=self._labels(batch, self.hparams.label_dropout), augment=augmentation)
         self.log("train/loss", terms["loss"])  # not prog_bar: see progress.ProgressBar
         self.log_dict({f"train/loss_{name}": value for name, value in terms.items() if name != "loss"})
         return terms["loss"]
@@ -227,6 +243,19 @@ class DiffusionModule(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """The EMA callback (it averages only while fitting: checkpoints hold the EMA weights)."""
         return [] if self.hparams.ema_decay is None else [EMA(self.hparams.ema_decay)]
+
+
+def _check_augment(probability: float, unet: UNet, loss: object) -> None:
+    """Non-leaky augmentation needs a probability in [0, 1], a UNet that takes its labels and a diffusion loss."""
+    if not 0.0 <= probability <= 1.0:
+        raise UserError(f"DiffusionModule.augment is a probability in [0, 1], got {probability}")
+    if probability and unet.augment_dim != AUGMENT_DIM:
+        raise UserError(
+            f"DiffusionModule.augment needs a UNet told which augmentation was applied: set UNet.augment_dim to "
+            f"{AUGMENT_DIM} (it is {unet.augment_dim})"
+        )
+    if probability and isinstance(loss, ConsistencyLoss):
+        raise UserError("distillation does not augment: set DiffusionModule.augment to 0 for lit-ddpm distill")
 
 
 def component_config(component: object, init_args: dict) -> dict:

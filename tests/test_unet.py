@@ -75,7 +75,7 @@ def test_a_checkpoint_rebuilds_every_unet_argument(tmp_path):
     from diffusion_lit.module import DiffusionModule
 
     chosen = {"in_channels": 1, "base_channels": 12, "channel_mults": [1, 2, 3], "num_res_blocks": 2,
-              "attention_levels": [2], "num_heads": 3, "dropout": 0.25, "num_classes": 4}  # fmt: skip
+              "attention_levels": [2], "num_heads": 3, "dropout": 0.25, "num_classes": 4, "augment_dim": 6}  # fmt: skip
     defaults = {name: p.default for name, p in inspect.signature(UNet).parameters.items()}
     assert set(chosen) == set(defaults)  # a new argument must be added here too
     assert all(chosen[name] != (list(d) if isinstance(d, tuple) else d) for name, d in defaults.items())

@@ -11,8 +11,8 @@ FROM_TEACHER = ("unet", "schedule", "timesteps", "prediction")  # what defines t
 
 
 def fit_arguments(argv: list[str]) -> tuple[list[str], str]:
-    """`distill [--teacher CKPT] ARGS` as `fit` arguments, with the loss made a ConsistencyLoss after the configs
-    (so that ARGS may set its options), and the teacher's path."""
+    """`distill [--teacher CKPT] ARGS` as `fit` arguments, with the loss made a ConsistencyLoss and augmentation
+    off after the configs (so that ARGS may set the loss's options), and the teacher's path."""
     teacher, rest, skip = None, [], False
     for index, arg in enumerate(argv[1:], start=1):
         if skip:
@@ -27,7 +27,8 @@ def fit_arguments(argv: list[str]) -> tuple[list[str], str]:
         raise UserError("distill needs a teacher: lit-ddpm distill --config CONFIG --teacher CHECKPOINT")
     configs = [i + 1 for i, arg in enumerate(rest) if arg == "--config"]
     position = max(configs) + 1 if configs else 0
-    return ["fit", *rest[:position], "--model.loss", CONSISTENCY_LOSS, *rest[position:]], teacher
+    student = ["--model.loss", CONSISTENCY_LOSS, "--model.augment", "0"]
+    return ["fit", *rest[:position], *student, *rest[position:]], teacher
 
 
 def apply_teacher(config: Namespace, parser, teacher: str, settings: set[str], allowed: set[str]) -> Namespace:

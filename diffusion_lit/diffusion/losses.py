@@ -189,10 +189,11 @@ class DiffusionLoss:
         t: Tensor | None = None,
         labels: Tensor | None = None,
         step: int = 0,
+        augment: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """All terms for clean images x0 (B, C, H, W) and class labels (B,) if any; the noise and the timesteps
-        (B,) are drawn (in that order) where not given. `step` (the training step) is for losses that change
-        over training (ConsistencyLoss); this one does not."""
+        """All terms for clean images x0 (B, C, H, W), class labels (B,) and augmentation labels (B, D) if any
+        (`diffusion.augment`); the noise and the timesteps (B,) are drawn (in that order) where not given.
+        `step` (the training step) is for losses that change over training (ConsistencyLoss); this one does not."""
         if noise is None:
             noise = torch.randn_like(x0)
             noise = assign_noise(x0, noise) if self.immiscible else noise
@@ -200,6 +201,7 @@ class DiffusionLoss:
             t = lognormal_timesteps(schedule, x0.shape[0], x0.device, *self.lognormal_timesteps)
         t = schedule.sample_timesteps(x0.shape[0], x0.device) if t is None else t
         extra = () if labels is None else (labels,)  # unconditional networks take (x_t, t) only
+        extra = extra if augment is None else (labels, augment)
         x_t = schedule.q_sample(x0, t, noise)
         output = network(x_t, t, *extra)
         weight = None

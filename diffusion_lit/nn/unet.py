@@ -19,7 +19,9 @@ class UNet(nn.Module):
     input the default `attention_levels=(1, 2)` puts attention at 16x16 and 8x8. Inputs whose size is
     not a multiple of 2**(levels - 1) (MNIST's 28x28) are padded inside and cropped back. With
     `num_classes`, a learned class embedding is added to the timestep embedding; label `num_classes`
-    (or no labels) is the "no class" used for classifier-free guidance (Ho & Salimans 2022).
+    (or no labels) is the "no class" used for classifier-free guidance (Ho & Salimans 2022). With
+    `augment_dim`, a linear map of the augmentation labels (B, augment_dim) is added too, for non-leaky
+    augmentation (Karras et al. 2022; `diffusion.augment`); no labels is the same as zeros, "not augmented".
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class UNet(nn.Module):
         num_heads: int = 8,
         dropout: float = 0.1,
         num_classes: int | None = None,
+        augment_dim: int = 0,
     ) -> None:
         arguments = dict(locals())  # before anything else is defined: exactly the constructor's arguments
         super().__init__()
@@ -44,6 +47,8 @@ class UNet(nn.Module):
         embedding_dim = 4 * base_channels
         self.time_embedding = TimestepEmbedding(base_channels, embedding_dim)
         self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim) if num_classes else None
+        self.augment_dim = augment_dim
+        self.augment_embedding = nn.Linear(augment_dim, embedding_dim, bias=False) if augment_dim else None
         self.stem = nn.Conv2d(in_channels, base_channels, 7, padding=3)
 
         def attention_or_identity(level: int, channels: int) -> nn.Module:
@@ -117,9 +122,14 @@ class UNet(nn.Module):
         h = self.middle[2](h, embedding)
         return h, skips, levels
 
-    def _embed(self, t: Tensor, y: Tensor | None) -> Tensor:
-        """Timestep embedding (B, 4 * base), plus the class embedding of labels y (B,) for a conditional UNet."""
+    def _embed(self, t: Tensor, y: Tensor | None, augment: Tensor | None) -> Tensor:
+        """Timestep embedding (B, 4 * base), plus the class embedding of labels y (B,) for a conditional UNet and
+        the augmentation embedding of `augment` (B, augment_dim) where given."""
         embedding = self.time_embedding(t)
+        if augment is not None:
+            if self.augment_embedding is None:
+                raise UserError("this UNet takes no augmentation labels; set UNet.augment_dim to train with them")
+            embedding = embedding + self.augment_embedding(augment.to(embedding.dtype))
         if self.class_embedding is None:
             if y is not None:
                 raise UserError("this UNet is unconditional (UNet.num_classes is None) but was given labels")
@@ -127,10 +137,11 @@ class UNet(nn.Module):
         y = torch.full_like(t, self.num_classes) if y is None else y
         return embedding + self.class_embedding(y)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W) noisy images, t: (B,) timesteps, y: (B,) labels or None -> (B, C, H, W) output."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, augment: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W) noisy images, t: (B,) timesteps, y: (B,) labels or None, augment: (B, augment_dim)
+        augmentation labels or None -> (B, C, H, W) output."""
         x, crop = self._pad(x)
-        embedding = self._embed(t, y)  # (B, 4 * base)
+        embedding = self._embed(t, y, augment)  # (B, 4 * base)
         h, skips, _ = self._encode(x, embedding)
         for layer in self.up:
             if isinstance(layer, Upsample):
@@ -140,13 +151,13 @@ class UNet(nn.Module):
                 h = attention(block(torch.cat([h, skips.pop()], dim=1), embedding))
         return self.out(h)[..., crop[0], crop[1]]
 
-    def features(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> list[Tensor]:
+    def features(self, x: Tensor, t: Tensor, y: Tensor | None = None, augment: Tensor | None = None) -> list[Tensor]:
         """The feature tap: the last activation of every down level, then the middle block's output.
 
         Runs only the stem, the down path and the middle block (no up path), for feature matching.
         """
         x, _ = self._pad(x)
-        h, _, levels = self._encode(x, self._embed(t, y))
+        h, _, levels = self._encode(x, self._embed(t, y, augment))
         return [*levels, h]
 
 
