@@ -2,6 +2,8 @@
 
     python -m benchmarks.convergence --json benchmarks/results/convergence-digits.json --plot docs/convergence.png
     python -m benchmarks.convergence --dataset photos --variants "eps (today)" v       # the RGB check
+    python -m benchmarks.convergence --dataset photos --train-per-photo 30 --variants v "v + augmentation" \
+        --neighbours docs/neighbours.png                                      # a small folder: memorising?
 
 Each variant is `lit-ddpm fit --config configs/demo.yaml` plus a few flags, run in its own folder under
 --workdir, --jobs runs at a time, each on cpu_count / jobs threads (nothing else should run on the machine
@@ -10,7 +12,9 @@ first step; start-up, validation and sampling are not in it) crosses each budget
 (today's demo), and stops the run after the last. Every checkpoint is then sampled (--num-samples images,
 seed 0) with the default sampler and with ancestral DDPM-50, and scored by classifier FID against
 held-out images: the 500 held-out digits, or the held-out photo patches (benchmarks/common.py: write_photo_patches)
-for --dataset photos.
+for --dataset photos. Each row also says how close the samples come to the training images: the median
+distance from a sample to its nearest training image over the median distance from a held-out image to its
+nearest training image (`nearest_ratio`; well under 1: the model draws its training images back).
 
 The goal: the classifier FID today's demo reaches at 2,520 steps, in at most 60% of its wall time.
 """
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +34,7 @@ import torch
 from lightning.pytorch import Callback
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import ToTensor
+from torchvision.utils import make_grid, save_image
 
 from benchmarks.common import ROOT, ClassifierFID, demo_digits, write_photo_patches
 from diffusion_lit.diffusion import Sampling
@@ -56,6 +62,8 @@ HYPER = {  # the training hyper-parameters a variant may change, and their flags
     "warmup": "--model.warmup_steps",
     "batch": "--data.init_args.batch_size",
     "ema": "--model.ema_decay",
+    "augment": "--model.augment",
+    "augment_dim": "--model.unet.init_args.augment_dim",
     "dropout": "--model.unet.init_args.dropout",
     "clip": "--trainer.gradient_clip_val",
 }
@@ -81,6 +89,7 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
     "v, dropout 0.1": _variant("v", dropout="0.1"),
     "v, no clipping": _variant("v", clip="0"),
     "v, EMA 0.999": _variant("v", ema="0.999"),
+    "v + augmentation": _variant("v", augment="0.12", augment_dim="6"),  # non-leaky, EDM's probability
 }
 SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
 
@@ -140,14 +149,35 @@ def train(
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
-def real_images(dataset: str, workdir: Path) -> tuple[list[str], tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
-    """Flags that point `fit` at the data, and ((training images, labels), (held-out images, labels)), [-1, 1]."""
+def real_images(
+    dataset: str, workdir: Path, per_photo: int = 0
+) -> tuple[list[str], tuple[tuple[torch.Tensor, torch.Tensor], ...], torch.Tensor]:  # fmt: skip
+    """Flags that point `fit` at the data, ((training images, labels), (held-out images, labels)) for the
+    classifier, and the images `fit` trains on (the first `per_photo` of each photo's, if set), all [-1, 1]."""
     if dataset == "digits":
-        return [], demo_digits()
+        train, held_out = demo_digits()
+        return [], (train, held_out), train[0]
     train_folder, held_out_folder = write_photo_patches(workdir / "photo_patches")
+    fit_folder = train_folder
+    if per_photo:
+        fit_folder = first_of_each(train_folder, workdir / f"photo_patches_{per_photo}", per_photo)
     flags = ["--data.class_path", "diffusion_lit.data.ImageFolderDataModule", "--data.init_args.root",
-             str(train_folder), "--data.init_args.channels", "3", "--data.init_args.num_workers", "0"]  # fmt: skip
-    return flags, (load_folder(train_folder), load_folder(held_out_folder))
+             str(fit_folder), "--data.init_args.channels", "3", "--data.init_args.num_workers", "0"]  # fmt: skip
+    return flags, (load_folder(train_folder), load_folder(held_out_folder)), load_folder(fit_folder)[0]
+
+
+def first_of_each(folder: Path, subset: Path, count: int) -> Path:
+    """A copy of the first `count` images (by name) of each class sub-folder of `folder`, in `subset`."""
+    for source in sorted(path for path in folder.iterdir() if path.is_dir()):
+        (subset / source.name).mkdir(parents=True, exist_ok=True)
+        for image in sorted(source.iterdir())[:count]:
+            shutil.copyfile(image, subset / source.name / image.name)
+    return subset
+
+
+def nearest(images: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's Euclidean distance to its nearest training image, and that image's index (images [-1, 1])."""
+    return torch.cdist(images.flatten(1).float(), train.flatten(1).float()).min(1)
 
 
 def load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,12 +186,18 @@ def load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return to_signed(torch.stack([image for image, _ in dataset])), torch.tensor(dataset.targets)
 
 
-def quality_measure(dataset: str, workdir: Path, num_samples: int):
-    """(flags for `fit`, a function uint8 samples -> classifier FID against the held-out images, the floor)."""
-    flags, (train, held_out) = real_images(dataset, workdir)
+def quality_measure(dataset: str, workdir: Path, num_samples: int, per_photo: int = 0):
+    """(flags for `fit`, a function uint8 samples -> classifier FID against the held-out images, the floor,
+    a function uint8 samples -> nearest_ratio, the training images)."""
+    flags, (train, held_out), fit_images = real_images(dataset, workdir, per_photo)
     quality = ClassifierFID(train, held_out, num_samples)
     print(f"{dataset}: classifier accuracy on held-out images {quality.accuracy:.3f}; floor {quality.floor:.2f}")
-    return flags, quality, quality.floor
+    held_out_distance = nearest(held_out[0], fit_images)[0].median()
+
+    def nearest_ratio(samples: torch.Tensor) -> float:
+        return (nearest(to_signed(samples), fit_images)[0].median() / held_out_distance).item()
+
+    return flags, quality, quality.floor, nearest_ratio, fit_images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,12 +213,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("convergence_runs"))
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--plot", help="a PNG of quality against minutes, one line per variant")
+    parser.add_argument("--train-per-photo", type=int, default=0, help="photos: train on the first N patches of "
+                        "each photo only (a small folder); the classifier and the held-out patches stay")  # fmt: skip
+    parser.add_argument("--neighbours", help="a PNG: per variant, 8 samples (seed 0, its last checkpoint), "
+                        "each above its 3 nearest training images")  # fmt: skip
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    flags, fid, floor = quality_measure(args.dataset, args.workdir.resolve(), args.num_samples)
+    workdir = args.workdir.resolve()
+    flags, fid, floor, nearest_ratio, fit_images = quality_measure(
+        args.dataset, workdir, args.num_samples, args.train_per_photo
+    )
 
     runs = [(name, seed) for name in args.variants for seed in args.seeds]
-    folders = {run: args.workdir.resolve() / args.dataset / re.sub(r"[^a-z0-9]+", "-", run[0]).strip("-")
+    dataset = args.dataset + (f"-{args.train_per_photo}" if args.train_per_photo else "")
+    folders = {run: workdir / dataset / re.sub(r"[^a-z0-9]+", "-", run[0]).strip("-")
                / f"seed{run[1]}" for run in runs}  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
@@ -192,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with ThreadPoolExecutor(args.jobs) as pool:  # the runs, `jobs` at a time; then scoring, one at a time
         logs = dict(zip(runs, pool.map(run, runs), strict=True))
-    rows = []
+    rows, last_samples = [], {}
     for (name, seed), log in logs.items():
         for entry in log:
             module = load_checkpoint(str(folders[name, seed] / f"{entry['checkpoint']}.ckpt"))
@@ -200,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
             for label, settings in SAMPLERS.items():
                 images, _ = generate_all(module, args.num_samples, settings=settings, batch_size=args.num_samples)
                 row[f"fid_{label}"] = fid(images)
+                if label == "default":
+                    row["nearest_ratio"] = nearest_ratio(images)
+                    if seed == args.seeds[0]:
+                        last_samples[name] = images  # the last checkpoint's, in the end
             rows.append(row)
             print(row, flush=True)
 
@@ -210,6 +258,20 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
         plot(report, args.plot)
+    if args.neighbours:
+        neighbours_picture(last_samples, fit_images, args.neighbours)
+
+
+def neighbours_picture(samples: dict[str, torch.Tensor], train: torch.Tensor, path: str, count: int = 8) -> None:
+    """Per variant a block of `count` columns: a sample (uint8) on top, its 3 nearest training images below."""
+    blocks = []
+    for images in samples.values():
+        chosen = to_signed(images[:count])
+        order = torch.cdist(chosen.flatten(1), train.flatten(1)).argsort(1)[:, :3]  # (count, 3)
+        rows = [chosen, *(train[order[:, k]] for k in range(3))]
+        blocks.append(torch.cat(rows))
+    grid = make_grid(torch.cat(blocks), nrow=count, padding=1, value_range=(-1, 1), normalize=True)
+    save_image(grid, path)
 
 
 def summary(rows: list[dict], variant: str, checkpoint: str, key: str) -> tuple[float, float, float, float]:
@@ -224,15 +286,17 @@ def summary(rows: list[dict], variant: str, checkpoint: str, key: str) -> tuple[
 def print_table(report: dict) -> None:
     """Markdown: one row per variant and checkpoint, FID with each sampler (mean ± half the seed spread)."""
     rows, default = report["rows"], report["settings"]["default_sampler"]
-    print(f"\n| variant | checkpoint | minutes | steps | FID, {default} | FID, ddpm50 |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    near = all("nearest_ratio" in row for row in rows)  # not in reports written before it was measured
+    print(f"\n| variant | checkpoint | minutes | steps | FID, {default} | FID, ddpm50 |" + " nearest ratio |" * near)
+    print("| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * near)
     for variant in dict.fromkeys(row["variant"] for row in rows):
         for checkpoint in dict.fromkeys(row["checkpoint"] for row in rows if row["variant"] == variant):
             fid, spread, minutes, steps = summary(rows, variant, checkpoint, "fid_default")
             ddpm, ddpm_spread, *_ = summary(rows, variant, checkpoint, "fid_ddpm50")
+            ratio = f" {summary(rows, variant, checkpoint, 'nearest_ratio')[0]:.2f} |" if near else ""
             print(f"| {variant} | {checkpoint} | {minutes:.1f} | {steps:.0f} | {fid:.1f} ± {spread:.1f} "
-                  f"| {ddpm:.1f} ± {ddpm_spread:.1f} |")  # fmt: skip
-    print(f"| real images (the floor) | | | | {report['floor']:.1f} | |")
+                  f"| {ddpm:.1f} ± {ddpm_spread:.1f} |{ratio}")  # fmt: skip
+    print(f"| real images (the floor) | | | | {report['floor']:.1f} | |" + " 1.00 |" * near)
 
 
 def plot(report: dict, path: str) -> None:

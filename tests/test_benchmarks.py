@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+from PIL import Image
 
 from conftest import ONE_STEP, ROOT
 
@@ -73,14 +74,17 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
 
     argv = ["--variants", "eps (today)", "v + EDM levels and weighting", "--seeds", "0", "--budgets", "0.001",
             "--today-steps", "2", "--jobs", "2", "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
-            "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")]  # fmt: skip
+            "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png"),
+            "--neighbours", str(tmp_path / "n.png")]  # fmt: skip
     convergence.main(argv)
     report = json.loads((tmp_path / "c.json").read_text())
     assert [(r["variant"], r["checkpoint"]) for r in report["rows"]] == [
         ("eps (today)", "minutes=0.001"), ("eps (today)", "step=2"), ("v + EDM levels and weighting", "minutes=0.001")
     ]  # fmt: skip
-    assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 for r in report["rows"])
+    assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 and r["nearest_ratio"] > 0 for r in report["rows"])
     assert "| eps (today) | step=2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0
+    # two variants, each a sample row and 3 neighbour rows of 8 digits of 28 pixels (and 1 pixel of padding)
+    assert Image.open(tmp_path / "n.png").size == (8 * 29 + 1, 2 * 4 * 29 + 1)
 
 
 @pytest.mark.slow  # a benchmark end to end

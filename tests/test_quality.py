@@ -1,5 +1,6 @@
 """`lit-ddpm test`: FID/IS of a tiny checkpoint with a stand-in feature extractor, on CPU."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -190,3 +191,9 @@ def test_fit_logs_val_fid_and_keeps_the_best_checkpoint(image_folder, extractors
     metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
     assert "val/fid" in metrics.splitlines()[0] and "val/is" in metrics.splitlines()[0]
     assert len(extractors) == 1 and extractors[0].calls == 1 + 3  # one sample batch, 3 batches of 9 real images
+    # the curve against training images seen: 9 images, batches of 4 (the last dropped), 2 steps x 5 epochs
+    (record,) = [json.loads(line) for line in (tmp_path / "checkpoints" / "folder" / "fid.jsonl").open()]
+    assert record["step"] == 10 and record["mimg"] == 10 * 4 / 1e6 and record["epoch"] == 4
+    logged = [row for row in csv.DictReader(metrics.splitlines()) if row["val/fid"]]
+    assert float(logged[0]["val/fid"]) == pytest.approx(record["fid"])
+    assert float(logged[0]["val/mimg"]) == pytest.approx(4e-5)

@@ -169,14 +169,20 @@ class SampleQuality(Callback):
             return
         self._evaluate(trainer, pl_module, self.fit_num_samples)
         scores = self.metrics.compute(self.seed)
-        pl_module.log_dict({"val/fid": scores["fid"], "val/is": scores["is"]}, sync_dist=True)
+        mimg = images_seen(trainer) / 1e6
+        pl_module.log_dict({"val/fid": scores["fid"], "val/is": scores["is"], "val/mimg": mimg}, sync_dist=True)
+        if trainer.is_global_zero and not trainer.fast_dev_run:
+            record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "mimg": round(mimg, 6),
+                      "fid": float(scores["fid"]), "is": float(scores["is"]), "num_samples": self.fit_num_samples,
+                      "sampler": self.sampling.sampler, "steps": self.sampling.steps}  # fmt: skip
+            with open(_run_folder(trainer) / "fid.jsonl", "a") as log:  # appended to: a resumed run continues it
+                log.write(json.dumps(record) + "\n")
         if self.keep_best and not trainer.fast_dev_run and (self.best is None or scores["fid"] < self.best[0]):
             self._keep_best(trainer, scores["fid"])
 
     def _keep_best(self, trainer: "pl.Trainer", fid: float) -> None:
         """Write best-fid-epoch=N.ckpt (every process takes part; the strategy writes once) and drop the old one."""
-        folder = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
-        path = folder / f"best-fid-epoch={trainer.current_epoch}.ckpt"
+        path = _run_folder(trainer) / f"best-fid-epoch={trainer.current_epoch}.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         if self.best is not None and self.best[1] != path and trainer.is_global_zero:
             self.best[1].unlink(missing_ok=True)
@@ -327,6 +333,20 @@ class SampleQuality(Callback):
         with written_whole(stem.with_name(f"{stem.name}.json")) as partial:  # last: a JSON says its samples are whole
             partial.write_text(json.dumps(report, indent=2) + "\n")
         _print_scores(report, stem.with_name(f"{stem.name}.json"))
+
+
+def images_seen(trainer: "pl.Trainer") -> int:
+    """Training images seen so far over all processes: optimizer steps x batch x accumulation x processes (from
+    the step count, so that a resumed run counts on; the loader drops incomplete batches)."""
+    batch = trainer.datamodule.batch_size
+    return trainer.global_step * batch * trainer.accumulate_grad_batches * trainer.world_size
+
+
+def _run_folder(trainer: "pl.Trainer") -> Path:
+    """Where the run's checkpoints go (checkpoints/<run>/), made if need be."""
+    folder = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _print_likelihood(report: dict, path: Path) -> None:

@@ -58,7 +58,8 @@ def shift(images: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
     rows = _reflect(torch.arange(height, device=images.device)[None] - dy[:, None], height)  # (B, H)
     cols = _reflect(torch.arange(width, device=images.device)[None] - dx[:, None], width)  # (B, W)
     index = torch.arange(batch, device=images.device)[:, None, None]
-    return images.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    moved = images.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return moved.permute(0, 3, 1, 2).contiguous()
 
 
 def _reflect(index: Tensor, size: int) -> Tensor:
