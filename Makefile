@@ -36,10 +36,10 @@ fit-mnist: install ## Train on MNIST (downloads it to data/)
 fit-cifar10: install ## Train on CIFAR-10 (downloads it to data/)
 	$(BIN)/lit-ddpm fit --config configs/cifar10.yaml
 
-eval-mnist: install ## FID/IS of checkpoints/mnist/last.ckpt (10,000 samples, the auto sampler: DPM-Solver++ SDE 50 for these eps models)
+eval-mnist: install ## FID/IS of checkpoints/mnist/last.ckpt (10,000 samples, the auto sampler: UniPC 20 for these v models)
 	$(BIN)/lit-ddpm test --config configs/mnist.yaml --ckpt_path checkpoints/mnist/last.ckpt
 
-eval-cifar10: install ## FID/IS of checkpoints/cifar10/last.ckpt (10,000 samples, the auto sampler: DPM-Solver++ SDE 50 for these eps models)
+eval-cifar10: install ## FID/IS of checkpoints/cifar10/last.ckpt (10,000 samples, the auto sampler: UniPC 20 for these v models)
 	$(BIN)/lit-ddpm test --config configs/cifar10.yaml --ckpt_path checkpoints/cifar10/last.ckpt
 
 bench: install ## Throughput vs diffusers and denoising-diffusion-pytorch, loop overhead, data path (CPU, minutes)

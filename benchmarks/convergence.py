@@ -320,6 +320,8 @@ def plot(report: dict, path: str) -> None:
         target, _, today_minutes, _ = summary(rows, TODAY, today, "fid_default")
         axes.axhline(target, color="gray", linestyle="--", label=f"today's demo at {today}")
         axes.axvline(0.6 * today_minutes, color="gray", linestyle=":", label="60% of its time")
+    if max(row["fid_default"] for row in rows) > 20 * min(row["fid_default"] for row in rows):
+        axes.set_yscale("log")  # variants orders of magnitude apart (the photos)
     axes.set_xlabel("training minutes (wall clock, this machine)")
     axes.set_ylabel(f"classifier FID, {report['settings']['default_sampler']} (lower is better)")
     axes.set_title(f"{report['settings']['dataset']}: quality against training time (mean of seeds, band: min-max)")

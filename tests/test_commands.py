@@ -137,15 +137,17 @@ def test_print_config_round_trips(tmp_path, capsys, mnist_dir, vgg):
     )
 
 
-def test_v_overlay_switches_the_prediction_target_and_names_the_run(capsys):
+def test_report_overlay_restores_the_reports_prediction_target_and_names_the_run(capsys):
     with pytest.raises(SystemExit):
-        fit("--config", f"{ROOT}/configs/cifar10.yaml", "--config", f"{ROOT}/configs/v.yaml", "--print_config")
+        fit("--config", f"{ROOT}/configs/cifar10.yaml", "--config", f"{ROOT}/configs/report.yaml", "--print_config")
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["prediction"] == "v" and config["variant"] == "v"
+    assert config["model"]["prediction"] == "eps" and config["variant"] == "report"
+    assert config["model"]["loss"]["init_args"]["snr_gamma"] is None
     assert config["model"]["optimizer"]["init_args"]["lr"] == 2e-4  # the rest of the config is left alone
+    assert config["model"]["loss"]["init_args"]["perceptual_weight"] == 0.1
     with pytest.raises(SystemExit):
         fit("--config", f"{ROOT}/configs/cifar10.yaml", "--print_config")
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["prediction"] == "eps"
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["prediction"] == "v"
 
 
 MSE_ONLY = ["--config", f"{ROOT}/configs/ablation/mse_only.yaml"]
