@@ -118,6 +118,7 @@ def test_settings_that_cannot_work_are_one_clear_error(settings, message):
         _module(**settings)
 
 
+@pytest.mark.slow  # three commands end to end
 def test_fit_with_augmentation_then_sample_and_distill(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "augmented.yaml").write_text("model:\n  augment: 0.12\n  unet:\n    init_args:\n      augment_dim: 6\n")
