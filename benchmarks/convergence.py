@@ -158,12 +158,14 @@ def real_images(
         train, held_out = demo_digits()
         return [], (train, held_out), train[0]
     train_folder, held_out_folder = write_photo_patches(workdir / "photo_patches")
-    fit_folder = train_folder
+    train = load_folder(train_folder)
+    fit_folder, fit_images = train_folder, train[0]
     if per_photo:
         fit_folder = first_of_each(train_folder, workdir / f"photo_patches_{per_photo}", per_photo)
+        fit_images = load_folder(fit_folder)[0]
     flags = ["--data.class_path", "diffusion_lit.data.ImageFolderDataModule", "--data.init_args.root",
              str(fit_folder), "--data.init_args.channels", "3", "--data.init_args.num_workers", "0"]  # fmt: skip
-    return flags, (load_folder(train_folder), load_folder(held_out_folder)), load_folder(fit_folder)[0]
+    return flags, (train, load_folder(held_out_folder)), fit_images
 
 
 def first_of_each(folder: Path, subset: Path, count: int) -> Path:
