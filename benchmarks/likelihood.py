@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
-    data, fid, floor = quality_measure(args.dataset, workdir, args.num_samples)
-    _, ((train_images, _), (held_out, _)) = real_images(args.dataset, workdir)
+    data, fid, floor, *_ = quality_measure(args.dataset, workdir, args.num_samples)
+    _, ((train_images, _), (held_out, _)), _ = real_images(args.dataset, workdir)
     rows = []
     for prediction in args.predictions:
         folder = workdir / f"{prediction}"
