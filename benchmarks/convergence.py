@@ -83,6 +83,7 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
     "eps + EDM levels and weighting": _variant("eps", lognormal=EDM_LEVELS, edm="true"),
     "folder.yaml before (eps + min-SNR-5, its hyper-parameters)": _variant("eps", snr_gamma="5", **FOLDER_BEFORE),
     "v, folder.yaml's hyper-parameters": _variant("v", **FOLDER_BEFORE),  # the shipped recipe before this sweep
+    "v, folder.yaml's hyper-parameters with Adam 1e-3": _variant("v", **{**FOLDER_BEFORE, "lr": "1e-3"}),
     "v, lr 2e-3": _variant("v", lr="2e-3"),
     "v, lr 5e-4": _variant("v", lr="5e-4"),
     "v, batch 64": _variant("v", batch="64"),
