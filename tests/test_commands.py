@@ -122,7 +122,7 @@ def test_print_config_round_trips(tmp_path, capsys, mnist_dir, vgg):
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
     assert config["model"]["unet"]["init_args"]["base_channels"] == 64
-    assert config["model"]["optimizer"]["init_args"]["lr"] == 2e-4 and config["data"]["init_args"]["batch_size"] == 64
+    assert config["model"]["optimizer"]["init_args"]["lr"] == 1e-3 and config["data"]["init_args"]["batch_size"] == 64
     (tmp_path / "printed.yaml").write_text(printed)
     fit(
         "--config",
@@ -143,11 +143,13 @@ def test_report_overlay_restores_the_reports_prediction_target_and_names_the_run
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["prediction"] == "eps" and config["variant"] == "report"
     assert config["model"]["loss"]["init_args"]["snr_gamma"] is None
-    assert config["model"]["optimizer"]["init_args"]["lr"] == 2e-4  # the rest of the config is left alone
-    assert config["model"]["loss"]["init_args"]["perceptual_weight"] == 0.1
+    optimizer = config["model"]["optimizer"]["init_args"]
+    assert optimizer["lr"] == 2e-4 and optimizer["fused"] is True  # the report's learning rate, fused kept
+    assert config["model"]["loss"]["init_args"]["perceptual_weight"] == 0.1  # the rest of the config is left alone
     with pytest.raises(SystemExit):
         fit("--config", f"{ROOT}/configs/cifar10.yaml", "--print_config")
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["prediction"] == "v"
+    shipped = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert shipped["prediction"] == "v" and shipped["optimizer"]["init_args"]["lr"] == 1e-3
 
 
 MSE_ONLY = ["--config", f"{ROOT}/configs/ablation/mse_only.yaml"]
