@@ -90,6 +90,7 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
     "v, batch 16": _variant("v", batch="16"),
     "v, dropout 0.1": _variant("v", dropout="0.1"),
     "v, no clipping": _variant("v", clip="0"),
+    "v, warm-up 320 (6% of the run, as folder.yaml's)": _variant("v", warmup="320"),  # 5,000 of 78,200 steps
     "v, EMA 0.999": _variant("v", ema="0.999"),
     "v + augmentation": _variant("v", augment="0.12", augment_dim="6"),  # non-leaky, EDM's probability
 }
