@@ -192,17 +192,13 @@ def load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quality_measure(dataset: str, workdir: Path, num_samples: int, per_photo: int = 0):
-    """(flags for `fit`, a function uint8 samples -> classifier FID against the held-out images, the floor,
-    a function uint8 samples -> nearest_ratio, the training images)."""
+    """(flags for `fit`, a function uint8 samples -> classifier FID against the held-out images (its `floor`:
+    the training images' own), real_images' ((training images, labels), (held-out images, labels)), and the
+    images `fit` trains on)."""
     flags, (train, held_out), fit_images = real_images(dataset, workdir, per_photo)
     quality = ClassifierFID(train, held_out, num_samples)
     print(f"{dataset}: classifier accuracy on held-out images {quality.accuracy:.3f}; floor {quality.floor:.2f}")
-    held_out_distance = nearest(held_out[0], fit_images)[0].median()
-
-    def nearest_ratio(samples: torch.Tensor) -> float:
-        return (nearest(to_signed(samples), fit_images)[0].median() / held_out_distance).item()
-
-    return flags, quality, quality.floor, nearest_ratio, fit_images
+    return flags, quality, (train, held_out), fit_images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,13 +221,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     workdir = args.workdir.resolve()
-    flags, fid, floor, nearest_ratio, fit_images = quality_measure(
-        args.dataset, workdir, args.num_samples, args.train_per_photo
-    )
+    flags, fid, (_, held_out), fit_images = quality_measure(args.dataset, workdir, args.num_samples,
+                                                            args.train_per_photo)  # fmt: skip
+    held_out_distance = nearest(held_out[0], fit_images)[0].median()
+
+    def nearest_ratio(samples: torch.Tensor) -> float:
+        """The samples' median distance to their nearest training image over the held-out images' own."""
+        return (nearest(to_signed(samples), fit_images)[0].median() / held_out_distance).item()
 
     runs = [(name, seed) for name in args.variants for seed in args.seeds]
     dataset = args.dataset + (f"-{args.train_per_photo}" if args.train_per_photo else "")
-    folders = {run: workdir / dataset / re.sub(r"[^a-z0-9]+", "-", run[0]).strip("-")
+    folders = {run: workdir / dataset / re.sub(r"[^a-z0-9]+", "-", run[0].lower()).strip("-")
                / f"seed{run[1]}" for run in runs}  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             print(row, flush=True)
 
     report = {"settings": {**vars(args), "workdir": str(args.workdir), "default_sampler": "auto"},
-              "floor": floor, "rows": rows}  # fmt: skip
+              "floor": fid.floor, "rows": rows}  # fmt: skip
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -313,12 +313,12 @@ def plot(report: dict, path: str) -> None:
 
     rows = report["rows"]
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for variant in dict.fromkeys(row["variant"] for row in rows):
+    for k, variant in enumerate(dict.fromkeys(row["variant"] for row in rows)):
         budgets = [c for c in dict.fromkeys(r["checkpoint"] for r in rows if r["variant"] == variant) if "min" in c]
         points = sorted((summary(rows, variant, c, "fid_default") for c in budgets), key=lambda p: p[2])
         minutes = [p[2] for p in points]
         means = [p[0] for p in points]
-        axes.plot(minutes, means, marker="o", label=variant)
+        axes.plot(minutes, means, marker="o", linestyle="-" if k < 10 else "--", label=variant)  # 10 colours
         axes.fill_between(minutes, [p[0] - p[1] for p in points], [p[0] + p[1] for p in points], alpha=0.2)
     today = f"step={report['settings']['today_steps']}"
     if any(row["checkpoint"] == today for row in rows if row["variant"] == TODAY):

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--picture", help="a PNG: the same noise, teacher's auto sampler and the students")
     args = parser.parse_args(argv)
     workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
-    data, fid, floor, *_ = quality_measure(args.dataset, workdir, args.num_samples)
+    data, fid, *_ = quality_measure(args.dataset, workdir, args.num_samples)
+    floor = fid.floor
 
     log = train(workdir / "teacher", [], 0, [], args.teacher_steps, data, threads)
     rows = []

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.convergence import quality_measure, real_images, train
+from benchmarks.convergence import quality_measure, train
 from diffusion_lit.diffusion import Sampling, likelihood
 from diffusion_lit.generation import generate_all
 from diffusion_lit.module import load_checkpoint
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
-    data, fid, floor, *_ = quality_measure(args.dataset, workdir, args.num_samples)
-    _, ((train_images, _), (held_out, _)), _ = real_images(args.dataset, workdir)
+    data, fid, ((train_images, _), (held_out, _)), _ = quality_measure(args.dataset, workdir, args.num_samples)
+    floor = fid.floor
     rows = []
     for prediction in args.predictions:
         folder = workdir / f"{prediction}"

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
-    data, fid, floor, *_ = quality_measure(args.dataset, workdir, args.num_samples)
+    data, fid, *_ = quality_measure(args.dataset, workdir, args.num_samples)
+    floor = fid.floor
     rows = []
     for seed in args.seeds:
         folder = workdir / f"seed{seed}"
