@@ -2,6 +2,7 @@
 
     python -m benchmarks.convergence --json benchmarks/results/convergence-digits.json --plot docs/convergence.png
     python -m benchmarks.convergence --dataset photos --variants "eps (today)" v       # the RGB check
+    python -m benchmarks.convergence --replot digits.json photos.json --plot both.png   # side by side, no training
     python -m benchmarks.convergence --dataset photos --train-per-photo 30 --variants v "v + augmentation" \
         --neighbours docs/neighbours.png                                      # a small folder: memorising?
 
@@ -218,7 +219,14 @@ def main(argv: list[str] | None = None) -> None:
                         "each photo only (a small folder); the classifier and the held-out patches stay")  # fmt: skip
     parser.add_argument("--neighbours", help="a PNG: per variant, 8 samples (seed 0, its last checkpoint), "
                         "each above its 3 nearest training images")  # fmt: skip
+    parser.add_argument("--replot", nargs="+", metavar="JSON", help="train nothing: draw --plot from these reports "
+                        "(written by --json), one panel each")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot draws a picture: say where with --plot out.png")
+        plot([json.loads(Path(name).read_text()) for name in args.replot], args.plot)
+        return
     torch.manual_seed(0)
     workdir = args.workdir.resolve()
     flags, fid, (_, held_out), fit_images = quality_measure(args.dataset, workdir, args.num_samples,
@@ -262,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
-        plot(report, args.plot)
+        plot([report], args.plot)
     if args.neighbours:
         neighbours_picture(last_samples, fit_images, args.neighbours)
 
@@ -304,33 +312,41 @@ def print_table(report: dict) -> None:
     print(f"| real images (the floor) | | | | {report['floor']:.1f} | |" + " 1.00 |" * near)
 
 
-def plot(report: dict, path: str) -> None:
-    """Classifier FID (default sampler) against minutes, a line and a seed band per variant."""
+def plot(reports: list[dict], path: str) -> None:
+    """Classifier FID (default sampler) against minutes, one panel per report (data set), a line and a seed band
+    per variant; a variant keeps its colour across panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for k, variant in enumerate(dict.fromkeys(row["variant"] for row in rows)):
-        budgets = [c for c in dict.fromkeys(r["checkpoint"] for r in rows if r["variant"] == variant) if "min" in c]
-        points = sorted((summary(rows, variant, c, "fid_default") for c in budgets), key=lambda p: p[2])
-        minutes = [p[2] for p in points]
-        means = [p[0] for p in points]
-        axes.plot(minutes, means, marker="o", linestyle="-" if k < 10 else "--", label=variant)  # 10 colours
-        axes.fill_between(minutes, [p[0] - p[1] for p in points], [p[0] + p[1] for p in points], alpha=0.2)
-    today = f"step={report['settings']['today_steps']}"
-    if any(row["checkpoint"] == today for row in rows if row["variant"] == TODAY):
-        target, _, today_minutes, _ = summary(rows, TODAY, today, "fid_default")
-        axes.axhline(target, color="gray", linestyle="--", label=f"today's demo at {today}")
-        axes.axvline(0.6 * today_minutes, color="gray", linestyle=":", label="60% of its time")
-    if max(row["fid_default"] for row in rows) > 20 * min(row["fid_default"] for row in rows):
-        axes.set_yscale("log")  # variants orders of magnitude apart (the photos)
-    axes.set_xlabel("training minutes (wall clock, this machine)")
-    axes.set_ylabel(f"classifier FID, {report['settings']['default_sampler']} (lower is better)")
-    axes.set_title(f"{report['settings']['dataset']}: quality against training time (mean of seeds, band: min-max)")
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: it hides no line
+    names = list(dict.fromkeys(row["variant"] for report in reports for row in report["rows"]))
+    figure, panels = plt.subplots(1, len(reports), figsize=(7 * len(reports), 4.5), squeeze=False)
+    for axes, report in zip(panels[0], reports, strict=True):
+        rows = report["rows"]
+        for variant in dict.fromkeys(row["variant"] for row in rows):
+            k = names.index(variant)
+            budgets = [c for c in dict.fromkeys(r["checkpoint"] for r in rows if r["variant"] == variant) if "min" in c]
+            points = sorted((summary(rows, variant, c, "fid_default") for c in budgets), key=lambda p: p[2])
+            minutes, means = [p[2] for p in points], [p[0] for p in points]
+            line = axes.plot(minutes, means, marker="o", color=f"C{k % 10}", linestyle="-" if k < 10 else "--",
+                             label=variant)[0]  # 10 colours, then dashed  # fmt: skip
+            band = [p[0] - p[1] for p in points], [p[0] + p[1] for p in points]
+            axes.fill_between(minutes, *band, color=line.get_color(), alpha=0.2)
+        today = f"step={report['settings']['today_steps']}"
+        if any(row["checkpoint"] == today for row in rows if row["variant"] == TODAY):
+            target, _, today_minutes, _ = summary(rows, TODAY, today, "fid_default")
+            axes.axhline(target, color="gray", linestyle="--", label=f"today's demo at {today}")
+            axes.axvline(0.6 * today_minutes, color="gray", linestyle=":", label="60% of its time")
+        axes.set_yscale("log")  # the variants and the floor are orders of magnitude apart
+        axes.axhline(report["floor"], color="black", linewidth=0.8, label="real images (the floor)")
+        axes.set_xlabel("training minutes (wall clock, this machine)")
+        axes.set_ylabel(f"classifier FID, {report['settings']['default_sampler']} (lower is better)")
+        axes.set_title(f"{report['settings']['dataset']}: quality against training time (mean of seeds, band: min-max)")
+    handles = {}  # one legend for all panels, each label once
+    for axes in panels[0]:
+        handles.update(zip(*reversed(axes.get_legend_handles_labels()), strict=True))
+    panels[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 

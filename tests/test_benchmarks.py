@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -85,6 +86,32 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     assert "| eps (today) | step=2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0
     # two variants, each a sample row and 3 neighbour rows of 8 digits of 28 pixels (and 1 pixel of padding)
     assert Image.open(tmp_path / "n.png").size == (8 * 29 + 1, 2 * 4 * 29 + 1)
+
+
+def test_convergence_replot_draws_one_panel_per_report_without_training(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    from benchmarks import convergence
+
+    def report(dataset: str, fids: list[float]) -> dict:
+        points = [(variant, seed, minutes, fid) for variant in ("v", "eps") for seed in (0, 1)
+                  for minutes, fid in zip((10, 20), fids, strict=True)]  # fmt: skip
+        rows = [{"variant": name, "seed": seed, "checkpoint": f"minutes={minutes}", "seconds": 60 * minutes,
+                 "step": 100 * minutes, "fid_default": fid + seed} for name, seed, minutes, fid in points]  # fmt: skip
+        return {"settings": {"dataset": dataset, "today_steps": 0, "default_sampler": "auto"}, "floor": 12.0,
+                "rows": rows}  # fmt: skip
+
+    names = []
+    for dataset, fids in (("digits", [40.0, 30.0]), ("photos", [400.0, 200.0])):
+        names.append(str(tmp_path / f"{dataset}.json"))
+        Path(names[-1]).write_text(json.dumps(report(dataset, fids)))
+    convergence.main(["--replot", names[0], "--plot", str(tmp_path / "one.png")])
+    convergence.main(["--replot", *names, "--plot", str(tmp_path / "two.png")])
+    one, two = Image.open(tmp_path / "one.png").size, Image.open(tmp_path / "two.png").size
+    assert two[0] > 1.5 * one[0] and two[1] == one[1]  # a second panel beside the first (one legend)
+    assert not Path("convergence_runs").exists()  # nothing trained (the default --workdir)
+    with pytest.raises(SystemExit):
+        convergence.main(["--replot", names[0]])  # no --plot: an argparse error
 
 
 @pytest.mark.slow  # a benchmark end to end
