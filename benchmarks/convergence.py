@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.replot:
         if not args.plot:
             parser.error("--replot draws a picture: say where with --plot out.png")
-        plot([json.loads(Path(name).read_text()) for name in args.replot], args.plot)
+        try:
+            reports = [json.loads(Path(name).read_text()) for name in args.replot]
+        except (OSError, ValueError) as error:
+            parser.error(f"--replot: cannot read a report ({error}); give files written by --json")
+        plot(reports, args.plot)
         return
     torch.manual_seed(0)
     workdir = args.workdir.resolve()
@@ -329,10 +333,10 @@ def plot(reports: list[dict], path: str) -> None:
             budgets = [c for c in dict.fromkeys(r["checkpoint"] for r in rows if r["variant"] == variant) if "min" in c]
             points = sorted((summary(rows, variant, c, "fid_default") for c in budgets), key=lambda p: p[2])
             minutes, means = [p[2] for p in points], [p[0] for p in points]
-            line = axes.plot(minutes, means, marker="o", color=f"C{k % 10}", linestyle="-" if k < 10 else "--",
-                             label=variant)[0]  # 10 colours, then dashed  # fmt: skip
+            colour = f"C{k % 10}"  # 10 colours, then dashed lines
+            axes.plot(minutes, means, marker="o", color=colour, linestyle="-" if k < 10 else "--", label=variant)
             band = [p[0] - p[1] for p in points], [p[0] + p[1] for p in points]
-            axes.fill_between(minutes, *band, color=line.get_color(), alpha=0.2)
+            axes.fill_between(minutes, *band, color=colour, alpha=0.2)
         today = f"step={report['settings']['today_steps']}"
         if any(row["checkpoint"] == today for row in rows if row["variant"] == TODAY):
             target, _, today_minutes, _ = summary(rows, TODAY, today, "fid_default")

@@ -112,6 +112,11 @@ def test_convergence_replot_draws_one_panel_per_report_without_training(tmp_path
     assert not Path("convergence_runs").exists()  # nothing trained (the default --workdir)
     with pytest.raises(SystemExit):
         convergence.main(["--replot", names[0]])  # no --plot: an argparse error
+    (tmp_path / "bad.json").write_text("not json")
+    for bad in ("missing.json", "bad.json"):
+        with pytest.raises(SystemExit):
+            convergence.main(["--replot", str(tmp_path / bad), "--plot", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.slow  # a benchmark end to end
