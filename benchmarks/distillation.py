@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                          args.num_samples)]  # fmt: skip
         budgets = [fraction * entry["seconds"] / 60 for fraction in args.fractions]
         for target, seed in [(target, seed) for target in args.targets for seed in args.seeds]:
-            folder = workdir / f"student-{entry['step']}-{target}-seed{seed}"
+            folder = workdir / f"student-{entry['step']}-{target}-seed{seed}{slug(args.distill_args)}"
             # --distill.steps null: the budgets decide the length
             variant = ["--teacher", str(teacher), "--model.loss.target", target, "--distill.steps", "null",
                        *args.distill_args.split()]  # fmt: skip
@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "floor": floor, "rows": rows}, indent=2))
     if args.picture:
         save_picture(workdir, log, args, args.picture)
+
+
+def slug(flags: str) -> str:
+    """A folder-name suffix for the students' extra flags ("" for none), so that one --workdir (and its teacher)
+    serves several variants: "--model.loss.segments 2" -> "_model.loss.segments-2"."""
+    return "".join(f"_{flag.lstrip('-')}" if flag.startswith("--") else f"-{flag}" for flag in flags.split())
 
 
 def print_table(rows: list[dict], floor: float, num_samples: int) -> None:
@@ -111,7 +117,7 @@ def save_picture(workdir: Path, log: list[dict], args, path: str) -> None:
     for entry in log:
         teacher = load_checkpoint(str(workdir / "teacher" / f"{entry['checkpoint']}.ckpt"))
         rows.append(generate_all(teacher, 8, batch_size=8)[0])
-        folder = workdir / f"student-{entry['step']}-{args.targets[0]}-seed{args.seeds[0]}"
+        folder = workdir / f"student-{entry['step']}-{args.targets[0]}-seed{args.seeds[0]}{slug(args.distill_args)}"
         last = max(folder.glob("minutes=*.ckpt"), key=lambda p: float(p.stem.split("=")[1]))
         student = load_checkpoint(str(last))
         rows += [generate_all(student, 8, settings=settings, batch_size=8)[0] for settings in STUDENT]

@@ -93,10 +93,10 @@ class DiffusionModule(LightningModule):
         self.image_shape = tuple(image_shape)
 
     @property
-    def consistency_model(self) -> bool:
-        """Whether this is a few-step consistency model (`lit-ddpm distill`: its loss says so); "auto" sampling
-        then uses the consistency sampler."""
-        return isinstance(self.criterion, ConsistencyLoss)
+    def consistency_model(self) -> int:
+        """For a few-step consistency model (`lit-ddpm distill`: its loss says so), its number of segments (1 or
+        more; "auto" sampling then uses the consistency sampler); 0 for a diffusion model."""
+        return self.criterion.segments if isinstance(self.criterion, ConsistencyLoss) else 0
 
     @property
     def num_classes(self) -> int | None:

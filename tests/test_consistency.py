@@ -14,6 +14,7 @@ from diffusion_lit.diffusion.consistency import (
     paired_timesteps,
     pseudo_huber,
     scalings,
+    segment_ends,
     sigmas,
     teacher_step,
 )
@@ -74,7 +75,7 @@ def exact_endpoint(schedule: NoiseSchedule, x_t, t, sigma_end=None):
     sigma = sigmas(schedule)[t].view(-1, 1)
     sigma_end = sigmas(schedule)[0] if sigma_end is None else sigma_end
     y = x_t / schedule.sqrt_alpha_bar[t].view(-1, 1)
-    return MEAN + (y - MEAN) * math.sqrt(STD**2 + sigma_end**2) / (STD**2 + sigma**2).sqrt()
+    return MEAN + (y - MEAN) * ((STD**2 + torch.as_tensor(sigma_end) ** 2) / (STD**2 + sigma**2)).sqrt()
 
 
 def test_the_closed_form_endpoint_is_where_the_exact_denoisers_ode_ends():
@@ -112,6 +113,63 @@ def test_the_sampler_with_the_exact_consistency_function_draws_the_data(steps):
                                     "none", torch.Generator().manual_seed(2))  # fmt: skip
     assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
     assert samples.std().item() == pytest.approx(STD, rel=0.01)
+
+
+def test_segment_ends_are_the_samplers_later_timesteps():
+    t = torch.arange(1000)
+    torch.testing.assert_close(segment_ends(1000, 1, t), torch.zeros(1000, dtype=torch.long))
+    two = segment_ends(1000, 2, t)
+    assert torch.all(two[:500] == 0) and torch.all(two[500:] == 499)  # t = 499 itself maps onward, to 0
+    four = segment_ends(1000, 4, t)
+    for ends, start in ((four, 999), (two, 999)):
+        later = timestep_spacing(1000, len(ends.unique()))[1:].tolist()
+        assert sorted(ends.unique().tolist()) == sorted([0, *later]) and ends[start] == max(later, default=0)
+
+
+def exact_segment_network(schedule: NoiseSchedule, segments: int):
+    """An x0-predicting network whose K-segment consistency function is exact: f(x_t, t) = exact_endpoint at the
+    sigma of t's segment end."""
+
+    def network(x_t, t):
+        end = segment_ends(1000, segments, t)
+        c_skip, c_out = scalings(schedule, t, x_t, end)
+        exact = exact_endpoint(schedule, x_t, t, sigmas(schedule)[end].view(-1, 1))
+        return (exact - c_skip * x_t) / torch.where(c_out > 0, c_out, 1)
+
+    return network
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_a_segment_map_is_the_identity_at_its_end_and_ddim_to_the_end_above_it(prediction):
+    # f(x_t, t) with end e is y_e = x0_hat + sigma_e eps_hat: DDIM's step from t to e in y = x / a; at t = e it is
+    # x_e / a_e whatever the network says.
+    schedule = NoiseSchedule(prediction=prediction)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    end = torch.full((16,), 499)
+    torch.testing.assert_close(consistency(random_network(), schedule, x, end, (), end),
+                               x / schedule.sqrt_alpha_bar[499], rtol=1e-14, atol=0)  # fmt: skip
+    t = torch.randint(500, 1000, (16,))
+    x0_hat, eps_hat = schedule.to_x0_eps(x, t, random_network()(x, t))
+    ddim = x0_hat + sigmas(schedule)[499] * eps_hat
+    torch.testing.assert_close(consistency(random_network(), schedule, x, t, (), end), ddim, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("segments", "steps"), [(2, 2), (4, 4), (2, 4), (2, 1), (4, 2)])
+def test_a_multistep_student_with_the_exact_maps_draws_the_data(segments, steps):
+    # K steps of a K-segment student walk the exact ODE deterministically; more steps re-noise inside a segment;
+    # fewer fall back to its clean-image estimate, exact here too (x0_hat of the exact map is E[x0 | x_t]
+    # only when the map ends at 0, so fewer steps reproduce the mean, not the variance).
+    schedule = NoiseSchedule(prediction="x0")
+    x = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    samples = consistency_multistep(exact_segment_network(schedule, segments), schedule, x,
+                                    timestep_spacing(1000, steps), "none", torch.Generator().manual_seed(2),
+                                    segments)  # fmt: skip
+    assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
+    if steps >= segments:
+        assert samples.std().item() == pytest.approx(STD, rel=0.01)
+    if steps == segments:  # deterministic: each sample is the ODE's end from its own noise
+        torch.testing.assert_close(samples, exact_endpoint(schedule, x, torch.full((40_000,), 999)),
+                                   rtol=0, atol=1e-6)  # fmt: skip
 
 
 def test_paired_timesteps_shrink_the_gap_by_q_per_stage():

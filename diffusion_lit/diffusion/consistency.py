@@ -35,18 +35,38 @@ def sigmas(schedule: NoiseSchedule) -> Tensor:
     return schedule.sqrt_one_minus_alpha_bar / schedule.sqrt_alpha_bar
 
 
-def scalings(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    """c_skip(t) (on x_t) and c_out(t) (on x0_hat), broadcastable against `like` (B, ...)."""
+def scalings(schedule: NoiseSchedule, t: Tensor, like: Tensor, end: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """c_skip(t) (on x_t) and c_out(t) (on x0_hat), broadcastable against `like` (B, ...), for a map to the
+    timestep `end` (B,) (None: 0, the grid's end; a later one for a multistep student, `segment_ends`)."""
     sigma = sigmas(schedule)
-    c_skip = sigma[0] / schedule.sqrt_one_minus_alpha_bar
-    c_out = 1 - sigma[0] / sigma
-    return gather(c_skip, t, like), gather(c_out, t, like)
+    if end is None:
+        c_skip = sigma[0] / schedule.sqrt_one_minus_alpha_bar
+        c_out = 1 - sigma[0] / sigma
+        return gather(c_skip, t, like), gather(c_out, t, like)
+    sigma_end = sigma[end.to(sigma.device)]
+    c_skip = sigma_end / schedule.sqrt_one_minus_alpha_bar[t.to(sigma.device)]
+    c_out = 1 - sigma_end / sigma[t.to(sigma.device)]
+    shape = (-1, *[1] * (like.dim() - 1))
+    return c_skip.to(like).reshape(shape), c_out.to(like).reshape(shape)
 
 
-def consistency(network, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, labels: tuple = ()) -> Tensor:
-    """f(x_t, t): the consistency function built on `network` (module docstring); x_t (B, ...), t (B,)."""
+def segment_ends(timesteps: int, segments: int, t: Tensor) -> Tensor:
+    """For each t (B,), the end of its segment (B,): the largest of 0 and the `segments`-step sampler's later
+    timesteps (the trailing spacing, e.g. 499 for 2 segments of 1,000) that is below t (0 for t = 0). A student
+    with K segments maps each x_t to the point of its trajectory at that end (Heek et al. 2024, "multistep
+    consistency models"); with one segment, to the grid's end, t = 0."""
+    ends = (torch.arange(1, segments, device=t.device) * timesteps / segments).round().long() - 1
+    ends = torch.cat([torch.zeros(1, dtype=torch.long, device=t.device), ends])
+    return ends[(torch.searchsorted(ends, t) - 1).clamp(min=0)]
+
+
+def consistency(
+    network, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, labels: tuple = (), end: Tensor | None = None
+) -> Tensor:
+    """f(x_t, t): the consistency function built on `network` (module docstring); x_t (B, ...), t (B,); with
+    `end` (B,), the map to y_end = x_end / a_end on the trajectory rather than to y_0."""
     x0_hat, _ = schedule.to_x0_eps(x_t, t, network(x_t, t, *labels))
-    c_skip, c_out = scalings(schedule, t, x_t)
+    c_skip, c_out = scalings(schedule, t, x_t, end)
     return c_skip * x_t + c_out * x0_hat
 
 
@@ -121,10 +141,12 @@ class ConsistencyLoss:
 
     def __init__(
         self, target: Literal["teacher", "data"] = "teacher", steps_per_stage: int = 200, q: float = 2.0,
-        huber_c: float | None = None, p_mean: float = 1.0, p_std: float = 2.0,
+        huber_c: float | None = None, p_mean: float = 1.0, p_std: float = 2.0, segments: int = 1,
     ) -> None:  # fmt: skip
         if target not in ("teacher", "data"):
             raise UserError(f"ConsistencyLoss target must be 'teacher' or 'data', got {target!r}")
+        if not 1 <= segments <= 16:
+            raise UserError(f"ConsistencyLoss segments must be between 1 and 16, got {segments}")
         self.config = {name: value for name, value in locals().items() if name != "self"}  # for checkpoints
         self.target = target
         self.steps_per_stage = steps_per_stage
@@ -132,6 +154,7 @@ class ConsistencyLoss:
         self.huber_c = huber_c
         self.p_mean = p_mean
         self.p_std = p_std
+        self.segments = segments
         self.teacher = None  # the frozen teacher network on the student's device (InitFromTeacher), for "teacher"
 
     def __call__(
@@ -145,20 +168,23 @@ class ConsistencyLoss:
         extra = () if labels is None else (labels,)
         stage = step // self.steps_per_stage
         x_t = schedule.q_sample(x0, t, noise)
+        end = None if self.segments == 1 else segment_ends(schedule.timesteps, self.segments, t)
         if self.target == "teacher":
             if self.teacher is None:
                 raise UserError("ConsistencyLoss(target='teacher') needs its teacher: run lit-ddpm distill --teacher")
             r = paired_timesteps(schedule, t, stage + 1, self.q).clamp(min=0)
+            r = r if end is None else torch.maximum(r, end)  # never past the segment's end
             with torch.no_grad():
                 x_r = teacher_step(self.teacher, schedule, x_t, t, r, extra).to(x_t.dtype)
         else:
             r = paired_timesteps(schedule, t, stage, self.q)
+            r = r if end is None else torch.where(end > 0, torch.maximum(r, end), r)
             x_r = schedule.q_sample(x0, r.clamp(min=0), noise)
         devices = [x0.device] if x0.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():  # the online pass then redraws the same dropout
-            target = consistency(network, schedule, x_r, r.clamp(min=0), extra)
+            target = consistency(network, schedule, x_r, r.clamp(min=0), extra, end)  # r = end: x_end / a_end
             target = torch.where((r < 0).view(-1, *[1] * (x0.dim() - 1)), x0, target)  # r = -1: the clean image
-        online = consistency(network, schedule, x_t, t, extra)
+        online = consistency(network, schedule, x_t, t, extra, end)
         grid = sigmas(schedule).to(x0.device)
         gap = grid[t] - torch.where(r < 0, torch.zeros_like(grid[t]), grid[r.clamp(min=0)])
         loss = (pseudo_huber(online, target, self.huber_c) / gap.float()).mean()

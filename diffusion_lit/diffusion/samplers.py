@@ -10,9 +10,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lit.diffusion.consistency import consistency
+from diffusion_lit.diffusion.consistency import consistency, scalings, segment_ends
 from diffusion_lit.diffusion.sampling import Sampling, Spacing, Threshold, Variance
-from diffusion_lit.diffusion.schedule import NoiseSchedule, posterior
+from diffusion_lit.diffusion.schedule import NoiseSchedule, gather, posterior
 from diffusion_lit.errors import UserError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> network output
@@ -234,16 +234,47 @@ def consistency_multistep(
     timesteps: Tensor,
     threshold: Threshold = "clip",
     generator: torch.Generator | None = None,
+    segments: int = 1,
 ) -> Tensor:
     """Multistep consistency sampling (Song et al. 2023, algorithm 1) from x = x_T ~ N(0, I) at timesteps[0]:
     x0 = f(x, timesteps[0]) (`consistency.consistency`); then for each later t, x0 is noised back to x_t with
     fresh noise and mapped again. One network evaluation per step; for a model distilled by `lit-ddpm distill`,
-    and, as a one-step denoiser at each step, for any diffusion model."""
-    x0 = threshold_x0(consistency(model, schedule, x, timesteps[:1].expand(len(x))), threshold)
-    for t in timesteps[1:].tolist():
-        t = torch.full((len(x),), t, device=x.device)
-        x0 = threshold_x0(consistency(model, schedule, schedule.q_sample(x0, t, _noise(x, generator)), t), threshold)
-    return x0
+    and, as a one-step denoiser at each step, for any diffusion model.
+
+    A student of K `segments` (Heek et al. 2024) maps x_t to the end e of t's segment (`segment_ends`); from
+    there the walk goes on deterministically when the next timestep is e (the K-step sampler of a K-segment
+    student visits only those), with fresh noise from x_e up to the next timestep when it is later (more steps
+    than segments), and from the network's clean-image estimate when it is earlier or when this was the last
+    step (fewer steps than segments)."""
+    if segments == 1:
+        x0 = threshold_x0(consistency(model, schedule, x, timesteps[:1].expand(len(x))), threshold)
+        for t in timesteps[1:].tolist():
+            t = torch.full((len(x),), t, device=x.device)
+            x0 = schedule.q_sample(x0, t, _noise(x, generator))
+            x0 = threshold_x0(consistency(model, schedule, x0, t), threshold)
+        return x0
+    ends = segment_ends(schedule.timesteps, segments, timesteps.to(x.device))
+    for i, t in enumerate(timesteps.tolist()):
+        t, end = torch.full((len(x),), t, device=x.device), ends[i].expand(len(x))
+        y = consistency(model, schedule, x, t, (), end)  # x_end / a_end
+        following = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
+        if ends[i] == 0:  # y is a clean image
+            x0 = threshold_x0(y, threshold)
+            if following < 0:
+                return x0
+            x = schedule.q_sample(x0, torch.full_like(t, following), _noise(x, generator))
+        elif following >= ends[i]:  # x_end, then forward to the following timestep (no noise if it is the end)
+            ratio = schedule.alpha_bar[following].to(x) / schedule.alpha_bar[ends[i]].to(x)
+            x = ratio.sqrt() * gather(schedule.sqrt_alpha_bar, end, x) * y
+            if following > ends[i]:
+                x = x + (1 - ratio).sqrt() * _noise(x, generator)
+        else:  # past the end: the clean-image estimate behind y = c_skip x + c_out x0_hat
+            c_skip, c_out = scalings(schedule, t, x, end)
+            x0 = threshold_x0((y - c_skip * x) / c_out, threshold)
+            if following < 0:
+                return x0
+            x = schedule.q_sample(x0, torch.full_like(t, following), _noise(x, generator))
+    raise AssertionError("unreachable: the last step returns")
 
 
 @torch.inference_mode()
@@ -254,10 +285,10 @@ def reverse_process(
     settings: Sampling = Sampling(),
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    consistency_model: bool = False,
+    consistency_model: int = 0,
 ) -> Tensor:
     """Draw x_T ~ N(0, I) of `shape` and run the sampler `settings` name (guidance is the denoiser's business);
-    "auto" picks the consistency sampler for a `consistency_model`."""
+    "auto" picks the consistency sampler for a `consistency_model` (its number of segments; 0: a diffusion model)."""
     settings.check(schedule.timesteps)
     settings = settings.resolve(schedule.prediction, schedule.timesteps, consistency_model)
     timesteps = timestep_spacing(schedule.timesteps, settings.steps, settings.spacing)
@@ -270,5 +301,5 @@ def reverse_process(
     if name == "unipc":
         return unipc(model, schedule, x, timesteps, threshold)
     if name == "consistency":
-        return consistency_multistep(model, schedule, x, timesteps, threshold, generator)
+        return consistency_multistep(model, schedule, x, timesteps, threshold, generator, max(consistency_model, 1))
     return dpmpp_2m(model, schedule, x, timesteps, threshold, generator, sde=name == "dpmpp_sde")

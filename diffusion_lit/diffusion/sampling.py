@@ -48,13 +48,15 @@ class Sampling:
     threshold: Threshold = "clip"
     guidance: float = 1.0
 
-    def resolve(self, prediction: str, timesteps: int, consistency_model: bool = False) -> "Sampling":
+    def resolve(self, prediction: str, timesteps: int, consistency_model: int = 0) -> "Sampling":
         """These settings with "auto" and a missing step count made concrete for a model's prediction target
-        and T, or for a consistency model (an explicit step count is kept: `check` refuses one above T)."""
+        and T, or for a consistency model of `consistency_model` segments (a K-segment student's steps: K, at
+        least 2); an explicit step count is kept: `check` refuses one above T."""
+        consistency_steps = max(AUTO_CONSISTENCY[1], consistency_model)
         if self.sampler == "auto":
-            sampler, steps = AUTO_CONSISTENCY if consistency_model else AUTO[prediction]
+            sampler, steps = ("consistency", consistency_steps) if consistency_model else AUTO[prediction]
         else:
-            sampler, steps = self.sampler, AUTO_CONSISTENCY[1] if self.sampler == "consistency" else STEPS
+            sampler, steps = self.sampler, consistency_steps if self.sampler == "consistency" else STEPS
         if self.sampler == "auto" or self.steps is None:
             return replace(self, sampler=sampler, steps=self.steps or min(steps, timesteps))
         return self
