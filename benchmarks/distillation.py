@@ -8,8 +8,10 @@ Trains a teacher of the demo recipe (timed from its first step, as the convergen
 --fractions of the teacher's training time, keeping the student at each fraction, once per ConsistencyLoss
 --targets (the teacher's ODE step, ECT's data pairs). Every teacher is scored with
 its auto sampler and with DDIM, DPM-Solver++ and UniPC at 1, 2, 4 and 10 NFE (and the consistency sampler on
-the teacher itself: its one-step denoiser at each step), every student with the consistency sampler at 1, 2
-and 4 steps; the score is classifier FID (benchmarks/common.py) of --num-samples images against held-out
+the teacher itself: its one-step denoiser at each step), every student with the consistency sampler at those
+of 1, 2 and 4 steps it draws with (a K-segment student: multiples of K); --distill-args passes the student's
+flags (e.g. "--model.loss.segments 1") and names its folders, so variants share one --workdir's teacher. The
+score is classifier FID (benchmarks/common.py) of --num-samples images against held-out
 images. --dataset photos runs the same on the RGB photo patches.
 """
 
@@ -28,7 +30,13 @@ from diffusion_lit.module import load_checkpoint
 
 SOLVERS = [Sampling(name, nfe) for name in ("ddim", "dpmpp", "unipc") for nfe in (1, 2, 4, 10)]
 SOLVERS += [Sampling("consistency", nfe) for nfe in (1, 2, 4)]
-STUDENT = [Sampling("consistency", steps) for steps in (1, 2, 4)]
+
+
+def student_rows(segments: int) -> list[Sampling]:
+    """The consistency sampler at those of 1, 2 and 4 steps that a student of `segments` draws with (multiples)."""
+    return [Sampling("consistency", steps) for steps in (1, 2, 4) if steps % segments == 0] or [
+        Sampling("consistency", segments)
+    ]
 
 
 def score(checkpoint: Path, rows: list[Sampling], fid, num_samples: int) -> list[dict]:
@@ -82,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
             for student in train(folder, variant, seed, budgets, [], data, threads, command="distill"):
                 minutes = float(student["checkpoint"].split("=")[1])  # written with 6 digits
                 fraction = min(args.fractions, key=lambda f: abs(f * entry["seconds"] / 60 - minutes))
-                for row in score(folder / f"{student['checkpoint']}.ckpt", STUDENT, fid, args.num_samples):
+                checkpoint = folder / f"{student['checkpoint']}.ckpt"
+                rows_of_student = student_rows(load_checkpoint(str(checkpoint)).consistency_model)
+                for row in score(checkpoint, rows_of_student, fid, args.num_samples):
                     rows.append({"model": f"student ({target}) of {entry['step']}, {fraction:.0%} of its time",
                                  "seed": seed, "target": target, "steps": student["step"], **row})  # fmt: skip
         print_table(rows, floor, args.num_samples)
@@ -111,16 +121,18 @@ def print_table(rows: list[dict], floor: float, num_samples: int) -> None:
 
 
 def save_picture(workdir: Path, log: list[dict], args, path: str) -> None:
-    """One row per model: the teacher's auto sampler, then the seed-0 student at its largest budget at 1, 2, 4
-    steps; the same 8 noises in every row."""
+    """One row per model: the teacher's auto sampler, then the seed-0 student of each variant in `workdir` (this
+    command's and earlier ones' --distill-args, by folder name) at its largest budget at each step count it draws
+    with (`student_rows`); the same 8 noises in every row."""
     rows = []
     for entry in log:
         teacher = load_checkpoint(str(workdir / "teacher" / f"{entry['checkpoint']}.ckpt"))
         rows.append(generate_all(teacher, 8, batch_size=8)[0])
-        folder = workdir / f"student-{entry['step']}-{args.targets[0]}-seed{args.seeds[0]}{slug(args.distill_args)}"
-        last = max(folder.glob("minutes=*.ckpt"), key=lambda p: float(p.stem.split("=")[1]))
-        student = load_checkpoint(str(last))
-        rows += [generate_all(student, 8, settings=settings, batch_size=8)[0] for settings in STUDENT]
+        for folder in sorted(workdir.glob(f"student-{entry['step']}-{args.targets[0]}-seed{args.seeds[0]}*")):
+            last = max(folder.glob("minutes=*.ckpt"), key=lambda p: float(p.stem.split("=")[1]))
+            student = load_checkpoint(str(last))
+            rows += [generate_all(student, 8, settings=settings, batch_size=8)[0]
+                     for settings in student_rows(student.consistency_model)]  # fmt: skip
     save_image(make_grid(torch.cat(rows).float() / 255, nrow=8, padding=2, pad_value=1), path)
 
 

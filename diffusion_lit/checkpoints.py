@@ -71,6 +71,9 @@ def upgrade_hyper_parameters(hyper_parameters: dict) -> list[str]:
     the Adam ones into `optimizer`, the dropped ones removed (each has its own place and default now). Returns
     the names moved or dropped."""
     changed = sorted(set(hyper_parameters) & set(MOVED_SETTINGS))
+    if _one_segment_student(hyper_parameters):
+        hyper_parameters["loss"]["init_args"]["segments"] = 1
+        changed.append("loss.init_args.segments (1)")
     for name in DROPPED_SETTINGS:
         hyper_parameters.pop(name, None)
     loss = {name: hyper_parameters.pop(name) for name in LOSS_SETTINGS if name in hyper_parameters}
@@ -87,7 +90,8 @@ def upgraded(path: str) -> str | io.BytesIO:
     """`path`, or, for a checkpoint of an earlier lit-ddpm, its contents with the settings in today's layout, in
     memory (the file is left as it is)."""
     checkpoint = _read(path)
-    if not set(checkpoint.get("hyper_parameters", {})) & set(MOVED_SETTINGS):
+    hyper_parameters = checkpoint.get("hyper_parameters", {})
+    if not set(hyper_parameters) & set(MOVED_SETTINGS) and not _one_segment_student(hyper_parameters):
         return path
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     upgrade_hyper_parameters(checkpoint["hyper_parameters"])
@@ -95,6 +99,16 @@ def upgraded(path: str) -> str | io.BytesIO:
     torch.save(checkpoint, buffer)
     buffer.seek(0)
     return buffer
+
+
+def _one_segment_student(hyper_parameters: dict) -> bool:
+    """A student of a lit-ddpm before multistep students: its ConsistencyLoss names no segments, and was one."""
+    loss = hyper_parameters.get("loss")
+    return (
+        isinstance(loss, dict)
+        and str(loss.get("class_path", "")).endswith("ConsistencyLoss")
+        and "segments" not in loss.get("init_args", {})
+    )
 
 
 def _read(path: str, label: str = "--ckpt_path ") -> dict:

@@ -167,6 +167,8 @@ def test_ablation_runs_end_to_end(tmp_path, capsys):
 @pytest.mark.slow  # a benchmark end to end
 def test_distillation_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     pytest.importorskip("mlxtend")
+    from PIL import Image
+
     from benchmarks import distillation
 
     argv = ["--teacher-steps", "4", "--fractions", "0.5", "--seeds", "0", "--num-samples", "8",
@@ -179,8 +181,17 @@ def test_distillation_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     teacher_rows = [row["sampling"] for row in report["rows"] if row["model"] == "teacher 4"]
     assert len(teacher_rows) == 1 + 12 + 3 and "unipc4" in teacher_rows
     assert all(row["classifier_fid"] > 0 for row in report["rows"])
-    assert "| student (teacher) of 4, 50% of its time | consistency2 | 2 |" in capsys.readouterr().out
-    assert (tmp_path / "d.png").stat().st_size > 0
+    students = {row["sampling"] for row in report["rows"] if row["model"] != "teacher 4"}
+    assert students == {"consistency4"}  # a 4-segment student (the default) draws with 4 steps only
+    assert "| student (teacher) of 4, 50% of its time | consistency4 | 4 |" in capsys.readouterr().out
+    # a second variant in the same --workdir: its own folders, the teacher reused, both in the picture
+    distillation.main([*argv[:-4], "--targets", "teacher", "--distill-args", "--model.loss.segments 1",
+                       "--json", str(tmp_path / "d1.json"), "--picture", str(tmp_path / "d1.png")])  # fmt: skip
+    rows = json.loads((tmp_path / "d1.json").read_text())["rows"]
+    assert [row["sampling"] for row in rows if row["seed"] is not None] == [f"consistency{n}" for n in (1, 2, 4)]
+    assert (tmp_path / "runs" / "student-4-teacher-seed0_model.loss.segments-1").is_dir()
+    heights = [Image.open(tmp_path / name).size[1] for name in ("d.png", "d1.png")]
+    assert heights[1] > heights[0]  # the teacher, the default student at 4 steps, then the new one at 1, 2, 4
 
 
 @pytest.mark.slow  # a benchmark end to end

@@ -19,6 +19,7 @@ from diffusion_lit.diffusion.consistency import (
     teacher_step,
 )
 from diffusion_lit.diffusion.samplers import consistency_multistep, dpmpp_2m
+from diffusion_lit.errors import UserError
 
 
 def random_network(seed: int = 0):
@@ -95,12 +96,15 @@ def test_the_closed_form_endpoint_is_where_the_exact_denoisers_ode_ends():
     torch.testing.assert_close(x_end, exact_endpoint(schedule, x, start, sigma_end=0.0), rtol=0, atol=1e-3)
 
 
-def exact_consistency_network(schedule: NoiseSchedule):
-    """An x0-predicting network whose consistency function is the exact one, f = exact_endpoint."""
+def exact_segment_network(schedule: NoiseSchedule, segments: int):
+    """An x0-predicting network whose K-segment consistency function is exact: f(x_t, t) = exact_endpoint at the
+    sigma of t's segment end."""
 
     def network(x_t, t):
-        c_skip, c_out = scalings(schedule, t, x_t)
-        return (exact_endpoint(schedule, x_t, t) - c_skip * x_t) / torch.where(c_out > 0, c_out, 1)  # t = 0: any
+        end = segment_ends(1000, segments, t)
+        c_skip, c_out = scalings(schedule, t, x_t, end)
+        exact = exact_endpoint(schedule, x_t, t, sigmas(schedule)[end].view(-1, 1))
+        return (exact - c_skip * x_t) / torch.where(c_out > 0, c_out, 1)
 
     return network
 
@@ -109,7 +113,7 @@ def exact_consistency_network(schedule: NoiseSchedule):
 def test_the_sampler_with_the_exact_consistency_function_draws_the_data(steps):
     schedule = NoiseSchedule(prediction="x0")
     x = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    samples = consistency_multistep(exact_consistency_network(schedule), schedule, x, timestep_spacing(1000, steps),
+    samples = consistency_multistep(exact_segment_network(schedule, 1), schedule, x, timestep_spacing(1000, steps),
                                     "none", torch.Generator().manual_seed(2))  # fmt: skip
     assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
     assert samples.std().item() == pytest.approx(STD, rel=0.01)
@@ -124,19 +128,6 @@ def test_segment_ends_are_the_samplers_later_timesteps():
     for ends, start in ((four, 999), (two, 999)):
         later = timestep_spacing(1000, len(ends.unique()))[1:].tolist()
         assert sorted(ends.unique().tolist()) == sorted([0, *later]) and ends[start] == max(later, default=0)
-
-
-def exact_segment_network(schedule: NoiseSchedule, segments: int):
-    """An x0-predicting network whose K-segment consistency function is exact: f(x_t, t) = exact_endpoint at the
-    sigma of t's segment end."""
-
-    def network(x_t, t):
-        end = segment_ends(1000, segments, t)
-        c_skip, c_out = scalings(schedule, t, x_t, end)
-        exact = exact_endpoint(schedule, x_t, t, sigmas(schedule)[end].view(-1, 1))
-        return (exact - c_skip * x_t) / torch.where(c_out > 0, c_out, 1)
-
-    return network
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -154,22 +145,28 @@ def test_a_segment_map_is_the_identity_at_its_end_and_ddim_to_the_end_above_it(p
     torch.testing.assert_close(consistency(random_network(), schedule, x, t, (), end), ddim, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize(("segments", "steps"), [(2, 2), (4, 4), (2, 4), (2, 1), (4, 2)])
+@pytest.mark.parametrize(("segments", "steps"), [(2, 2), (4, 4), (2, 4), (4, 8)])
 def test_a_multistep_student_with_the_exact_maps_draws_the_data(segments, steps):
-    # K steps of a K-segment student walk the exact ODE deterministically; more steps re-noise inside a segment;
-    # fewer fall back to its clean-image estimate, exact here too (x0_hat of the exact map is E[x0 | x_t]
-    # only when the map ends at 0, so fewer steps reproduce the mean, not the variance).
+    # K steps of a K-segment student walk the exact ODE deterministically; a multiple of K re-noises inside a
+    # segment and still draws the data.
     schedule = NoiseSchedule(prediction="x0")
     x = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     samples = consistency_multistep(exact_segment_network(schedule, segments), schedule, x,
                                     timestep_spacing(1000, steps), "none", torch.Generator().manual_seed(2),
                                     segments)  # fmt: skip
     assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
-    if steps >= segments:
-        assert samples.std().item() == pytest.approx(STD, rel=0.01)
+    assert samples.std().item() == pytest.approx(STD, rel=0.01)
     if steps == segments:  # deterministic: each sample is the ODE's end from its own noise
         torch.testing.assert_close(samples, exact_endpoint(schedule, x, torch.full((40_000,), 999)),
                                    rtol=0, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize(("steps", "spacing"), [(2, "trailing"), (6, "trailing"), (4, "uniform")])
+def test_a_multistep_student_refuses_steps_that_miss_its_segment_ends(steps, spacing):
+    schedule = NoiseSchedule(prediction="x0")
+    with pytest.raises(UserError, match="distilled in 4 segments: it draws with a multiple of 4 steps"):
+        consistency_multistep(exact_segment_network(schedule, 4), schedule, torch.randn(2, 1, dtype=torch.float64),
+                              timestep_spacing(1000, steps, spacing), "none", None, 4)  # fmt: skip
 
 
 def test_paired_timesteps_shrink_the_gap_by_q_per_stage():
@@ -216,7 +213,7 @@ def test_at_stage_zero_the_loss_is_the_distance_to_the_clean_image_and_both_pass
 
     x0 = torch.rand(8, 1, 4, 4) * 2 - 1
     noise, t = torch.randn_like(x0), torch.randint(1, 1000, (8,))
-    terms = ConsistencyLoss(target="data", huber_c=0.01)(network, schedule, x0, noise, t, step=0)
+    terms = ConsistencyLoss(target="data", huber_c=0.01, segments=1)(network, schedule, x0, noise, t, step=0)
     online = consistency(lambda *_: masks[1] * schedule.q_sample(x0, t, noise), schedule,
                          schedule.q_sample(x0, t, noise), t)  # fmt: skip
     expected = ((online - x0).pow(2).flatten(1).sum(1) + 1e-4).sqrt() - 0.01
@@ -244,7 +241,8 @@ def test_the_teachers_step_follows_the_exact_ode_to_second_order_in_the_gap():
     assert errors[0] < 1e-5 and 30 < errors[1] / errors[0] < 300 and errors[2] > 1e-2
 
 
-def test_with_the_teacher_target_the_exact_consistency_function_has_almost_no_loss_and_a_wrong_one_has_some():
+@pytest.mark.parametrize("segments", [1, 2])
+def test_with_the_teacher_target_the_exact_consistency_function_has_almost_no_loss_and_a_wrong_one_has_some(segments):
     # Gaussian data, the exact denoiser as the teacher: the exact consistency function's loss is only the
     # teacher step's error, small once the gap is small (stage 9: 1/512 of sigma_t); a network that drifts along
     # the trajectory by 0.01% per timestep has a loss 30x larger (87x today).
@@ -255,9 +253,9 @@ def test_with_the_teacher_target_the_exact_consistency_function_has_almost_no_lo
     x0 = torch.randn(4000, 1, dtype=torch.float64, generator=generator) * STD + MEAN
     noise = torch.randn(4000, 1, dtype=torch.float64, generator=generator)
     t = torch.randint(1, 1000, (4000,), generator=generator)
-    loss = ConsistencyLoss(steps_per_stage=1, huber_c=1e-6)
+    loss = ConsistencyLoss(steps_per_stage=1, huber_c=1e-6, segments=segments)
     loss.teacher = lambda x_t, t: (x_t - s[t].view(-1, 1) * eps(x_t, t)) / a[t].view(-1, 1)  # the loss only calls it
-    exact = exact_consistency_network(schedule)
+    exact = exact_segment_network(schedule, segments)
 
     def wrong(x_t, t):  # not constant along a trajectory: 10% more at t = 999 than at t = 0
         return exact(x_t, t) * (1 + t.view(-1, 1) / 10_000)
@@ -274,7 +272,7 @@ def test_the_teacher_target_pairs_half_the_way_down_at_the_first_stage_and_needs
         calls.append(t.clone())
         return torch.zeros_like(x_t)
 
-    loss = ConsistencyLoss(steps_per_stage=10)
+    loss = ConsistencyLoss(steps_per_stage=10, segments=1)
     x0, t = torch.zeros(6, 1, 2, 2), torch.tensor([100, 300, 500, 700, 900, 999])
     with pytest.raises(Exception, match="needs its teacher"):
         loss(network, schedule, x0, torch.randn_like(x0), t, step=0)
@@ -283,3 +281,10 @@ def test_the_teacher_target_pairs_half_the_way_down_at_the_first_stage_and_needs
     teacher_t, target_r, online_t = calls
     assert torch.equal(teacher_t, t) and torch.equal(online_t, t)
     assert torch.equal(target_r, paired_timesteps(schedule, t, 2).clamp(min=0))
+    calls.clear()
+    loss.segments = 4  # the pair stops at the end of t's segment: 249, 499, 749 or 0
+    loss(network, schedule, x0, torch.randn_like(x0), t, step=15)
+    ends = segment_ends(1000, 4, t)
+    assert ends.tolist() == [0, 249, 499, 499, 749, 749]
+    assert torch.equal(calls[1], torch.maximum(paired_timesteps(schedule, t, 2).clamp(min=0), ends))
+    assert torch.any(calls[1] == ends) and torch.any(calls[1] > ends)  # both kinds of pair in this batch

@@ -22,7 +22,9 @@ def distill(teacher: Path, *extra: str) -> Path:
     return Path("checkpoints/demo_distill/last.ckpt")
 
 
-def test_a_student_is_a_checkpoint_that_says_what_it_is_and_samples_with_the_consistency_sampler(demo_checkpoint):
+def test_a_student_is_a_checkpoint_that_says_what_it_is_and_samples_with_the_consistency_sampler(
+    demo_checkpoint, capsys
+):
     student = distill(demo_checkpoint)
     checkpoint = torch.load(student, weights_only=True)
     assert checkpoint["global_step"] == 3  # --distill.steps, not the trainer's max_steps
@@ -35,9 +37,21 @@ def test_a_student_is_a_checkpoint_that_says_what_it_is_and_samples_with_the_con
     main(["sample", "--ckpt_path", str(student), "--num_samples", "4", "--output", "auto"])
     images = np.load("auto/samples.npz")["arr_0"]
     assert images.shape == (4, 28, 28, 1) and images.std() > 0
-    assert load_checkpoint(str(student)).consistency_model
-    main(["sample", "--ckpt_path", str(student), "--num_samples", "4", "--steps", "1", "--output", "one"])
-    assert not np.array_equal(np.load("one/samples.npz")["arr_0"], images)  # --steps overrides the 2 of auto
+    assert load_checkpoint(str(student)).consistency_model == 4  # segments: auto draws with 4 steps
+    main(["sample", "--ckpt_path", str(student), "--num_samples", "4", "--steps", "8", "--output", "eight"])
+    assert not np.array_equal(np.load("eight/samples.npz")["arr_0"], images)  # --steps overrides the 4 of auto
+    error = one_line_error(capsys, "sample", "--ckpt_path", str(student), "--num_samples", "4", "--steps", "2",
+                           "--output", "two")  # fmt: skip
+    assert "distilled in 4 segments" in error and "--model.loss.segments 1" in error and not Path("two").exists()
+
+
+def test_a_student_written_before_segments_is_read_as_the_one_segment_student_it_was(demo_checkpoint):
+    student = distill(demo_checkpoint)
+    checkpoint = torch.load(student, weights_only=True)
+    del checkpoint["hyper_parameters"]["loss"]["init_args"]["segments"]
+    torch.save(checkpoint, "old.ckpt")
+    assert load_checkpoint("old.ckpt").consistency_model == 1  # not today's default of 4
+    assert load_checkpoint(str(student)).consistency_model == 4
 
 
 def test_test_scores_a_student_with_the_consistency_sampler(demo_checkpoint, monkeypatch, tmp_path):
@@ -47,7 +61,7 @@ def test_test_scores_a_student_with_the_consistency_sampler(demo_checkpoint, mon
           "--evaluation.num_samples", "4", "--evaluation.reference", "test",
           "--evaluation.cache_dir", "cache"])  # fmt: skip
     (report,) = student.parent.glob("last-fid-*.json")
-    assert json.loads(report.read_text())["sampling"]["sampler"] == "consistency" and "consistency2" in report.name
+    assert json.loads(report.read_text())["sampling"]["sampler"] == "consistency" and "consistency4" in report.name
 
 
 def test_the_student_starts_as_the_teacher_and_the_loss_gets_a_frozen_copy_of_it(demo_checkpoint, tmp_path):

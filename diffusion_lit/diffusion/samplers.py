@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lit.diffusion.consistency import consistency, scalings, segment_ends
+from diffusion_lit.diffusion.consistency import consistency, segment_ends
 from diffusion_lit.diffusion.sampling import Sampling, Spacing, Threshold, Variance
 from diffusion_lit.diffusion.schedule import NoiseSchedule, gather, posterior
 from diffusion_lit.errors import UserError
@@ -241,39 +241,31 @@ def consistency_multistep(
     fresh noise and mapped again. One network evaluation per step; for a model distilled by `lit-ddpm distill`,
     and, as a one-step denoiser at each step, for any diffusion model.
 
-    A student of K `segments` (Heek et al. 2024) maps x_t to the end e of t's segment (`segment_ends`); from
-    there the walk goes on deterministically when the next timestep is e (the K-step sampler of a K-segment
-    student visits only those), with fresh noise from x_e up to the next timestep when it is later (more steps
-    than segments), and from the network's clean-image estimate when it is earlier or when this was the last
-    step (fewer steps than segments)."""
-    if segments == 1:
-        x0 = threshold_x0(consistency(model, schedule, x, timesteps[:1].expand(len(x))), threshold)
-        for t in timesteps[1:].tolist():
-            t = torch.full((len(x),), t, device=x.device)
-            x0 = schedule.q_sample(x0, t, _noise(x, generator))
-            x0 = threshold_x0(consistency(model, schedule, x0, t), threshold)
-        return x0
+    A student of K `segments` (Heek et al. 2024) maps x_t to the end e of t's segment (`segment_ends`) and draws
+    with a multiple of K steps, which visit every end: from e the walk goes on deterministically when the next
+    timestep is e (K steps), and with fresh noise from x_e up to the next timestep when that is later."""
+    every_end = set(segment_ends(schedule.timesteps, segments, torch.arange(schedule.timesteps)).tolist())
+    if len(timesteps) % segments or not every_end - {0} <= set(timesteps.tolist()):
+        raise UserError(
+            f"this student was distilled in {segments} segments: it draws with a multiple of {segments} steps at the "
+            f"trailing spacing (--steps {segments}), not {len(timesteps)} steps at this spacing; for 1 or 2 steps, "
+            "distill with --model.loss.segments 1"
+        )
     ends = segment_ends(schedule.timesteps, segments, timesteps.to(x.device))
     for i, t in enumerate(timesteps.tolist()):
         t, end = torch.full((len(x),), t, device=x.device), ends[i].expand(len(x))
-        y = consistency(model, schedule, x, t, (), end)  # x_end / a_end
-        following = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
-        if ends[i] == 0:  # y is a clean image
+        y = consistency(model, schedule, x, t, (), None if segments == 1 else end)  # x_end / a_end
+        following = timesteps[i + 1].item() if i + 1 < len(timesteps) else None
+        if ends[i] == 0:  # y is a clean image: Song et al.'s algorithm 1
             x0 = threshold_x0(y, threshold)
-            if following < 0:
+            if following is None:
                 return x0
             x = schedule.q_sample(x0, torch.full_like(t, following), _noise(x, generator))
-        elif following >= ends[i]:  # x_end, then forward to the following timestep (no noise if it is the end)
+        else:  # x_end, then forward to the following timestep (no noise when it is the end)
             ratio = schedule.alpha_bar[following].to(x) / schedule.alpha_bar[ends[i]].to(x)
             x = ratio.sqrt() * gather(schedule.sqrt_alpha_bar, end, x) * y
             if following > ends[i]:
                 x = x + (1 - ratio).sqrt() * _noise(x, generator)
-        else:  # past the end: the clean-image estimate behind y = c_skip x + c_out x0_hat
-            c_skip, c_out = scalings(schedule, t, x, end)
-            x0 = threshold_x0((y - c_skip * x) / c_out, threshold)
-            if following < 0:
-                return x0
-            x = schedule.q_sample(x0, torch.full_like(t, following), _noise(x, generator))
     raise AssertionError("unreachable: the last step returns")
 
 

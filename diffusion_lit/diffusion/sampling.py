@@ -16,7 +16,7 @@ Threshold = Literal["clip", "dynamic", "none"]
 # FID at 50 NFE or fewer, for a young and a 4x longer trained model alike (docs/sampling.md "Which sampler": the table).
 # x0 prediction was not measured; it gets the stochastic solver, the safe choice for a noisy x0.
 AUTO = {"eps": ("dpmpp_sde", 50), "v": ("unipc", 20), "x0": ("dpmpp_sde", 50)}
-AUTO_CONSISTENCY = ("consistency", 2)  # a model distilled by `lit-ddpm distill`, whatever its prediction target
+AUTO_CONSISTENCY = ("consistency", 2)  # a `lit-ddpm distill` student of 1 segment (K segments: K steps), any target
 STEPS = 50  # a named sampler without a step count
 
 
@@ -26,12 +26,12 @@ class Sampling:
 
     Args:
         sampler: "auto" (the measured best for the model: DPM-Solver++(2M) SDE, 50 steps, for noise (eps)
-            prediction; UniPC, 20 steps, for v prediction; the consistency sampler, 2 steps, for a model
-            distilled by `lit-ddpm distill`), "ddpm" (ancestral), "ddim", "dpmpp" (DPM-Solver++(2M)),
-            "dpmpp_sde" (DPM-Solver++(2M) SDE), "unipc" (UniPC-2, B(h) = e^h - 1) or "consistency" (multistep
-            consistency sampling, Song et al. 2023).
-        steps: network evaluations (NFE); None: the auto sampler's, or 50 for a named one (2 for consistency);
-            never more than the model's T (the original DDPM: sampler ddpm, steps 1000).
+            prediction; UniPC, 20 steps, for v prediction; the consistency sampler, as many steps as it has
+            segments (4; 2 for one), for a model distilled by `lit-ddpm distill`), "ddpm" (ancestral), "ddim",
+            "dpmpp" (DPM-Solver++(2M)), "dpmpp_sde" (DPM-Solver++(2M) SDE), "unipc" (UniPC-2, B(h) = e^h - 1) or
+            "consistency" (multistep consistency sampling, Song et al. 2023; Heek et al. 2024).
+        steps: network evaluations (NFE); None: the auto sampler's, or 50 for a named one (the student's for
+            consistency); never more than the model's T (the original DDPM: sampler ddpm, steps 1000).
         eta: DDIM's eta (0: deterministic; 1: ancestral DDPM); other samplers take none.
         spacing: which timesteps the steps visit: "trailing" (starts at t = T - 1), "uniform" or "quadratic".
         variance: DDPM's reverse variance, "small" (the posterior's beta~) or "large" (beta).
