@@ -134,8 +134,9 @@ class ConsistencyLoss:
     Args:
         target: "teacher" or "data", above.
         steps_per_stage: optimizer steps per stage of the gap schedule (100: with 4 segments, best after 400
-            steps, a quarter of the demo teacher's time, and worse after 800, where the gap is 1/256 of sigma_t;
-            a run of another length wants about its length / 4; docs/distillation.md).
+            steps, a quarter of the demo teacher's time; after 800 worse, with the gap at 1/256 of sigma_t, and
+            with 200 per stage level with 400 steps: a run of another length wants about its length / 4;
+            docs/distillation.md).
         q: the factor the gap shrinks by each stage.
         huber_c: pseudo-Huber's c; None: 0.00054 sqrt(dimensions) (Song & Dhariwal 2024).
         p_mean: mean of ln sigma for the noise levels drawn (1.0 measured best of -1.1, 0.5, 1.0, 2.0 on the
