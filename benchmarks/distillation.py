@@ -39,11 +39,12 @@ def student_rows(segments: int) -> list[Sampling]:
     ]
 
 
-def score(checkpoint: Path, rows: list[Sampling], fid, num_samples: int) -> list[dict]:
-    """Classifier FID of each sampling of one checkpoint (seed 0 of the noise, as `lit-ddpm sample`)."""
+def score(checkpoint: Path, rows: list[Sampling] | None, fid, num_samples: int) -> list[dict]:
+    """Classifier FID of each sampling of one checkpoint (seed 0 of the noise, as `lit-ddpm sample`); rows None:
+    a student's own (`student_rows`)."""
     module = load_checkpoint(str(checkpoint))
     results = []
-    for settings in rows:
+    for settings in student_rows(module.consistency_model) if rows is None else rows:
         settings = settings.resolve(module.hparams.prediction, module.hparams.timesteps, module.consistency_model)
         images, _ = generate_all(module, num_samples, settings=settings, batch_size=num_samples)
         results.append({"sampling": settings.name, "nfe": settings.steps, "classifier_fid": fid(images)})
@@ -90,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             for student in train(folder, variant, seed, budgets, [], data, threads, command="distill"):
                 minutes = float(student["checkpoint"].split("=")[1])  # written with 6 digits
                 fraction = min(args.fractions, key=lambda f: abs(f * entry["seconds"] / 60 - minutes))
-                checkpoint = folder / f"{student['checkpoint']}.ckpt"
-                rows_of_student = student_rows(load_checkpoint(str(checkpoint)).consistency_model)
-                for row in score(checkpoint, rows_of_student, fid, args.num_samples):
+                for row in score(folder / f"{student['checkpoint']}.ckpt", None, fid, args.num_samples):
                     rows.append({"model": f"student ({target}) of {entry['step']}, {fraction:.0%} of its time",
                                  "seed": seed, "target": target, "steps": student["step"], **row})  # fmt: skip
         print_table(rows, floor, args.num_samples)

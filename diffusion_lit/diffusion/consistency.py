@@ -44,24 +44,26 @@ def scalings(schedule: NoiseSchedule, t: Tensor, like: Tensor, end: Tensor | Non
     """c_skip(t) (on x_t) and c_out(t) (on x0_hat), broadcastable against `like` (B, ...), for a map to the
     timestep `end` (B,) (None: 0, the grid's end; a later one for a multistep student, `segment_ends`)."""
     sigma = sigmas(schedule)
-    if end is None:
-        c_skip = sigma[0] / schedule.sqrt_one_minus_alpha_bar
-        c_out = 1 - sigma[0] / sigma
-        return gather(c_skip, t, like), gather(c_out, t, like)
-    sigma_end = sigma[end.to(sigma.device)]
-    c_skip = sigma_end / schedule.sqrt_one_minus_alpha_bar[t.to(sigma.device)]
-    c_out = 1 - sigma_end / sigma[t.to(sigma.device)]
+    t = t.to(sigma.device)
+    sigma_end = sigma[torch.zeros_like(t) if end is None else end.to(sigma.device)]
+    c_skip = sigma_end / schedule.sqrt_one_minus_alpha_bar[t]
+    c_out = 1 - sigma_end / sigma[t]
     shape = (-1, *[1] * (like.dim() - 1))
     return c_skip.to(like).reshape(shape), c_out.to(like).reshape(shape)
 
 
+def segment_boundaries(timesteps: int, segments: int, device=None) -> Tensor:
+    """The ends of a K-segment student's segments (K,), increasing: 0 and the K-step sampler's later timesteps
+    (the trailing spacing, e.g. 0, 249, 499, 749 for 4 segments of 1,000)."""
+    ends = (torch.arange(1, segments, device=device) * timesteps / segments).round().long() - 1
+    return torch.cat([torch.zeros(1, dtype=torch.long, device=device), ends])
+
+
 def segment_ends(timesteps: int, segments: int, t: Tensor) -> Tensor:
-    """For each t (B,), the end of its segment (B,): the largest of 0 and the `segments`-step sampler's later
-    timesteps (the trailing spacing, e.g. 499 for 2 segments of 1,000) that is below t (0 for t = 0). A student
-    with K segments maps each x_t to the point of its trajectory at that end (Heek et al. 2024, "multistep
-    consistency models"); with one segment, to the grid's end, t = 0."""
-    ends = (torch.arange(1, segments, device=t.device) * timesteps / segments).round().long() - 1
-    ends = torch.cat([torch.zeros(1, dtype=torch.long, device=t.device), ends])
+    """For each t (B,), the end of its segment (B,): the largest of `segment_boundaries` below t (0 for t = 0).
+    A student with K segments maps each x_t to the point of its trajectory at that end (Heek et al. 2024,
+    "multistep consistency models"); with one segment, to the grid's end, t = 0."""
+    ends = segment_boundaries(timesteps, segments, t.device)
     return ends[(torch.searchsorted(ends, t) - 1).clamp(min=0)]
 
 
@@ -179,17 +181,16 @@ class ConsistencyLoss:
         extra = () if labels is None else (labels,)
         stage = step // self.steps_per_stage
         x_t = schedule.q_sample(x0, t, noise)
-        end = None if self.segments == 1 else segment_ends(schedule.timesteps, self.segments, t)
+        end = segment_ends(schedule.timesteps, self.segments, t)  # 0 for one segment
         if self.target == "teacher":
             if self.teacher is None:
                 raise UserError("ConsistencyLoss(target='teacher') needs its teacher: run lit-ddpm distill --teacher")
-            r = paired_timesteps(schedule, t, stage + 1, self.q).clamp(min=0)
-            r = r if end is None else torch.maximum(r, end)  # never past the segment's end
+            r = torch.maximum(paired_timesteps(schedule, t, stage + 1, self.q), end)  # never past the segment's end
             with torch.no_grad():
                 x_r = teacher_step(self.teacher, schedule, x_t, t, r, extra).to(x_t.dtype)
         else:
             r = paired_timesteps(schedule, t, stage, self.q)
-            r = r if end is None else torch.where(end > 0, torch.maximum(r, end), r)
+            r = torch.where(end > 0, torch.maximum(r, end), r)  # r = -1 (the clean image) stays in the last segment
             x_r = schedule.q_sample(x0, r.clamp(min=0), noise)
         devices = [x0.device] if x0.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():  # the online pass then redraws the same dropout

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lit.diffusion.consistency import consistency, segment_ends
+from diffusion_lit.diffusion.consistency import consistency, segment_boundaries, segment_ends
 from diffusion_lit.diffusion.sampling import Sampling, Spacing, Threshold, Variance
 from diffusion_lit.diffusion.schedule import NoiseSchedule, gather, posterior
 from diffusion_lit.errors import UserError
@@ -244,8 +244,8 @@ def consistency_multistep(
     A student of K `segments` (Heek et al. 2024) maps x_t to the end e of t's segment (`segment_ends`) and draws
     with a multiple of K steps, which visit every end: from e the walk goes on deterministically when the next
     timestep is e (K steps), and with fresh noise from x_e up to the next timestep when that is later."""
-    every_end = set(segment_ends(schedule.timesteps, segments, torch.arange(schedule.timesteps)).tolist())
-    if len(timesteps) % segments or not every_end - {0} <= set(timesteps.tolist()):
+    boundaries = set(segment_boundaries(schedule.timesteps, segments).tolist())
+    if len(timesteps) % segments or not boundaries - {0} <= set(timesteps.tolist()):
         raise UserError(
             f"this student was distilled in {segments} segments: it draws with a multiple of {segments} steps at the "
             f"trailing spacing (--steps {segments}), not {len(timesteps)} steps at this spacing; for 1 or 2 steps, "
@@ -254,7 +254,7 @@ def consistency_multistep(
     ends = segment_ends(schedule.timesteps, segments, timesteps.to(x.device))
     for i, t in enumerate(timesteps.tolist()):
         t, end = torch.full((len(x),), t, device=x.device), ends[i].expand(len(x))
-        y = consistency(model, schedule, x, t, (), None if segments == 1 else end)  # x_end / a_end
+        y = consistency(model, schedule, x, t, (), end)  # x_end / a_end
         following = timesteps[i + 1].item() if i + 1 < len(timesteps) else None
         if ends[i] == 0:  # y is a clean image: Song et al.'s algorithm 1
             x0 = threshold_x0(y, threshold)
