@@ -101,6 +101,11 @@ def upgraded(path: str) -> str | io.BytesIO:
     return buffer
 
 
+def one_segment_student(path: str) -> bool:
+    """Whether the checkpoint at `path` is a student written before multistep students (`_one_segment_student`)."""
+    return _one_segment_student(_read(path).get("hyper_parameters", {}))
+
+
 def _one_segment_student(hyper_parameters: dict) -> bool:
     """A student of a lit-ddpm before multistep students: its ConsistencyLoss names no segments, and was one."""
     loss = hyper_parameters.get("loss")

@@ -52,6 +52,9 @@ def test_a_student_written_before_segments_is_read_as_the_one_segment_student_it
     torch.save(checkpoint, "old.ckpt")
     assert load_checkpoint("old.ckpt").consistency_model == 1  # not today's default of 4
     assert load_checkpoint(str(student)).consistency_model == 4
+    distill(demo_checkpoint, "--distill.steps", "4", "--ckpt_path", "old.ckpt")  # resumed, it goes on as it was
+    resumed = torch.load(student, weights_only=True)
+    assert resumed["global_step"] == 4 and resumed["hyper_parameters"]["loss"]["init_args"]["segments"] == 1
 
 
 def test_test_scores_a_student_with_the_consistency_sampler(demo_checkpoint, monkeypatch, tmp_path):

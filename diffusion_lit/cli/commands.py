@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
-from diffusion_lit.checkpoints import check_checkpoint
+from diffusion_lit.checkpoints import check_checkpoint, one_segment_student
 from diffusion_lit.cli import distill, ema, sample
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.module import DiffusionModule
@@ -120,11 +120,16 @@ class DiffusionCLI(LightningCLI):
             self.trainer.callbacks.insert(0, InitFromTeacher(self.teacher))
 
     def before_instantiate_classes(self) -> None:
-        """Put the run's name wherever the trainer's settings say `{run}` (folders, the logger's run name), and
-        leave out the callbacks that a flag has made impossible: the progress bar with
+        """Put the run's name wherever the trainer's settings say `{run}` (folders, the logger's run name); read a
+        student written before multistep students as the one-segment student it is (resumed or tested); and leave
+        out the callbacks that a flag has made impossible: the progress bar with
         `--trainer.enable_progress_bar false`, the learning-rate monitor with `--trainer.logger false`
         (Lightning would stop with a traceback on either)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and one_segment_student(ckpt_path):
+            # the checkpoint's settings have replaced the command line's, but it names no segments: it had one
+            config.model.loss.init_args.segments = 1
         run = config.name if not config.variant else f"{config.name}_{config.variant}"
         run += "_distill" if self.teacher else ""
         config.trainer = _fill(config.trainer, run)
