@@ -6,12 +6,12 @@
 Trains a teacher of the demo recipe (timed from its first step, as the convergence benchmark does) to each of
 --teacher-steps, then distills each teacher (`lit-ddpm distill`, --seeds seeds) for the largest of
 --fractions of the teacher's training time, keeping the student at each fraction, once per ConsistencyLoss
---targets (the teacher's ODE step, ECT's data pairs). Every teacher is scored with
-its auto sampler and with DDIM, DPM-Solver++ and UniPC at 1, 2, 4 and 10 NFE (and the consistency sampler on
-the teacher itself: its one-step denoiser at each step), every student with the consistency sampler at those
-of 1, 2 and 4 steps it draws with (a K-segment student: multiples of K); --distill-args passes the student's
-flags (e.g. "--model.loss.segments 1") and names its folders, so variants share one --workdir's teacher. The
-score is classifier FID (benchmarks/common.py) of --num-samples images against held-out
+--targets (the teacher's ODE step, ECT's data pairs). Every teacher is scored with its auto sampler and with
+DDIM, DPM-Solver++ and UniPC at 1, 2, 4 and 10 NFE (and the consistency sampler on the teacher itself: its
+one-step denoiser at each step), every student with the consistency sampler at those of 1, 2 and 4 steps it
+draws with (a K-segment student: multiples of K); --distill-args passes the student's flags (e.g.
+"--model.loss.segments 1") and names its folders, so variants share one --workdir's teacher (and its scores,
+kept beside it). The score is classifier FID (benchmarks/common.py) of --num-samples images against held-out
 images. --dataset photos runs the same on the RGB photo patches.
 """
 
@@ -51,6 +51,17 @@ def score(checkpoint: Path, rows: list[Sampling] | None, fid, num_samples: int) 
     return results
 
 
+def teacher_scores(teacher: Path, fid, num_samples: int) -> list[dict]:
+    """`score` of the teacher's auto sampler and every solver, once per --workdir: kept beside its checkpoint
+    (deterministic given it) for later commands on the same workdir; delete the file to score again."""
+    kept = teacher.with_name(f"{teacher.stem}-scores-{num_samples}.json")
+    if kept.exists():
+        return json.loads(kept.read_text())
+    results = score(teacher, [Sampling(), *SOLVERS], fid, num_samples)
+    kept.write_text(json.dumps(results, indent=2))
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train the teachers, distill them, score everything, print the table; optionally JSON and a picture."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for entry in log:
         teacher = workdir / "teacher" / f"{entry['checkpoint']}.ckpt"
         label = f"teacher {entry['step']}"
-        rows += [{"model": label, "seed": None, **row} for row in score(teacher, [Sampling(), *SOLVERS], fid,
-                                                                         args.num_samples)]  # fmt: skip
+        rows += [{"model": label, "seed": None, **row} for row in teacher_scores(teacher, fid, args.num_samples)]
         budgets = [fraction * entry["seconds"] / 60 for fraction in args.fractions]
         for target, seed in [(target, seed) for target in args.targets for seed in args.seeds]:
             folder = workdir / f"student-{entry['step']}-{target}-seed{seed}{slug(args.distill_args)}"

@@ -184,10 +184,15 @@ def test_distillation_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     students = {row["sampling"] for row in report["rows"] if row["model"] != "teacher 4"}
     assert students == {"consistency4"}  # a 4-segment student (the default) draws with 4 steps only
     assert "| student (teacher) of 4, 50% of its time | consistency4 | 4 |" in capsys.readouterr().out
-    # a second variant in the same --workdir: its own folders, the teacher reused, both in the picture
+    kept = tmp_path / "runs" / "teacher" / "step=4-scores-8.json"  # the teacher's scores, beside it
+    scores = json.loads(kept.read_text())
+    assert [row["classifier_fid"] for row in scores] == [row["classifier_fid"] for row in report["rows"][:16]]
+    kept.write_text(json.dumps([{**scores[0], "classifier_fid": -1.0}, *scores[1:]]))  # to see it read back
+    # a second variant in the same --workdir: its own folders, the teacher and its scores reused, both pictured
     distillation.main([*argv[:-4], "--targets", "teacher", "--distill-args", "--model.loss.segments 1",
                        "--json", str(tmp_path / "d1.json"), "--picture", str(tmp_path / "d1.png")])  # fmt: skip
     rows = json.loads((tmp_path / "d1.json").read_text())["rows"]
+    assert rows[0]["model"] == "teacher 4" and rows[0]["classifier_fid"] == -1.0  # not scored again
     assert [row["sampling"] for row in rows if row["seed"] is not None] == [f"consistency{n}" for n in (1, 2, 4)]
     assert (tmp_path / "runs" / "student-4-teacher-seed0_model.loss.segments-1").is_dir()
     heights = [Image.open(tmp_path / name).size[1] for name in ("d.png", "d1.png")]
