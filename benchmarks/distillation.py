@@ -25,7 +25,7 @@ from torchvision.utils import make_grid, save_image
 
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.diffusion import Sampling
-from diffusion_lit.generation import generate_all
+from diffusion_lit.generation import generate_all, written_whole
 from diffusion_lit.module import load_checkpoint
 
 SOLVERS = [Sampling(name, nfe) for name in ("ddim", "dpmpp", "unipc") for nfe in (1, 2, 4, 10)]
@@ -58,7 +58,8 @@ def teacher_scores(teacher: Path, fid, num_samples: int) -> list[dict]:
     if kept.exists():
         return json.loads(kept.read_text())
     results = score(teacher, [Sampling(), *SOLVERS], fid, num_samples)
-    kept.write_text(json.dumps(results, indent=2))
+    with written_whole(kept) as partial:  # whole or absent, whatever stops the command
+        partial.write_text(json.dumps(results, indent=2))
     return results
 
 
