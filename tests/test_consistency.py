@@ -111,12 +111,59 @@ def exact_segment_network(schedule: NoiseSchedule, segments: int):
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_the_sampler_with_the_exact_consistency_function_draws_the_data(steps):
+    # With fresh noise (gamma = 1, Song et al.'s algorithm 1) every step draws from the data's distribution.
     schedule = NoiseSchedule(prediction="x0")
     x = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     samples = consistency_multistep(exact_segment_network(schedule, 1), schedule, x, timestep_spacing(1000, steps),
-                                    "none", torch.Generator().manual_seed(2))  # fmt: skip
+                                    "none", torch.Generator().manual_seed(2), gamma=1.0)  # fmt: skip
     assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
     assert samples.std().item() == pytest.approx(STD, rel=0.01)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9])
+def test_re_noising_with_part_of_the_steps_own_noise_against_its_closed_form(gamma):
+    # Two steps, 999 then 499, of the exact consistency function on N(MEAN, STD^2) data, re-noising with
+    # sqrt(1 - gamma^2) eps_hat + gamma z. Every map is affine in (x_T, z), so the samples are Gaussian with a
+    # mean and standard deviation that follow from the maps' coefficients. With gamma < 1, eps_hat is a function
+    # of the first step's x0, so the second step's input is not distributed as x_499 is: the exact model's samples
+    # spread too wide (gamma 0: 1.33 STD), the price of the help imperfect students get (docs/distillation.md).
+    schedule = NoiseSchedule(prediction="x0")
+    a, s = schedule.sqrt_alpha_bar, schedule.sqrt_one_minus_alpha_bar
+    k = ((STD**2 + sigmas(schedule)[0] ** 2) / (STD**2 + sigmas(schedule) ** 2)).sqrt()  # exact_endpoint's slope in y
+    # x0 = c0 + c1 x_T; eps_hat = (x_T - a_T x0) / s_T = e0 + e1 x_T; x_499 = a x0 + s (sqrt(1-g^2) eps_hat + g z)
+    c0, c1 = MEAN * (1 - k[999]), k[999] / a[999]
+    e0, e1 = -a[999] * c0 / s[999], (1 - a[999] * c1) / s[999]
+    keep = (1 - gamma**2) ** 0.5
+    mean_499 = a[499] * c0 + s[499] * keep * e0
+    slope_499, fresh_499 = a[499] * c1 + s[499] * keep * e1, s[499] * gamma
+    mean = MEAN + (mean_499 / a[499] - MEAN) * k[499]
+    std = (slope_499**2 + fresh_499**2).sqrt() * k[499] / a[499]
+    x = torch.randn(200_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    samples = consistency_multistep(exact_segment_network(schedule, 1), schedule, x, timestep_spacing(1000, 2),
+                                    "none", torch.Generator().manual_seed(2), gamma=gamma)  # fmt: skip
+    assert samples.mean().item() == pytest.approx(mean.item(), abs=0.005)
+    assert samples.std().item() == pytest.approx(std.item(), rel=0.005)
+    assert (std.item() > STD * 1.01) and (gamma > 0 or std.item() == pytest.approx(1.33 * STD, rel=0.01))
+
+
+def test_with_gamma_zero_the_second_step_starts_where_ddim_goes_with_the_models_x0():
+    # gamma = 0 draws no randomness: from x_999 the model's clean image x0 and the noise it implies take x to
+    # a_499 x0 + s_499 eps_hat, DDIM's step, which the second evaluation maps.
+    schedule = NoiseSchedule(prediction="x0")
+    seen = []
+
+    def network(x_t, t):
+        seen.append(x_t)
+        return random_network()(x_t, t)
+
+    x = torch.randn(8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    first = consistency_multistep(network, schedule, x, timestep_spacing(1000, 2), "none", None, gamma=0.0)
+    again = consistency_multistep(network, schedule, x, timestep_spacing(1000, 2), "none", None, gamma=0.0)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    x0 = consistency(random_network(), schedule, x, torch.full((8,), 999))
+    eps_hat = (x - schedule.sqrt_alpha_bar[999] * x0) / schedule.sqrt_one_minus_alpha_bar[999]
+    ddim_step = schedule.sqrt_alpha_bar[499] * x0 + schedule.sqrt_one_minus_alpha_bar[499] * eps_hat
+    torch.testing.assert_close(seen[1], ddim_step, rtol=1e-12, atol=1e-12)
 
 
 def test_segment_ends_are_the_samplers_later_timesteps():
@@ -153,7 +200,7 @@ def test_a_multistep_student_with_the_exact_maps_draws_the_data(segments, steps)
     x = torch.randn(40_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     samples = consistency_multistep(exact_segment_network(schedule, segments), schedule, x,
                                     timestep_spacing(1000, steps), "none", torch.Generator().manual_seed(2),
-                                    segments)  # fmt: skip
+                                    segments, gamma=1.0)  # fmt: skip
     assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
     assert samples.std().item() == pytest.approx(STD, rel=0.01)
     if steps == segments:  # deterministic: each sample is the ODE's end from its own noise

@@ -3,6 +3,7 @@ import torch
 
 from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process, timestep_spacing
 from diffusion_lit.diffusion.samplers import ddim, ddpm, threshold_x0
+from diffusion_lit.diffusion.sampling import CONSISTENCY_GAMMA
 from diffusion_lit.errors import UserError
 
 SAMPLER_STEPS = [("ddpm", 1000), ("ddpm", 50), ("ddim", 20), ("dpmpp", 20), ("dpmpp_sde", 20), ("unipc", 10)]
@@ -132,6 +133,12 @@ def test_bad_sampler_settings_are_refused():
         reverse_process(model, schedule, (1, 1), Sampling("dpmpp", steps=5, eta=0.5))
     with pytest.raises(UserError, match="unknown threshold 'soft'"):
         reverse_process(model, schedule, (1, 1), Sampling("ddim", steps=5, threshold="soft"))
+    with pytest.raises(UserError, match="gamma is the consistency sampler's share of fresh noise, between 0 and 1"):
+        reverse_process(model, schedule, (1, 1), Sampling("consistency", steps=2, gamma=1.5))
+    with pytest.raises(UserError, match="got 0.5 for the ddim sampler"):
+        reverse_process(model, schedule, (1, 1), Sampling("ddim", steps=5, gamma=0.5))
+    with pytest.raises(UserError, match="this model draws with unipc: drop gamma"):  # auto, on a diffusion model
+        reverse_process(model, NoiseSchedule(prediction="v"), (1, 1), Sampling(gamma=0.5))
     with pytest.raises(UserError, match="unknown timestep spacing"):
         timestep_spacing(10, 5, "cubic")
 
@@ -171,6 +178,8 @@ def test_sampling_settings_name_their_files():
     assert Sampling("dpmpp_sde", 20).name == "dpmpp_sde20"
     assert Sampling("ddim", 50, eta=0.5, threshold="dynamic").name == "ddim50-eta0.5-dynamic"
     assert Sampling("ddpm").resolve("eps", 1000).name == "ddpm50"  # a named sampler without steps: 50
+    assert Sampling(steps=4).resolve("v", 1000, consistency_model=1).name == "consistency4"  # the default gamma
+    assert Sampling("consistency", 2, gamma=0.5).name == "consistency2-gamma0.5"
 
 
 def test_auto_sampling_follows_the_prediction_target_and_fits_the_model():
@@ -179,5 +188,8 @@ def test_auto_sampling_follows_the_prediction_target_and_fits_the_model():
     assert Sampling().resolve("eps", 20).steps == 20  # a model with fewer timesteps samples all of them
     assert Sampling(steps=30).resolve("v", 1000) == Sampling("unipc", 30)
     assert Sampling("ddim", 7, eta=0.5).resolve("v", 1000) == Sampling("ddim", 7, eta=0.5)  # explicit: kept
+    # a student: the consistency sampler, as many steps as segments (2 for one), gamma made concrete
+    assert Sampling().resolve("v", 1000, consistency_model=1) == Sampling("consistency", 2, gamma=CONSISTENCY_GAMMA)
+    assert Sampling(gamma=0.3).resolve("eps", 1000, consistency_model=4) == Sampling("consistency", 4, gamma=0.3)
     with pytest.raises(UserError, match="steps must be between 1 and the model's 20 timesteps, got 30"):
         Sampling(steps=30).check(20)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lit.diffusion.consistency import consistency, segment_boundaries, segment_ends
-from diffusion_lit.diffusion.sampling import Sampling, Spacing, Threshold, Variance
+from diffusion_lit.diffusion.sampling import CONSISTENCY_GAMMA, Sampling, Spacing, Threshold, Variance
 from diffusion_lit.diffusion.schedule import NoiseSchedule, gather, posterior
 from diffusion_lit.errors import UserError
 
@@ -235,11 +235,18 @@ def consistency_multistep(
     threshold: Threshold = "clip",
     generator: torch.Generator | None = None,
     segments: int = 1,
+    gamma: float = CONSISTENCY_GAMMA,
 ) -> Tensor:
     """Multistep consistency sampling (Song et al. 2023, algorithm 1) from x = x_T ~ N(0, I) at timesteps[0]:
-    x0 = f(x, timesteps[0]) (`consistency.consistency`); then for each later t, x0 is noised back to x_t with
-    fresh noise and mapped again. One network evaluation per step; for a model distilled by `lit-ddpm distill`,
-    and, as a one-step denoiser at each step, for any diffusion model.
+    x0 = f(x, timesteps[0]) (`consistency.consistency`); then for each later t, x0 is noised back to x_t and
+    mapped again. One network evaluation per step; for a model distilled by `lit-ddpm distill`, and, as a
+    one-step denoiser at each step, for any diffusion model.
+
+    x0 is noised back with gamma fresh noise z and the rest the noise the step implies, eps_hat = (x - a x0) / s
+    at the step's own (x, t): sqrt(1 - gamma^2) eps_hat + gamma z (Kim et al. 2023, "consistency trajectory
+    models", gamma-sampling). gamma = 1 is algorithm 1, right for an exact consistency function; 0 is DDIM's
+    step with the model's x0. Students short of exact draw better in between (0.9, the default:
+    docs/distillation.md).
 
     A student of K `segments` (Heek et al. 2024) maps x_t to the end e of t's segment (`segment_ends`) and draws
     with a multiple of K steps, which visit every end: from e the walk goes on deterministically when the next
@@ -260,7 +267,11 @@ def consistency_multistep(
             x0 = threshold_x0(y, threshold)
             if following is None:
                 return x0
-            x = schedule.q_sample(x0, torch.full_like(t, following), _noise(x, generator))
+            noise = gamma * _noise(x, generator)
+            if gamma < 1:  # the step's own noise estimate
+                a, s = gather(schedule.sqrt_alpha_bar, t, x), gather(schedule.sqrt_one_minus_alpha_bar, t, x)
+                noise = noise + (1 - gamma**2) ** 0.5 * (x - a * x0) / s
+            x = schedule.q_sample(x0, torch.full_like(t, following), noise)
         else:  # x_end, then forward to the following timestep (no noise when it is the end)
             ratio = schedule.alpha_bar[following].to(x) / schedule.alpha_bar[ends[i]].to(x)
             x = ratio.sqrt() * gather(schedule.sqrt_alpha_bar, end, x) * y
@@ -293,5 +304,6 @@ def reverse_process(
     if name == "unipc":
         return unipc(model, schedule, x, timesteps, threshold)
     if name == "consistency":
-        return consistency_multistep(model, schedule, x, timesteps, threshold, generator, max(consistency_model, 1))
+        segments = max(consistency_model, 1)
+        return consistency_multistep(model, schedule, x, timesteps, threshold, generator, segments, settings.gamma)
     return dpmpp_2m(model, schedule, x, timesteps, threshold, generator, sde=name == "dpmpp_sde")

@@ -17,6 +17,10 @@ Threshold = Literal["clip", "dynamic", "none"]
 # x0 prediction was not measured; it gets the stochastic solver, the safe choice for a noisy x0.
 AUTO = {"eps": ("dpmpp_sde", 50), "v": ("unipc", 20), "x0": ("dpmpp_sde", 50)}
 AUTO_CONSISTENCY = ("consistency", 2)  # a `lit-ddpm distill` student of 1 segment (K segments: K steps), any target
+# The consistency sampler's share of fresh noise when it re-noises a clean image: within 8% of the best of 0 ... 1 for
+# one-segment students of two teachers at 2 and 4 steps, where 1 (Song et al.'s algorithm 1) was up to 1.37x worse
+# (docs/distillation.md "Re-noising").
+CONSISTENCY_GAMMA = 0.9
 STEPS = 50  # a named sampler without a step count
 
 
@@ -33,6 +37,9 @@ class Sampling:
         steps: network evaluations (NFE); None: the auto sampler's, or 50 for a named one (the student's for
             consistency); never more than the model's T (the original DDPM: sampler ddpm, steps 1000).
         eta: DDIM's eta (0: deterministic; 1: ancestral DDPM); other samplers take none.
+        gamma: the consistency sampler's share of fresh noise when it re-noises its clean image to the next
+            timestep (the gamma of Kim et al. 2023: 1 is Song et al.'s algorithm 1, fresh noise; 0 goes on with
+            the noise the step implies, as DDIM does); None: 0.9 (measured, `CONSISTENCY_GAMMA`).
         spacing: which timesteps the steps visit: "trailing" (starts at t = T - 1), "uniform" or "quadratic".
         variance: DDPM's reverse variance, "small" (the posterior's beta~) or "large" (beta).
         threshold: what happens to each predicted x0: "clip" to [-1, 1], "dynamic" (percentile) thresholding
@@ -43,6 +50,7 @@ class Sampling:
     sampler: SamplerName | Literal["auto"] = "auto"
     steps: int | None = None
     eta: float = 0.0
+    gamma: float | None = None
     spacing: Spacing = "trailing"
     variance: Variance = "small"
     threshold: Threshold = "clip"
@@ -51,15 +59,17 @@ class Sampling:
     def resolve(self, prediction: str, timesteps: int, consistency_model: int = 0) -> "Sampling":
         """These settings with "auto" and a missing step count made concrete for a model's prediction target
         and T, or for a consistency model of `consistency_model` segments (a K-segment student's steps: K, at
-        least 2); an explicit step count is kept: `check` refuses one above T."""
+        least 2), and the consistency sampler's gamma; an explicit step count is kept: `check` refuses one above
+        T."""
         consistency_steps = max(AUTO_CONSISTENCY[1], consistency_model)
         if self.sampler == "auto":
             sampler, steps = ("consistency", consistency_steps) if consistency_model else AUTO[prediction]
         else:
             sampler, steps = self.sampler, consistency_steps if self.sampler == "consistency" else STEPS
-        if self.sampler == "auto" or self.steps is None:
-            return replace(self, sampler=sampler, steps=self.steps or min(steps, timesteps))
-        return self
+        if self.gamma is not None and sampler != "consistency":
+            raise UserError(f"gamma is the consistency sampler's setting; this model draws with {sampler}: drop gamma")
+        gamma = CONSISTENCY_GAMMA if sampler == "consistency" and self.gamma is None else self.gamma
+        return replace(self, sampler=sampler, steps=self.steps or min(steps, timesteps), gamma=gamma)
 
     @property
     def name(self) -> str:
@@ -67,6 +77,8 @@ class Sampling:
         name = f"{self.sampler}{self.steps or ''}"
         if self.eta:
             name += f"-eta{self.eta:g}"
+        if self.gamma is not None and self.gamma != CONSISTENCY_GAMMA:
+            name += f"-gamma{self.gamma:g}"
         if self.threshold != "clip":
             name += f"-{self.threshold}"
         return name
@@ -81,6 +93,9 @@ class Sampling:
             raise UserError(f"{prefix}steps must be between 1 and the model's {timesteps} timesteps, got {self.steps}")
         if self.eta and self.sampler != "ddim":
             raise UserError(f"{prefix}eta is a DDIM setting; the {self.sampler} sampler does not take it")
+        if self.gamma is not None and not (self.sampler in ("auto", "consistency") and 0 <= self.gamma <= 1):
+            raise UserError(f"{prefix}gamma is the consistency sampler's share of fresh noise, between 0 and 1; "
+                            f"got {self.gamma} for the {self.sampler} sampler")  # fmt: skip
         if self.variance not in ("small", "large"):
             raise UserError(f"unknown {prefix}variance {self.variance!r}; choose small or large")
         if self.threshold not in ("clip", "dynamic", "none"):
