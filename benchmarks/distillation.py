@@ -32,19 +32,21 @@ SOLVERS = [Sampling(name, nfe) for name in ("ddim", "dpmpp", "unipc") for nfe in
 SOLVERS += [Sampling("consistency", nfe) for nfe in (1, 2, 4)]
 
 
-def student_rows(segments: int) -> list[Sampling]:
-    """The consistency sampler at those of 1, 2 and 4 steps that a student of `segments` draws with (multiples)."""
-    return [Sampling("consistency", steps) for steps in (1, 2, 4) if steps % segments == 0] or [
-        Sampling("consistency", segments)
-    ]
+def student_rows(segments: int, gammas: tuple[float | None, ...] = (None,)) -> list[Sampling]:
+    """The consistency sampler at those of 1, 2 and 4 steps that a student of `segments` draws with (multiples),
+    with each of `gammas` where it re-noises (more steps than segments; None: the sampler's default)."""
+    steps = [steps for steps in (1, 2, 4) if steps % segments == 0] or [segments]
+    return [Sampling("consistency", n, gamma=gamma) for n in steps for gamma in (gammas if n > segments else [None])]
 
 
-def score(checkpoint: Path, rows: list[Sampling] | None, fid, num_samples: int) -> list[dict]:
+def score(
+    checkpoint: Path, rows: list[Sampling] | None, fid, num_samples: int, gammas: tuple[float | None, ...] = (None,)
+) -> list[dict]:
     """Classifier FID of each sampling of one checkpoint (seed 0 of the noise, as `lit-ddpm sample`); rows None:
-    a student's own (`student_rows`)."""
+    a student's own (`student_rows`, with `gammas`)."""
     module = load_checkpoint(str(checkpoint))
     results = []
-    for settings in student_rows(module.consistency_model) if rows is None else rows:
+    for settings in student_rows(module.consistency_model, gammas) if rows is None else rows:
         settings = settings.resolve(module.hparams.prediction, module.hparams.timesteps, module.consistency_model)
         images, _ = generate_all(module, num_samples, settings=settings, batch_size=num_samples)
         results.append({"sampling": settings.name, "nfe": settings.steps, "classifier_fid": fid(images)})
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         help="ConsistencyLoss targets: the teacher's ODE step (distillation) or ECT's data pairs",
     )
     parser.add_argument("--distill-args", default="", help="extra flags for lit-ddpm distill, e.g. the loss's")
+    parser.add_argument("--gammas", type=float, nargs="+", default=[None],
+                        help="score the students with each of these consistency-sampler gammas where they re-noise "
+                        "(default: the sampler's default only)")  # fmt: skip
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--picture", help="a PNG: the same noise, teacher's auto sampler and the students")
     args = parser.parse_args(argv)
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
             for student in train(folder, variant, seed, budgets, [], data, threads, command="distill"):
                 minutes = float(student["checkpoint"].split("=")[1])  # written with 6 digits
                 fraction = min(args.fractions, key=lambda f: abs(f * entry["seconds"] / 60 - minutes))
-                for row in score(folder / f"{student['checkpoint']}.ckpt", None, fid, args.num_samples):
+                checkpoint = folder / f"{student['checkpoint']}.ckpt"
+                for row in score(checkpoint, None, fid, args.num_samples, tuple(args.gammas)):
                     rows.append({"model": f"student ({target}) of {entry['step']}, {fraction:.0%} of its time",
                                  "seed": seed, "target": target, "steps": student["step"], **row})  # fmt: skip
         print_table(rows, floor, args.num_samples)

@@ -192,10 +192,12 @@ def test_distillation_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     kept.write_text(json.dumps([{**scores[0], "classifier_fid": -1.0}, *scores[1:]]))  # to see it read back
     # a second variant in the same --workdir: its own folders, the teacher and its scores reused, both pictured
     distillation.main([*argv[:-4], "--targets", "teacher", "--distill-args", "--model.loss.segments 1",
-                       "--json", str(tmp_path / "d1.json"), "--picture", str(tmp_path / "d1.png")])  # fmt: skip
+                       "--gammas", "0", "0.9", "--json", str(tmp_path / "d1.json"),
+                       "--picture", str(tmp_path / "d1.png")])  # fmt: skip
     rows = json.loads((tmp_path / "d1.json").read_text())["rows"]
     assert rows[0]["model"] == "teacher 4" and rows[0]["classifier_fid"] == -1.0  # not scored again
-    assert [row["sampling"] for row in rows if row["seed"] is not None] == [f"consistency{n}" for n in (1, 2, 4)]
+    students = [row["sampling"] for row in rows if row["seed"] is not None]  # each gamma where the sampler re-noises
+    assert students == ["consistency1", "consistency2-gamma0", "consistency2", "consistency4-gamma0", "consistency4"]
     assert (tmp_path / "runs" / "student-4-teacher-seed0_model.loss.segments-1").is_dir()
     heights = [Image.open(tmp_path / name).size[1] for name in ("d.png", "d1.png")]
     assert heights[1] > heights[0]  # the teacher, the default student at 4 steps, then the new one at 1, 2, 4
