@@ -77,9 +77,14 @@ def _denoise(
     x0, eps = schedule.to_x0_eps(x, t_batch, model(x, t_batch))
     if threshold != "none":
         x0 = threshold_x0(x0, threshold)
-        alpha_bar = schedule.alpha_bar[t].to(x)
-        eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        eps = _implied_noise(schedule, x, t, x0)
     return x0, eps
+
+
+def _implied_noise(schedule: NoiseSchedule, x: Tensor, t: int, x0: Tensor) -> Tensor:
+    """The noise eps with x = a_t x0 + s_t eps: a (thresholded) x0's own noise estimate at x_t."""
+    alpha_bar = schedule.alpha_bar[t].to(x)
+    return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -269,8 +274,7 @@ def consistency_multistep(
                 return x0
             noise = gamma * _noise(x, generator)
             if gamma < 1:  # the step's own noise estimate
-                a, s = gather(schedule.sqrt_alpha_bar, t, x), gather(schedule.sqrt_one_minus_alpha_bar, t, x)
-                noise = noise + (1 - gamma**2) ** 0.5 * (x - a * x0) / s
+                noise = noise + (1 - gamma**2) ** 0.5 * _implied_noise(schedule, x, int(timesteps[i]), x0)
             x = schedule.q_sample(x0, torch.full_like(t, following), noise)
         else:  # x_end, then forward to the following timestep (no noise when it is the end)
             ratio = schedule.alpha_bar[following].to(x) / schedule.alpha_bar[ends[i]].to(x)
