@@ -88,7 +88,8 @@ class DiffusionModule(LightningModule):
         self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
         unet.check_image_shape(image_shape)
         _check_augment(augment, unet, self.criterion)
-        self.unet = unet
+        # Here, not in `setup`: the callbacks' `setup` (the EMA's copies) runs first and must see the final strides.
+        self.unet = unet.to(memory_format=torch.channels_last) if channels_last else unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
 
@@ -115,9 +116,7 @@ class DiffusionModule(LightningModule):
             )  # fmt: skip
 
     def setup(self, stage: str) -> None:
-        """Memory layout and compilation; VGG19 before fitting when the perceptual term is on."""
-        if self.hparams.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+        """Compilation; VGG19 before fitting when the perceptual term is on."""
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.unet.compile()
             self._compiled = True

@@ -89,6 +89,28 @@ def test_ema_matches_torch_averaged_model(tmp_path):
     assert not torch.equal(next(module.parameters()), weights.snapshots[-1][0])  # an average, not the last step
 
 
+def test_the_ema_averages_the_weights_alone_in_their_dtype_and_strides(tmp_path):
+    """torch's foreach ops take their fast path (a few kernels for all tensors, not one per tensor) only when
+    every tensor of the lists has one dtype and the average has its weight's strides: the schedule's float64
+    tables stay out, and channels-last weights get channels-last averages."""
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+            weights = dict(pl_module.named_parameters())
+            seen["names"] = set(ema.average)
+            seen["mismatched"] = [n for n, a in ema.average.items() if a.stride() != weights[n].stride()]
+            seen["dtypes"] = {a.dtype for a in ema.average.values()}
+
+    module = tiny_module(channels_last=True)
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[Probe()])
+    trainer.fit(module, random_digits())
+    assert seen["names"] == {name for name, _ in module.named_parameters()}  # no schedule table
+    assert seen["dtypes"] == {torch.float32} and not seen["mismatched"]
+    assert module.unet.stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def quiet_trainer(tmp_path, **kwargs) -> Trainer:
     """A Trainer with no logger, checkpointing, progress bar or summary."""
     return Trainer(

@@ -57,6 +57,17 @@ def test_a_stored_profile_is_reconstructed_as_itself():
     torch.testing.assert_close(x, torch.eye(6, dtype=torch.float64)[3], atol=1e-6, rtol=0)
 
 
+def test_the_averages_start_on_the_device_training_will_use():
+    # Lightning calls the callbacks' setup before it moves the module, with `device` already saying where it
+    # will go (a GPU run: cuda, the weights still on the CPU). The averages must be made there.
+    module = Wanderer()
+    module._device = torch.device("meta")  # what Lightning's _call_setup_hook does, for "cuda:0"
+    keeper = PostHocEMA()
+    keeper.setup(None, module, "fit")
+    assert {t.device.type for average in keeper.averages for t in average} == {"meta"}
+    assert module.layer.weight.device.type == "cpu"
+
+
 class Wanderer(pl.LightningModule):
     """A toy model whose weights keep moving: SGD on noise, every step's weights recorded."""
 

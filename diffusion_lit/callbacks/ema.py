@@ -51,16 +51,14 @@ class EMA(Callback):
         """A fresh average (a copy of the weights, on the device training will use) for each fit; none for
         validate/test, whose checkpoint state_dict already is the average."""
         if stage == "fit":
-            self.average = {
-                name: tensor.detach().to(pl_module.device, copy=True) for name, tensor in _tensors(pl_module)
-            }
+            self.average = {name: device_copy(tensor, pl_module.device) for name, tensor in averaged_tensors(pl_module)}
             self.updates, self.swapped = 0, False
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
         """Update the average after every optimizer step: one foreach lerp, the count kept on the host."""
         if trainer.global_step <= self.latest_update_step:
             return  # no optimizer step in this batch (gradient accumulation)
-        averaged, current = list(self.average.values()), [tensor for _, tensor in _tensors(pl_module)]
+        averaged, current = list(self.average.values()), [tensor for _, tensor in averaged_tensors(pl_module)]
         with torch.no_grad():
             # torch._foreach_*: one kernel per group instead of one per tensor; the public per-tensor
             # ops would launch hundreds. tests/test_module.py checks the result against AveragedModel.
@@ -83,7 +81,7 @@ class EMA(Callback):
 
     def _swap(self, pl_module: "pl.LightningModule") -> None:
         with torch.no_grad():
-            for (_, current), averaged in zip(_tensors(pl_module), self.average.values(), strict=True):
+            for (_, current), averaged in zip(averaged_tensors(pl_module), self.average.values(), strict=True):
                 swap = current.clone()
                 current.copy_(averaged)
                 averaged.copy_(swap)
@@ -131,6 +129,19 @@ class EMA(Callback):
             self.updates = int(checkpoint["averaging_state"]["n_averaged"])
 
 
-def _tensors(pl_module: "pl.LightningModule") -> list[tuple[str, Tensor]]:
-    """Every parameter and buffer of the module, named, in a fixed order."""
-    return [*pl_module.named_parameters(), *pl_module.named_buffers()]
+def averaged_tensors(pl_module: "pl.LightningModule") -> list[tuple[str, Tensor]]:
+    """What a checkpoint holds of the module (its parameters and persistent buffers), named, in a fixed order.
+
+    The noise schedule's float64 tables are non-persistent constants: averaging them would be a no-op, and one
+    float64 tensor among the float32 weights sends torch's foreach ops down their slow path (a kernel a tensor)."""
+    constant = {f"{prefix}.{name}" if prefix else name for prefix, module in pl_module.named_modules()
+                for name in module._non_persistent_buffers_set}  # fmt: skip
+    buffers = [(name, tensor) for name, tensor in pl_module.named_buffers() if name not in constant]
+    return [*pl_module.named_parameters(), *buffers]
+
+
+def device_copy(tensor: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A detached copy on `device` with `tensor`'s strides (channels-last stays channels-last), so that the
+    average and the weights meet torch's foreach fast path, which needs equal dtypes and strides."""
+    copy = torch.empty_like(tensor, device=device, dtype=dtype, memory_format=torch.preserve_format)
+    return copy.copy_(tensor.detach())

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from diffusion_lit.callbacks.ema import _tensors
+from diffusion_lit.callbacks.ema import averaged_tensors, device_copy
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import written_whole
 
@@ -98,15 +98,17 @@ class PostHocEMA(Callback):
         self.saved_step = 0
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """Fresh averages for each fit (a resumed fit overwrites them in `load_state_dict`)."""
+        """Fresh averages for each fit, in float32 on the device training will use (Lightning has not moved the
+        module yet, but its `device` already says where it will be); a resumed fit overwrites them in
+        `load_state_dict`."""
         if stage == "fit":
-            kept = pl_module.state_dict().keys()  # parameters and persistent buffers: what a checkpoint holds
-            self.names = [name for name, _ in _tensors(pl_module) if name in kept]
-            self.averages = [[t.detach().float().clone() for t in self._weights(pl_module)] for _ in self.gammas]
+            self.names = [name for name, _ in averaged_tensors(pl_module)]  # parameters and persistent buffers
+            weights, device = self._weights(pl_module), pl_module.device
+            self.averages = [[device_copy(t, device, torch.float32) for t in weights] for _ in self.gammas]
             self.updates, self.saved_step = 0, 0
 
     def _weights(self, pl_module: "pl.LightningModule") -> list[Tensor]:
-        named = dict(_tensors(pl_module))
+        named = dict(averaged_tensors(pl_module))
         return [named[name].detach() for name in self.names]
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
