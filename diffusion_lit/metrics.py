@@ -21,6 +21,7 @@ from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.pixels import to_rgb, to_uint8, to_unit
+from diffusion_lit.runs import shield_worker
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -162,8 +163,13 @@ class QualityMetrics(nn.Module):
         # one tensor per process makes the gathered order the global one, whatever the number of processes,
         # and keeps every process in the same collectives even when it generated nothing.
         logits = self.inception_score.features
-        empty = torch.empty(0, self.extractor.num_logits, device=self.fid.fake_features_sum.device)
+        device = self.fid.fake_features_sum.device
+        empty = torch.empty(0, self.extractor.num_logits, device=device)
         self.inception_score.features = [torch.cat(logits) if logits else empty]
+        # torchmetrics' FID learns its output dtype in `update`: a process that drew no batch (fewer batches than
+        # processes) and holds no reference images (or loaded them from the cache) has never seen one, and would
+        # fail after the sync while the others wait in the next collective. An empty batch changes no sum.
+        self.fid.update(torch.empty(0, self.extractor.num_features, device=device), real=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             is_mean, is_std = self.inception_score.compute()
@@ -229,7 +235,8 @@ def load_reference(
     device = metrics.fid.real_features_sum.device
 
     def real_batches() -> Iterable[Tensor]:  # opened only when the cache misses
-        loader = DataLoader(data.reference_set(split), batch_size=batch_size, num_workers=data.num_workers)
+        workers = {"num_workers": data.num_workers, "worker_init_fn": shield_worker if data.num_workers else None}
+        loader = DataLoader(data.reference_set(split), batch_size=batch_size, **workers)
         for images, *_ in loader:
             yield to_uint8(to_unit(images.to(device)))
 

@@ -166,8 +166,9 @@ def test_missing_or_bad_inception_weights_are_one_clear_line(tmp_path, monkeypat
         load_inception()
 
 
-def _score_shard(rank: int, world_size: int, shards: list[list[int]], port: int, results) -> None:
-    """One process of a gloo group: score its share of the batches, return what it computes."""
+def _score_shard(rank: int, world_size: int, shards: list[list[int]], port: int, results, cached=None) -> None:
+    """One process of a gloo group: score its share of the batches, return what it computes. The reference
+    statistics are rank 0's: computed from images, or loaded (`cached`) as a cache file gives them."""
     import os
 
     import torch.distributed as dist
@@ -175,7 +176,9 @@ def _score_shard(rank: int, world_size: int, shards: list[list[int]], port: int,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     metrics = QualityMetrics(StandInExtractor())
-    if rank == 0:
+    if rank == 0 and cached is not None:
+        metrics.load_reference_statistics(cached)
+    elif rank == 0:
         metrics.add_reference(random_images(64, seed=0))
     images = random_images(12, seed=1, shift=30)
     for batch in shards[rank]:
@@ -184,10 +187,18 @@ def _score_shard(rank: int, world_size: int, shards: list[list[int]], port: int,
     dist.destroy_process_group()
 
 
+EVEN, UNEVEN = [[0, 1, 2], [3, 4, 5]], [[0], [1, 2, 3, 4, 5]]
+RANK0_EMPTY, RANK1_EMPTY = [[], [0, 1, 2, 3, 4, 5]], [[0, 1, 2, 3, 4, 5], []]
+CASES = [(EVEN, False), (UNEVEN, False), (RANK0_EMPTY, False), (RANK1_EMPTY, False), (RANK0_EMPTY, True),
+         (RANK1_EMPTY, True)]  # fmt: skip
+
+
 @pytest.mark.slow  # two spawned processes
-@pytest.mark.parametrize("shards", [[[0, 1, 2], [3, 4, 5]], [[0], [1, 2, 3, 4, 5]], [[], [0, 1, 2, 3, 4, 5]]])
-def test_two_processes_compute_the_same_fid_and_is_as_one(shards):
-    # The reference is loaded on rank 0 only; shares may be uneven or empty (nobody may hang in a collective).
+@pytest.mark.parametrize("shards,cached", CASES, ids=["even", "uneven", "rank0-empty", "rank1-empty",
+                                                      "rank0-empty-cached", "rank1-empty-cached"])  # fmt: skip
+def test_two_processes_compute_the_same_fid_and_is_as_one(shards, cached):
+    # The reference is rank 0's only (computed or from the cache); shares may be uneven or empty, as when there
+    # are fewer sample batches than processes: nobody may fail or hang in a collective.
     single = QualityMetrics(StandInExtractor())
     single.add_reference(random_images(64, seed=0))
     images = random_images(12, seed=1, shift=30)
@@ -195,8 +206,9 @@ def test_two_processes_compute_the_same_fid_and_is_as_one(shards):
         single.update(images[2 * batch : 2 * batch + 2])
     expected = single.compute(seed=0)
     results = torch.multiprocessing.Manager().dict()
-    port = 29500 + len(shards[0])  # one port per case: a finished group may linger
-    torch.multiprocessing.spawn(_score_shard, args=(2, shards, port, results), nprocs=2)
+    port = 29500 + CASES.index((shards, cached))  # one port per case: a finished group may linger
+    statistics = single.reference_statistics() if cached else None
+    torch.multiprocessing.spawn(_score_shard, args=(2, shards, port, results, statistics), nprocs=2)
     for rank in (0, 1):
         assert results[rank] == pytest.approx(expected, rel=1e-6)
 

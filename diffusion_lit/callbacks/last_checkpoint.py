@@ -1,16 +1,25 @@
 """LastCheckpoint: last.ckpt, always the newest state of the run, in a folder that is the run's own."""
 
+import signal
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from diffusion_lit.distributed import StopVote
 from diffusion_lit.errors import UserError
-from diffusion_lit.runs import Interrupted, RunLock, StopSignals, check_folder_is_ours, describe, new_run_id
+from diffusion_lit.runs import (
+    Interrupted,
+    RunLock,
+    StopSignals,
+    check_folder_is_ours,
+    describe,
+    new_run_id,
+    requeue_slurm_job,
+)
 
 
 class LastCheckpoint(Checkpoint):
@@ -20,9 +29,12 @@ class LastCheckpoint(Checkpoint):
     (max_steps, max_epochs, max_time, early stopping); when a run stops with a one-line error (the non-finite
     guard) and the weights are finite; and on Ctrl-C or SIGTERM: the first signal stops the run after the
     training step in progress, on every process, saves there and prints the command that resumes it (exit
-    status 128 + the signal's number); a second Ctrl-C aborts at once, without saving. Never twice for one
-    step, and always under the same name, however often the run was pre-empted and resumed. Lightning writes
-    it atomically (a temporary file, then a rename), so a kill during a write leaves the previous one.
+    status 128 + the signal's number); a second Ctrl-C aborts at once, without saving. SIGUSR1 (the warning
+    SLURM sends before the time limit with `--signal=SIGUSR1@90`) stops and saves the same way, and then, under
+    SLURM, requeues the job once, from the main process of global rank 0; the requeued job resumes with
+    `--ckpt_path last`. Never twice for one step, and always under the same name, however often the run was
+    pre-empted and resumed. Lightning writes it atomically (a temporary file, then a rename), so a kill during a
+    write leaves the previous one.
 
     The folder is the run's: a lock (`runs.RunLock`) stops a second run from writing into it at the same time,
     and a fresh run (or one resumed from another run's checkpoint) is refused where the folder holds another
@@ -45,6 +57,7 @@ class LastCheckpoint(Checkpoint):
         self.save_due = False  # a scheduled save that fell after an epoch's last batch, for the next step
         self.lock = RunLock(self.dirpath)
         self.signals: StopSignals | None = None
+        self.vote = StopVote()
 
     @property
     def path(self) -> Path:
@@ -100,6 +113,12 @@ class LastCheckpoint(Checkpoint):
         self.saved_step = trainer.global_step
         self.signals = StopSignals(str(self.path), announce=trainer.is_global_zero)
         self.signals.install()
+        # Lightning 2.6 broadcasts its own SIGTERM flag on the device and reads it back every step under DDP
+        # (Lightning PR 21640 would make that optional). The signals are ours from here and its flag stays
+        # down, so that broadcast would only cost a device sync per step: the processes agree through `vote`.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args) -> None:
         """The scheduled saves, the save of a run's last step, and the stop a signal asked for.
@@ -142,26 +161,27 @@ class LastCheckpoint(Checkpoint):
         self._let_go()
 
     def _stop_requested(self, trainer: "pl.Trainer") -> int:
-        """The signal that asked for a stop (0: none), on every process: the processes agree (one all-reduce a
-        step; Lightning already synchronises once a step for its own SIGTERM flag), so that all stop at the
-        same step, whichever of them was signalled."""
-        received = (self.signals.received or 0) if self.signals is not None else 0
-        if trainer.world_size > 1:
-            flag = torch.tensor(received, device=trainer.strategy.root_device)
-            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
-        return received
+        """The signal that asked for a stop (0: none), on every process: the processes agree on the host, a step
+        later (`distributed.StopVote`), so that all stop at the same step, whichever of them was signalled."""
+        return self.vote((self.signals.received or 0) if self.signals is not None else 0)
 
     def _stop(self, trainer: "pl.Trainer", signal_number: int) -> None:
         """Save here (if the weights are finite), say how to resume, and end the run with 128 + the signal."""
         name = StopSignals.NAMES.get(signal_number, f"signal {signal_number}")
+        held = False
         try:
             self._save(trainer)
             saved = f"saved {self.path} at step {trainer.global_step}" if self.writes else "a dry run: nothing saved"
+            held = self.writes
         except UserError as refused:  # non-finite weights, a full disk: the previous last.ckpt stays
             saved = f"not saved ({refused}); {self.path} keeps its step {self.saved_step}"
         if trainer.is_global_zero:
             resume = f"; resume with:\n  {self.resume_command}" if self.writes and self.path.exists() else ""
             print(f"lit-ddpm: stopped by {name}: {saved}{resume}", file=sys.stderr, flush=True)
+            if signal_number == signal.SIGUSR1 and held:  # after the save: requeueing ends this job
+                requeued = requeue_slurm_job()
+                if requeued:
+                    print(f"lit-ddpm: {requeued}", file=sys.stderr, flush=True)
         raise Interrupted(128 + signal_number)
 
     def _save(self, trainer: "pl.Trainer") -> None:
@@ -183,6 +203,7 @@ class LastCheckpoint(Checkpoint):
         self.saved_step = trainer.global_step
 
     def _let_go(self) -> None:
+        self.vote.close()
         if self.signals is not None:
             self.signals.restore()
         self.lock.release()

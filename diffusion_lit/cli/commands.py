@@ -4,12 +4,9 @@ import inspect
 import netrc
 import os
 import re
-import shlex
 import sys
 import warnings
-from pathlib import Path
 
-from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -17,6 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
 from diffusion_lit.checkpoints import check_checkpoint, one_segment_student
 from diffusion_lit.cli import distill, ema, sample
+from diffusion_lit.cli.run_paths import cluster_plugins, fill, resolve_last, resume_command, run_name
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.module import DiffusionModule
 
@@ -96,6 +94,9 @@ class DiffusionCLI(LightningCLI):
                 "`lit-ddpm test` scores a checkpoint"
             )
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":  # resolved here, so that the run's last.ckpt is checked as any other path is
+            ckpt_path = self.config[subcommand].ckpt_path = resolve_last(self.config[subcommand], subcommand,
+                                                                         bool(self.teacher))  # fmt: skip
         if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS:
             model = self.config[subcommand].model  # the classes the user's own config names may be built
             named = {getattr(model.get(name), "class_path", None) for name in ("unet", "loss", "optimizer")}
@@ -111,11 +112,16 @@ class DiffusionCLI(LightningCLI):
                     raise UserError("--distill.lr needs the optimizer named in the config (model.optimizer)")
                 fit.model.optimizer.init_args.lr = chosen.lr
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """LightningCLI's, under SLURM with Lightning's own requeue off (`run_paths.cluster_plugins`)."""
+        plugins = cluster_plugins(self._get(self.config_init, "trainer", default={}).get("plugins"))
+        return super().instantiate_trainer(**kwargs, **({"plugins": plugins} if plugins else {}))
+
     def before_fit(self) -> None:
         """Tell LastCheckpoint the command that resumes this run, for the line it prints when a signal stops it."""
         for callback in self.trainer.callbacks:
             if isinstance(callback, LastCheckpoint):
-                callback.resume_command = _resume_command(self.argv, callback.path)
+                callback.resume_command = resume_command(self.argv, callback.path)
         if self.teacher:  # before the EMA's setup copies the weights (model callbacks come after the trainer's)
             self.trainer.callbacks.insert(0, InitFromTeacher(self.teacher))
 
@@ -130,9 +136,7 @@ class DiffusionCLI(LightningCLI):
         if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and one_segment_student(ckpt_path):
             # the checkpoint's settings have replaced the command line's, but it names no segments: it had one
             config.model.loss.init_args.segments = 1
-        run = config.name if not config.variant else f"{config.name}_{config.variant}"
-        run += "_distill" if self.teacher else ""
-        config.trainer = _fill(config.trainer, run)
+        config.trainer = fill(config.trainer, run_name(config, bool(self.teacher)))
         unwanted = set()
         if config.trainer.enable_progress_bar is False:
             unwanted.add("ProgressBar")
@@ -144,18 +148,6 @@ class DiffusionCLI(LightningCLI):
 
 # `distill` hands LightningCLI its own `fit` arguments while sys.argv holds the user's: intended, not a mistake.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-
-
-def _fill(value, run: str):
-    """`value` with every "{run}" in its strings replaced, through nested namespaces, dicts and lists."""
-    if isinstance(value, str):
-        return value.replace("{run}", run)
-    if isinstance(value, list):
-        return [_fill(item, run) for item in value]
-    if isinstance(value, dict | Namespace):
-        for key in list(value.keys()) if isinstance(value, dict) else list(vars(value)):
-            value[key] = _fill(value[key], run)
-    return value
 
 
 # Where each class's arguments are in a config: the lower layers' messages name a setting as `Class.argument`
@@ -172,19 +164,6 @@ SETTING = re.compile(rf"\b({'|'.join(SPELLINGS)})\.([a-z_]\w*(?:\.[a-z_]\w*)*)")
 def spelled(message: str) -> str:
     """`message` with each `Class.argument` it names followed by the command line's spelling of it."""
     return SETTING.sub(lambda match: f"{match[0]} (--{SPELLINGS[match[1]]}.{match[2]})", message)
-
-
-def _resume_command(argv: list[str], checkpoint: Path) -> str:
-    """`lit-ddpm` and the run's arguments with any --ckpt_path replaced by `checkpoint`, quoted for a shell."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip or arg.startswith("--ckpt_path="):
-            skip = False
-            continue
-        skip = arg == "--ckpt_path"
-        if not skip:
-            kept.append(arg)
-    return shlex.join(["lit-ddpm", *kept, "--ckpt_path", str(checkpoint)])
 
 
 # Names the Trainer resolves itself rather than reading as paths.

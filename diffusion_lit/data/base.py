@@ -13,7 +13,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision import transforms
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.runs import run_seed
+from diffusion_lit.runs import run_seed, shield_worker
 
 # torchdata 0.11 calls a torch function that newer torch marks deprecated, once per loader: not ours to fix.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -67,7 +67,8 @@ class ImageDataModule(LightningDataModule):
 
     def _options(self) -> dict:
         """What every loader of this datamodule shares."""
-        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                   "worker_init_fn": shield_worker if self.num_workers > 0 else None}  # fmt: skip
         return {"batch_size": self.batch_size, "pin_memory": torch.cuda.is_available(), **workers}
 
     def train_dataloader(self) -> DataLoader:

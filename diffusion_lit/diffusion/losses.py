@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lit.diffusion.immiscible import assign_noise
-from diffusion_lit.diffusion.perceptual import imagenet_normalise, load_vgg19_features
+from diffusion_lit.diffusion.perceptual import ImageNetInput, load_vgg19_features
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction
 from diffusion_lit.errors import UserError
 
@@ -89,6 +89,7 @@ class PerceptualTerm:
         self.layer = layer
         self.weights_path = weights_path
         self.features: nn.Module | None = None
+        self.input = ImageNetInput()
 
     def load(self) -> nn.Module:
         """The frozen VGG19 features, loaded once; one clear line when the weights are missing."""
@@ -100,10 +101,11 @@ class PerceptualTerm:
         self.load()
         if next(self.features.parameters()).device != x0.device:
             self.features.to(x0.device)
+            self.input.to(x0.device)
         with torch.autocast(x0.device.type, enabled=False):
-            predicted = self.features(imagenet_normalise(x0_pred.float()))
+            predicted = self.features(self.input(x0_pred.float()))
             with torch.no_grad():
-                target = self.features(imagenet_normalise(x0.float()))
+                target = self.features(self.input(x0.float()))
         return (weight * _per_sample_mse(predicted, target)).mean()
 
 

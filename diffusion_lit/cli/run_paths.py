@@ -1,0 +1,72 @@
+"""Where a run's files are: its name filled into the trainer's settings, the checkpoint `--ckpt_path last` means,
+the command that resumes it, and the cluster environment it runs in."""
+
+import shlex
+import sys
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+from diffusion_lit.errors import UserError
+
+
+def run_name(config: Namespace, distilling: bool) -> str:
+    """NAME, NAME_VARIANT with an overlay's variant, and `_distill` after it for `lit-ddpm distill`."""
+    run = config.name if not config.variant else f"{config.name}_{config.variant}"
+    return run + ("_distill" if distilling else "")
+
+
+def fill(value, run: str):
+    """`value` with every "{run}" in its strings replaced, through nested namespaces, dicts and lists."""
+    if isinstance(value, str):
+        return value.replace("{run}", run)
+    if isinstance(value, list):
+        return [fill(item, run) for item in value]
+    if isinstance(value, dict | Namespace):
+        for key in list(value.keys()) if isinstance(value, dict) else list(vars(value)):
+            value[key] = fill(value[key], run)
+    return value
+
+
+def resolve_last(config: Namespace, subcommand: str, distilling: bool) -> str | None:
+    """What `--ckpt_path last` means: the run's own last.ckpt (LastCheckpoint's folder, the run's name filled in)
+    when it exists. Then `fit` resumes from it, and without it starts afresh, so that one command line serves
+    a job's first start and every requeued start (scripts/slurm.sh); `validate` and `test` need it."""
+    callbacks = [c for c in config.trainer.callbacks or [] if c.class_path.rsplit(".", 1)[-1] == "LastCheckpoint"]
+    if not callbacks:
+        raise UserError("--ckpt_path last names the run's last.ckpt: list LastCheckpoint in trainer.callbacks")
+    folder = fill((callbacks[0].init_args or Namespace()).get("dirpath") or "checkpoints", run_name(config, distilling))
+    path = Path(folder) / "last.ckpt"
+    if path.is_file():
+        print(f"lit-ddpm: --ckpt_path last: {path}", file=sys.stderr)
+        return str(path)
+    if subcommand != "fit":
+        raise UserError(f"--ckpt_path last: the run has no {path} yet; train it first, or name a checkpoint")
+    print(f"lit-ddpm: --ckpt_path last: no {path} yet, so a fresh run", file=sys.stderr)
+    return None
+
+
+def resume_command(argv: list[str], checkpoint: Path) -> str:
+    """`lit-ddpm` and the run's arguments with any --ckpt_path replaced by `checkpoint`, quoted for a shell."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        skip = arg == "--ckpt_path"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["lit-ddpm", *kept, "--ckpt_path", str(checkpoint)])
+
+
+def cluster_plugins(plugins) -> list | None:
+    """The trainer's plugins, with SLURM's environment told not to requeue by itself when the run is under SLURM
+    and names no environment of its own: Lightning's requeue saves from inside its signal handler, mid-step,
+    runs in every data-loading worker that inherits the handler, and would resume from its own hpc_ckpt_N.ckpt
+    rather than the newest last.ckpt. LastCheckpoint stops on SIGUSR1 at a step boundary and requeues once.
+    None where nothing changes."""
+    listed = plugins if isinstance(plugins, list) else [] if plugins is None else [plugins]
+    if not SLURMEnvironment.detect() or any(isinstance(plugin, ClusterEnvironment) for plugin in listed):
+        return None
+    return [*listed, SLURMEnvironment(auto_requeue=False)]
