@@ -219,3 +219,44 @@ def test_high_bit_depth_images_outside_their_range_are_refused_by_name(tmp_path,
     with pytest.raises(UserError, match=message) as error:
         ImageFolderDataModule(str(tmp_path), image_size=8).setup("fit")
     assert "a.tif" in str(error.value) and "mode" in str(error.value) and "\n" not in str(error.value)
+
+
+def loader_of_numbers(num_workers: int):
+    """The training loader of a datamodule of 20 numbers, batches of 4 (5 an epoch), as Lightning makes it."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from diffusion_lit.data.base import ImageDataModule
+
+    data = ImageDataModule(batch_size=4, num_workers=num_workers)
+    data.train_set = TensorDataset(torch.arange(20))
+    data.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    return data.train_dataloader()
+
+
+def take(loader, epoch: int, count: int | None = None, state: dict | None = None) -> list[list[int]]:
+    """Batches of one epoch in Lightning's order of calls: the sampler told the epoch, then the iterator made; but
+    in a resumed run, the state loaded and the iterator made (a loader with workers draws its first indices
+    there) before the sampler is told the epoch."""
+    if state is not None:
+        loader.load_state_dict(state)
+        batches = iter(loader)
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.sampler.set_epoch(epoch)
+        batches = iter(loader)
+    return [next(batches)[0].tolist() for _ in range(count if count is not None else len(loader))]
+
+
+@pytest.mark.parametrize("before,after", [(0, 0), (2, 2), (2, 0), (0, 2)])
+def test_the_training_loader_resumes_mid_epoch_with_any_number_of_workers(before, after):
+    whole = loader_of_numbers(0)
+    expected = [take(whole, epoch) for epoch in range(3)]
+    first = loader_of_numbers(before)
+    assert take(first, 0) == expected[0]
+    assert take(first, 1, 2) == expected[1][:2]
+    state = first.state_dict()  # after 2 batches of epoch 1
+    resumed = loader_of_numbers(after)
+    assert take(resumed, 1, 3, state) == expected[1][2:]
+    assert take(resumed, 2) == expected[2]

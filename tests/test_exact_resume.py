@@ -156,9 +156,12 @@ def test_every_way_of_ending_leaves_last_ckpt_at_the_final_step(tmp_path, ending
         assert checkpoint["global_step"] == expected and expected % 4
 
 
-def signal_at(folder: Path, signal_number: int, at_step: int, *extra: str, every: int = 0) -> tuple[int, str]:
+def signal_at(
+    folder: Path, signal_number: int, at_step: int, *extra: str, every: int = 0, group: bool = False
+) -> tuple[int, str]:
     """Run with plain progress lines and scheduled saves every `every` steps (0: none), and send the signal to
-    its main process (rank 0) once it reports step `at_step`; returns its exit status and output."""
+    its main process (rank 0), or to its whole process group (data-loading workers and all, as a scheduler or
+    a terminal's Ctrl-C does), once it reports step `at_step`; returns its exit status and output."""
     overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"], "enable_progress_bar": True, "log_every_n_steps": 1}}
     overlay["trainer"]["callbacks"] = [
         {"class_path": "diffusion_lit.callbacks.ProgressBar", "init_args": {"line_interval": 0}},
@@ -177,15 +180,18 @@ def signal_at(folder: Path, signal_number: int, at_step: int, *extra: str, every
             time.sleep(0.02)
             lines = log.read_text().splitlines()
             step = max((int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")), default=-1)
-        process.send_signal(signal_number)  # rank 0 only: under DDP the others hear of it from rank 0
+        if group:
+            os.killpg(process.pid, signal_number)
+        else:
+            process.send_signal(signal_number)  # rank 0 only: under DDP the others hear of it from rank 0
         code = process.wait(timeout=120)
     return code, log.read_text()
 
 
-def stop(folder: Path, signal_number: int, at_step: int, *extra: str) -> tuple[int, list[str]]:
-    """SIGINT or SIGTERM once the run reports `at_step`, with no scheduled saves: the step last.ckpt then holds,
-    and the resume command the run printed."""
-    code, text = signal_at(folder, signal_number, at_step, *extra)
+def stop(folder: Path, signal_number: int, at_step: int, *extra: str, group: bool = False) -> tuple[int, list[str]]:
+    """SIGINT, SIGTERM or SIGUSR1 once the run reports `at_step`, with no scheduled saves: the step last.ckpt then
+    holds, and the resume command the run printed."""
+    code, text = signal_at(folder, signal_number, at_step, *extra, group=group)
     assert code == 128 + signal_number, text[-3000:]  # as a shell reports a process the signal ended
     last = folder / "checkpoints" / "demo" / "last.ckpt"
     assert last.is_file(), text[-3000:]
@@ -211,6 +217,22 @@ def test_a_signal_saves_the_step_it_stopped_at_and_the_printed_command_resumes_e
     assert at_step <= saved <= at_step + 2  # no scheduled saves: this one is the signal's
     run_printed(tmp_path, resume)
     assert_identical(uninterrupted, tmp_path)
+
+
+WORKERS = ["--data.init_args.num_workers", "2"]
+
+
+@pytest.mark.slow  # a run in a subprocess with data-loading workers, stopped by a signal to its process group
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=lambda n: n.name)
+def test_a_signal_to_the_whole_process_group_with_loader_workers_saves_and_resumes_exactly(
+    uninterrupted, tmp_path, signal_number
+):
+    # As SLURM (scancel, the time limit, --signal), torchrun and a terminal's Ctrl-C do: the workers get it too.
+    at_step = random.Random(signal_number + 1).randint(3, STEPS - 8)
+    saved, resume = stop(tmp_path, signal_number, at_step, *WORKERS, group=True)
+    assert at_step <= saved <= at_step + 2
+    run_printed(tmp_path, resume)
+    assert_identical(uninterrupted, tmp_path)  # and loader workers change nothing: the baseline has none
 
 
 @pytest.mark.slow  # two-process DDP in subprocesses
@@ -255,8 +277,8 @@ def test_a_run_ended_and_resumed_again_and_again_equals_uninterrupted(uninterrup
 @pytest.mark.slow
 def test_soak_twenty_kills_of_every_kind_and_resumes_end_bit_identical(tmp_path):
     """A run stopped 20 times at random steps by a seeded mix of SIGINT, SIGTERM and SIGKILL (scheduled saves
-    every 4 steps, so a SIGKILL loses work that is then redone), resumed each time, ends as the run that
-    was never interrupted."""
+    every 4 steps, so a SIGKILL loses work that is then redone), sent to its whole process group with two
+    data-loading workers in it, resumed each time, ends as the run that was never interrupted."""
     steps = ["--trainer.max_steps", "60"]
     whole, soaked = tmp_path / "whole", tmp_path / "soaked"
     run(whole, *steps)
@@ -267,12 +289,13 @@ def test_soak_twenty_kills_of_every_kind_and_resumes_end_bit_identical(tmp_path)
         saved = torch.load(last, weights_only=True)["global_step"] if last.exists() else 0
         kind = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
         resume = ["--ckpt_path", "checkpoints/demo/last.ckpt"] if last.exists() else []
-        code, text = signal_at(soaked, kind, min(saved + rng.randint(1, 5), 54), *steps, *resume, every=4)
+        at_step = min(saved + rng.randint(1, 5), 54)
+        code, text = signal_at(soaked, kind, at_step, *steps, *WORKERS, *resume, every=4, group=True)
         assert code == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[kind], text[-3000:]
         after = torch.load(last, weights_only=True)["global_step"] if last.exists() else 0
         assert after >= saved and (kind == signal.SIGKILL or after > saved), text[-3000:]
         survived[kind.name] += 1
-    run(soaked, *steps, "--ckpt_path", "checkpoints/demo/last.ckpt")
+    run(soaked, *steps, *WORKERS, "--ckpt_path", "checkpoints/demo/last.ckpt")
     assert_identical(whole, soaked, steps=60)
     print(f"survived {survived}")
     assert all(survived.values())

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import ROOT, TINY, one_line_error
 from diffusion_lit.cli import main
 from diffusion_lit.errors import UserError
-from diffusion_lit.runs import RunLock, StopSignals
+from diffusion_lit.runs import RunLock, StopSignals, shield_worker
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
 SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
@@ -175,12 +175,44 @@ def test_the_first_signal_asks_for_a_stop_and_a_second_ctrl_c_aborts(capsys):
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-def test_sigterm_asks_for_a_stop_too_and_a_repeated_one_changes_nothing():
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_sigterm_and_sigusr1_ask_for_a_stop_and_a_repeat_changes_nothing(number):
     signals = StopSignals("last.ckpt", announce=False)
     signals.install()
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert signals.received == signal.SIGTERM
+        os.kill(os.getpid(), number)
+        os.kill(os.getpid(), number)
+        assert signals.received == number
     finally:
         signals.restore()
+
+
+class Pids(torch.utils.data.Dataset):
+    """Each item is the PID of the worker that read it."""
+
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the SIGTERM shield needs sigwaitinfo (Linux)")
+def test_a_loader_worker_outlives_a_groups_signals_and_still_ends_with_its_loader():
+    # A scheduler signals the whole process group; here a separate `kill` process stands in for it (a signal
+    # from anyone but the worker's own loader). The workers must go on serving batches, then end when the
+    # loader lets them go (its SIGTERM, when one would not stop, is obeyed).
+    loader = torch.utils.data.DataLoader(Pids(), batch_size=2, num_workers=2, worker_init_fn=shield_worker)
+    batches = iter(loader)
+    workers = {int(pid) for _ in range(4) for pid in next(batches)}
+    assert len(workers) == 2
+    for number in ("TERM", "INT", "USR1"):
+        subprocess.run(["kill", f"-{number}", *map(str, workers)], check=True)
+    time.sleep(0.5)
+    assert {int(pid) for _ in range(4) for pid in next(batches)} == workers  # alive and serving
+    processes = list(batches._workers)
+    os.kill(processes[0].pid, signal.SIGTERM)  # from the loader's own process: the worker ends
+    processes[0].join(timeout=10)
+    assert processes[0].exitcode == 0
+    batches._shutdown_workers()
+    assert not any(process.is_alive() for process in processes)

@@ -24,9 +24,13 @@ Split = Literal["train", "test"]
 
 
 class EpochSampler(StatefulDistributedSampler):
-    """torchdata's resumable sampler, except that the state saved after an epoch's last batch resumes with the
-    next epoch: Lightning starts that epoch itself, and a sampler with less than a batch left to yield would
-    make it an empty one (and the run an epoch ahead of the uninterrupted one).
+    """torchdata's resumable sampler, whose state also holds its epoch, and whose state saved after an epoch's
+    last batch resumes with the next epoch: Lightning starts that epoch itself, and a sampler with less than a
+    batch left to yield would make it an empty one (and the run an epoch ahead of the uninterrupted one).
+
+    The epoch is in the state because a loader with workers draws its first batches' indices as soon as its
+    iterator is made, and a resumed Lightning run makes it before it tells the sampler the epoch: without it, a
+    run resumed in epoch 3 went on with epoch 0's order.
 
     Args:
         batch_size: the loader's batch size (incomplete batches are dropped).
@@ -37,10 +41,36 @@ class EpochSampler(StatefulDistributedSampler):
         super().__init__(dataset, **kwargs)
         self.batch_size = batch_size
 
+    def state_dict(self) -> dict:
+        """The position in the epoch, and the epoch."""
+        return {**super().state_dict(), "epoch": self.epoch}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the position in the epoch; a finished epoch is no position."""
+        """Restore the position in the epoch and the epoch (a state of an earlier lit-ddpm has none: the loop sets
+        it); a finished epoch is the start of the next."""
         finished = self.num_samples - state_dict.get("yielded", 0) < self.batch_size
-        super().load_state_dict({**state_dict, "yielded": 0} if finished else state_dict)
+        if "epoch" in state_dict:
+            self.set_epoch(state_dict["epoch"] + finished)
+        super().load_state_dict({"yielded": 0 if finished else state_dict["yielded"]})
+
+
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, resumed through its sampler alone.
+
+    Its state is saved in torchdata's layout, which differs with and without workers (and torchdata refuses a
+    state of another worker count with a bare assertion). The images are a map-style dataset and the workers
+    hold no state, so where the next batch comes from is the sampler's state: it is read out of either layout
+    and given to the sampler, and the loader starts a fresh iterator from there. A run can so resume with
+    another `num_workers` than it was saved with.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The sampler's position and epoch from a saved loader state; the loader itself starts afresh."""
+        main = state_dict.get("_snapshot", {}).get("_main_snapshot", state_dict)  # with workers, or without
+        sampler_state = (main.get("_sampler_iter_state") or {}).get("sampler_state")
+        if sampler_state is not None:
+            self.sampler.load_state_dict(sampler_state)
+        super().load_state_dict({})
 
 
 class ImageDataModule(LightningDataModule):
@@ -91,7 +121,7 @@ class ImageDataModule(LightningDataModule):
             seed=run_seed(),
             drop_last=True,
         )
-        return StatefulDataLoader(self.train_set, sampler=sampler, drop_last=True, **self._options())
+        return ResumableLoader(self.train_set, sampler=sampler, drop_last=True, **self._options())
 
     def val_dataloader(self) -> DataLoader:
         """Held-out batches in a fixed order."""
