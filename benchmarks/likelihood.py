@@ -28,7 +28,7 @@ from diffusion_lit.diffusion import Sampling, likelihood
 from diffusion_lit.generation import generate_all
 from diffusion_lit.module import load_checkpoint
 
-PILOT = 4  # pilot images for the proposal, as SampleQuality.PILOT_IMAGES
+PILOT = 4  # pilot images for the proposal, as bits_per_dim.PILOT_IMAGES (lit-ddpm test)
 
 
 def bound(module, images: torch.Tensor, timesteps: int | None, variance: str, seed: int = 0) -> dict:

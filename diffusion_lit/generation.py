@@ -8,8 +8,8 @@ model gets the classes in turn (image i has class i mod num_classes) unless labe
 
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -50,6 +50,13 @@ def shard(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1)
     return [(b, min(batch_size, num_samples - b * batch_size)) for b in range(first, last)]
 
 
+def run_precision(trainer, setting: str = "run") -> AbstractContextManager:
+    """What the network samples under: the run's precision as Lightning applies it in training steps (its
+    precision plugin's forward context: an autocast for the mixed precisions), or nothing for "32-true".
+    Lightning autocasts only inside `*_step`; sampling runs in epoch-end hooks, so it needs this."""
+    return nullcontext() if setting == "32-true" else trainer.precision_plugin.forward_context()
+
+
 def cycled_labels(num_classes: int | None, first: int, count: int) -> Tensor | None:
     """Labels first, first + 1, ... mod num_classes for a class-conditional model; None otherwise."""
     return None if not num_classes else torch.arange(first, first + count) % num_classes
@@ -64,15 +71,19 @@ def generate(
     labels: Tensor | None = None,
     rank: int = 0,
     world_size: int = 1,
+    precision: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """This process's share of a seeded run, batch by batch: uint8 images (B, C, H, W) and their labels (B,)."""
+    """This process's share of a seeded run, batch by batch: uint8 images (B, C, H, W) and their labels (B,).
+    The network runs inside `precision()` (an autocast, say), and only the network: what the caller does with
+    each batch (Inception features, say) stays outside it."""
     for batch, size in shard(num_samples, batch_size, rank, world_size):
         first = batch * batch_size
         batch_labels = cycled_labels(model.num_classes, first, size) if labels is None else labels[first : first + size]
         generator = batch_generator(seed, batch, model.device)
-        images = model.sample(
-            size, settings, generator, None if batch_labels is None else batch_labels.to(model.device)
-        )
+        with precision():
+            images = model.sample(
+                size, settings, generator, None if batch_labels is None else batch_labels.to(model.device)
+            )
         yield to_uint8(images), batch_labels
 
 

@@ -73,10 +73,10 @@ def test_the_cli_rebuilds_the_model_a_checkpoint_describes(demo_checkpoint, monk
     monkeypatch.setattr("diffusion_lit.callbacks.quality.load_inception", lambda *args, **kwargs: StandInExtractor())
     tested = []
 
-    def write(self, trainer, module, *args):  # instead of the scores' files: which network was tested
+    def write(trainer, module, *args):  # instead of the scores' files: which network was tested
         tested.append(module.unet.config["base_channels"])
 
-    monkeypatch.setattr("diffusion_lit.callbacks.quality.SampleQuality._write", write)
+    monkeypatch.setattr("diffusion_lit.callbacks.quality.write_test_scores", write)
     main(["test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--model.unet.init_args.base_channels", "16",
           "--evaluation.num_samples", "2", "--evaluation.sampling.steps", "2", "--evaluation.reference", "test",
           "--evaluation.cache_dir", str(tmp_path / "cache")])  # fmt: skip

@@ -105,6 +105,34 @@ def test_without_inception_weights_test_writes_bits_per_dim_then_says_fid_was_sk
     assert demo_checkpoint.with_name("last-bpd-small-n4-k2-seed0.json").is_file()
 
 
+@pytest.mark.parametrize("setting", ["run", "32-true"])
+def test_evaluation_samples_in_the_runs_precision_and_scores_in_float32(demo_checkpoint, extractors, tmp_path,
+                                                                        monkeypatch, setting):  # fmt: skip
+    # Lightning autocasts only inside *_step; FID, IS and the bound run in epoch-end hooks. Under bf16-mixed the
+    # network must sample in bf16 (as it trained), unless told 32-true; Inception and bits/dim stay float32.
+    seen = {"network": set(), "extractor": set()}
+    forward = StandInExtractor.forward
+
+    def extract(self, images):
+        seen["extractor"].add(torch.is_autocast_enabled("cpu"))
+        return forward(self, images)
+
+    monkeypatch.setattr(StandInExtractor, "forward", extract)
+    sample = DiffusionModule.sample
+
+    def draw(module, *args, **kwargs):  # the test steps' loss is autocast by Lightning itself: not counted here
+        seen["network"].add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return sample(module, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModule, "sample", draw)
+    run_test(demo_checkpoint, tmp_path / "cache", "--trainer.precision", "bf16-mixed", "--evaluation.precision",
+             setting, "--evaluation.nll_images", "null", *DPMPP5)  # fmt: skip
+    assert seen["network"] == ({(True, torch.bfloat16)} if setting == "run" else {(False, torch.bfloat16)})
+    assert seen["extractor"] == {False}
+    report = json.loads(demo_checkpoint.with_name("last-fid-dpmpp5-n10-seed0.json").read_text())
+    assert report["precision"] == ("bf16-mixed" if setting == "run" else "32-true")
+
+
 def test_the_set_of_samples_does_not_depend_on_the_number_of_processes():
     for num_samples, batch_size in [(10, 4), (10_000, 250), (7, 7), (3, 5)]:
         single = shard(num_samples, batch_size, 0, 1)

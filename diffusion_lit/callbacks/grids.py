@@ -8,13 +8,14 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion_lit.diffusion.sampling import Sampling
-from diffusion_lit.generation import generate_all, save_grid
+from diffusion_lit.generation import generate_all, run_precision, save_grid
 
 
 class SampleGrid(Callback):
     """After every `every_n_epochs`-th validation, sample a grid from the EMA weights, save and log it.
 
-    The same seed is used every time, so successive grids show the same noise turning into images.
+    The same seed is used every time, so successive grids show the same noise turning into images. The network
+    samples in the run's precision (an autocast under 16-mixed and bf16-mixed), as training steps run.
 
     Args:
         num_samples: images in the grid.
@@ -49,7 +50,8 @@ class SampleGrid(Callback):
             return  # a dry run (fast_dev_run) writes nothing
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        options = {"settings": self.sampling, "seed": self.seed, "batch_size": self.num_samples}
+        options = {"settings": self.sampling, "seed": self.seed, "batch_size": self.num_samples,
+                   "precision": lambda: run_precision(trainer)}  # the run's, as FID while fitting  # fmt: skip
         images, _ = generate_all(pl_module, self.num_samples, **options)  # a conditional model: classes in turn
         path = self.dirpath / f"step={trainer.global_step}.png"
         try:

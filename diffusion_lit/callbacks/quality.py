@@ -4,13 +4,10 @@ the likelihood bound of held-out images in bits per dimension, for `lit-ddpm tes
 The callback only wires Lightning's hooks to the pieces that do the work: `generation` draws the seeded
 images (shared out over processes), `metrics` holds the extractor, the scores and the cached reference
 statistics of the datamodule's real images (anything that is a `metrics.ReferenceData`), and
-`diffusion.likelihood` computes the bound.
+`bits_per_dim` computes the bound.
 """
 
 import json
-import math
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -18,14 +15,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from rich.console import Console
-from rich.table import Table
-from torch import Tensor, nn
+from torch import nn
 
-from diffusion_lit.diffusion import likelihood
+from diffusion_lit.callbacks.bits_per_dim import held_out_bits_per_dim
+from diffusion_lit.callbacks.reports import write_bits_per_dim, write_test_scores
 from diffusion_lit.diffusion.sampling import Sampling
+from diffusion_lit.distributed import gather_rows
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import BATCH_SIZE, generate, shard, write_samples, written_whole
+from diffusion_lit.generation import BATCH_SIZE, generate, run_precision, shard
 from diffusion_lit.metrics import QualityMetrics, ReferenceData, load_inception, load_reference
 
 
@@ -62,11 +59,12 @@ class SampleQuality(Callback):
             `sampling.variance` and `sampling.threshold`, written as `<checkpoint stem>-bpd-...json`; None: not.
         nll_timesteps: None: all T terms of each image's bound (the papers' protocol, T network evaluations
             per image); K: an unbiased estimate from K timesteps per image, importance-sampled, with its
-            standard error (the first PILOT_IMAGES images are summed in full to measure the proposal); a K of
-            T - 1 or more sums all terms, which costs no more.
+            standard error (the first 4 images are summed in full to measure the proposal); a K of T - 1 or
+            more sums all terms, which costs no more.
+        precision: "run": the network samples in the run's precision (`trainer.precision`: fp16 or bf16
+            autocast under 16-mixed or bf16-mixed, as in training; Inception always in float32); "32-true":
+            in float32. Bits/dim are always float32.
     """
-
-    PILOT_IMAGES = 4
 
     def __init__(
         self,
@@ -85,6 +83,7 @@ class SampleQuality(Callback):
         fid: bool = True,
         nll_images: int | None = None,
         nll_timesteps: int | None = None,
+        precision: Literal["run", "32-true"] = "run",
     ) -> None:
         if num_samples < 2 or fit_num_samples < 2:
             raise UserError(
@@ -111,6 +110,7 @@ class SampleQuality(Callback):
         self.fid = fid
         self.nll_images = nll_images
         self.nll_timesteps = nll_timesteps
+        self.precision = precision
         self.fid_skipped: str | None = None  # why `test` could not score FID/IS (it still reports bits/dim)
         self.extractor: nn.Module | None = None  # tests may set a stand-in before the run
         self.metrics: QualityMetrics | None = None
@@ -149,17 +149,21 @@ class SampleQuality(Callback):
                 rank_zero_info(f"FID reference statistics of {count} images saved to {self.reference_file}")
         trainer.strategy.barrier("fid-reference")
 
-    def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", num_samples: int) -> Tensor:
-        """Generate this process's share of `num_samples` images into the metrics; returns them (uint8)."""
+    def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", num_samples: int, keep: bool = False):
+        """Generate this process's share of `num_samples` images into the metrics; returns them (uint8, on the
+        host, each batch moved there as it is made) if `keep`, else None."""
         self.metrics.reset()
-        run = {"settings": self.sampling, "seed": self.seed, "batch_size": self.batch_size}
-        share = {"rank": trainer.global_rank, "world_size": trainer.world_size}
-        images = []
-        for batch, _ in generate(pl_module, num_samples, **run, **share):
-            images.append(batch)
+        run = {"settings": self.sampling, "seed": self.seed, "batch_size": self.batch_size,
+               "rank": trainer.global_rank, "world_size": trainer.world_size,
+               "precision": lambda: run_precision(trainer, self.precision)}  # fmt: skip
+        kept = []
+        for batch, _ in generate(pl_module, num_samples, **run):
             self.metrics.update(batch)
-        shape = (0, *pl_module.image_shape)
-        return torch.cat(images) if images else torch.empty(shape, dtype=torch.uint8, device=pl_module.device)
+            if keep:
+                kept.append(batch.cpu())
+        if not keep:
+            return None
+        return torch.cat(kept) if kept else torch.empty((0, *pl_module.image_shape), dtype=torch.uint8)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """While fitting: val/fid and val/is after every n-th validation epoch, and the best checkpoint."""
@@ -192,7 +196,11 @@ class SampleQuality(Callback):
         """Bits/dim (when asked), then sample, score, log test/fid and test/is, and write the JSON and the
         images (rank 0)."""
         if self.nll_images:
-            self._likelihood(trainer, pl_module)
+            report = held_out_bits_per_dim(trainer, pl_module, self.nll_images, self.nll_timesteps, self.sampling,
+                                           self.seed, self.batch_size)  # fmt: skip
+            pl_module.log_dict({"test/bpd": report["bits_per_dim"], "test/bpd_se": report["standard_error"] or 0.0})
+            if trainer.is_global_zero:
+                write_bits_per_dim(trainer, report)
         if self.fid_skipped:
             raise UserError(
                 f"FID and IS skipped: {self.fid_skipped} (bits/dim were written; SampleQuality.fid false "
@@ -203,136 +211,22 @@ class SampleQuality(Callback):
         rank_zero_info(
             f"FID/IS: sampling {self.num_samples} images ({self.sampling.name}) on {trainer.world_size} process(es)"
         )
-        images = self._evaluate(trainer, pl_module, self.num_samples)
+        keep = self.save_samples != "none"
+        images = self._evaluate(trainer, pl_module, self.num_samples, keep)
         scores = self.metrics.compute(self.seed)
         pl_module.log_dict({f"test/{name}": value for name, value in scores.items()}, sync_dist=True)
-        if self.save_samples != "none":
-            images = self._gather(trainer, images)
+        if keep:  # on rank 0's host only: 50,000 images of 256x256 are 9.8 GB, more than many GPUs hold
+            world = trainer.world_size
+            counts = [sum(size for _, size in shard(self.num_samples, self.batch_size, r, world)) for r in range(world)]
+            images = gather_rows(images, counts)
         if trainer.is_global_zero:
             try:
-                self._write(trainer, pl_module, scores, images)
+                write_test_scores(trainer, pl_module, self, scores, images)
             except OSError as error:
                 raise UserError(
                     f"FID {scores['fid']:.3f}, IS {scores['is']:.3f}, but the results could not be written beside "
                     f"the checkpoint ({error.strerror or error}); free space, or set SampleQuality.save_samples none"
                 ) from None
-
-    def _gather(self, trainer: "pl.Trainer", images: Tensor, total: int | None = None, batch_size: int = 0) -> Tensor:
-        """Every process's rows on every process, in the global order (padded to equal size for all_gather):
-        the images of `test`, or each process's share of `total` items in batches of `batch_size` (`shard`)."""
-        if trainer.world_size == 1:
-            return images
-        world, total, batch_size = trainer.world_size, total or self.num_samples, batch_size or self.batch_size
-        counts = [sum(size for _, size in shard(total, batch_size, r, world)) for r in range(world)]
-        padded = images.new_zeros((max(counts), *images.shape[1:]))
-        padded[: len(images)] = images
-        gathered = trainer.strategy.all_gather(padded)  # (world, max_count, ...)
-        return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
-
-    def _likelihood(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """The bits/dim of the first `nll_images` held-out images: each process bounds its share (the pilot
-        images, which set the importance proposal, on every process), the per-image results are gathered in
-        the global order, and rank 0 writes the JSON."""
-        start = time.perf_counter()
-        dataset = trainer.datamodule.reference_set("test")
-        count = min(self.nll_images, len(dataset))
-        if count == 0:
-            raise UserError("bits/dim need held-out images, and the datamodule's test split has none")
-        if count < self.nll_images:
-            rank_zero_info(f"bits/dim: the held-out split has {count} images, fewer than nll_images: using them all")
-        network, schedule, device = (lambda x, t: pl_module.unet(x, t, None)), pl_module.schedule, pl_module.device
-        options = {"variance": self.sampling.variance, "threshold": self.sampling.threshold,
-                   "batch_size": self.batch_size}  # fmt: skip
-        estimated = self.nll_timesteps is not None and self.nll_timesteps < schedule.timesteps - 1  # else: cheaper
-        what = f"{self.nll_timesteps} importance-sampled timesteps" if estimated else f"all {schedule.timesteps} terms"
-        rank_zero_info(f"bits/dim: {count} held-out images, {what}, on {trainer.world_size} process(es)")
-
-        def images(first: int, size: int) -> Tensor:
-            batch = torch.stack([dataset[i][0] for i in range(first, first + size)])
-            return likelihood.quantized(batch.to(device))
-
-        def seeds(first: int, size: int) -> list[int]:
-            return [self.seed * 1_000_000 + i for i in range(first, first + size)]
-
-        pilot, proposal, parts = (min(self.PILOT_IMAGES, count) if estimated else 0), None, []
-        with torch.inference_mode():
-            if pilot:
-                proposal, bound = likelihood.proposal_from(network, schedule, images(0, pilot), seeds(0, pilot),
-                                                           **options)  # fmt: skip
-                parts.append(bound)
-            per_image = (self.nll_timesteps + 1) if estimated else schedule.timesteps
-            group = max(1, self.batch_size // per_image)  # images bounded together
-            rest = count - pilot
-            local = []
-            for index, size in shard(rest, group, trainer.global_rank, trainer.world_size):
-                first = pilot + index * group
-                local.append(likelihood.image_bounds(network, schedule, images(first, size), seeds(first, size),
-                                                     proposal, self.nll_timesteps, **options))  # fmt: skip
-            stacked = [torch.stack([b.prior, b.diffusion, b.decoder], 1) for b in local]
-            mine = torch.cat(stacked) if stacked else torch.empty(0, 3, dtype=torch.float64)
-            gathered = self._gather(trainer, mine.to(device), rest, group).cpu()
-        nats = torch.cat([torch.stack([b.prior, b.diffusion, b.decoder], 1) for b in parts] + [gathered])
-        bits = likelihood.bits_per_dim(nats, math.prod(pl_module.image_shape))
-        total = bits.sum(1)
-        report = {
-            "bits_per_dim": total.mean().item(),
-            "standard_error": (total.std() / math.sqrt(count)).item() if count > 1 else None,
-            "terms": {name: bits[:, i].mean().item() for i, name in enumerate(likelihood.TERMS)},
-            "checkpoint": str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else None,
-            "images": count,
-            "split": "test",
-            "timesteps": "all" if not estimated else self.nll_timesteps,
-            "pilot_images": pilot,
-            "variance": self.sampling.variance,
-            "threshold": self.sampling.threshold,
-            "seed": self.seed,
-            "processes": trainer.world_size,
-            "seconds": time.perf_counter() - start,
-        }
-        pl_module.log_dict({"test/bpd": report["bits_per_dim"], "test/bpd_se": report["standard_error"] or 0.0})
-        if trainer.is_global_zero:
-            checkpoint = Path(trainer.ckpt_path) if trainer.ckpt_path else Path("checkpoints") / "untrained.ckpt"
-            steps = f"k{self.nll_timesteps}" if estimated else "all"
-            path = checkpoint.with_name(f"{checkpoint.stem}-bpd-{self.sampling.variance}-n{count}-{steps}"
-                                        f"-seed{self.seed}.json")  # fmt: skip
-            try:
-                with written_whole(path) as partial:
-                    partial.write_text(json.dumps(report, indent=2) + "\n")
-            except OSError as error:
-                raise UserError(
-                    f"{report['bits_per_dim']:.4f} bits/dim, but the results could not be written beside the "
-                    f"checkpoint ({error.strerror or error}); free space and run again"
-                ) from None
-            _print_likelihood(report, path)
-
-    def _write(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", scores: dict, images: Tensor) -> None:
-        """The JSON beside the checkpoint, and the images."""
-        checkpoint = Path(trainer.ckpt_path) if trainer.ckpt_path else Path("checkpoints") / "untrained.ckpt"
-        stem = checkpoint.with_name(f"{checkpoint.stem}-fid-{self.sampling.name}-n{self.num_samples}-seed{self.seed}")
-        report = {
-            **scores,
-            "checkpoint": str(checkpoint.resolve()),
-            "sampling": asdict(self.sampling),
-            "num_samples": self.num_samples,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "processes": trainer.world_size,
-            "image_shape": list(pl_module.image_shape),
-            "reference": {
-                "split": self.reference,
-                "images": int(self.metrics.fid.real_features_num_samples),
-                "statistics": str(self.reference_file),
-            },
-            "extractor": self.extractor.name,
-            "resize": "antialiased bilinear (torchmetrics)" if self.antialias else "bilinear as TensorFlow 1.x",
-            "inception_score_splits": self.metrics.inception_score.splits,
-        }
-        # Suffixes added, not replaced: a sampling name may hold a dot (ddim50-eta0.5).
-        npz = stem.with_name(f"{stem.name}.npz") if self.save_samples in ("npz", "both") else None
-        write_samples(images, None, npz, stem if self.save_samples in ("png", "both") else None)
-        with written_whole(stem.with_name(f"{stem.name}.json")) as partial:  # last: a JSON says its samples are whole
-            partial.write_text(json.dumps(report, indent=2) + "\n")
-        _print_scores(report, stem.with_name(f"{stem.name}.json"))
 
 
 def images_seen(trainer: "pl.Trainer") -> int:
@@ -347,29 +241,3 @@ def _run_folder(trainer: "pl.Trainer") -> Path:
     folder = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _print_likelihood(report: dict, path: Path) -> None:
-    """A rich table of the bound, its terms and how it was computed."""
-    table = Table(title="Likelihood (variational bound)", show_header=False)
-    error = f" ± {report['standard_error']:.3f} (standard error)" if report["standard_error"] is not None else ""
-    table.add_row("bits/dim", f"{report['bits_per_dim']:.3f}{error}")
-    table.add_row("terms", ", ".join(f"{name} {value:.3f}" for name, value in report["terms"].items()))
-    timesteps = "all" if report["timesteps"] == "all" else f"{report['timesteps']} importance-sampled"
-    table.add_row("images", f"{report['images']} held-out, timesteps {timesteps}, variance {report['variance']}")
-    table.add_row("seconds", f"{report['seconds']:.1f}")
-    table.add_row("written to", str(path))
-    Console().print(table)
-
-
-def _print_scores(report: dict, path: Path) -> None:
-    """A rich table of the scores and the protocol they were measured with."""
-    table = Table(title="Sample quality", show_header=False)
-    table.add_row("FID", f"{report['fid']:.2f}")
-    table.add_row("Inception Score", f"{report['is']:.2f} ± {report['is_std']:.2f}")
-    protocol = f"{report['sampling']['sampler']}, {report['sampling']['steps']} steps, seed {report['seed']}"
-    table.add_row("samples", f"{report['num_samples']} ({protocol})")
-    table.add_row("reference", f"{report['reference']['images']} {report['reference']['split']} images")
-    table.add_row("extractor", f"{report['extractor']}, resize {report['resize']}")
-    table.add_row("written to", str(path))
-    Console().print(table)

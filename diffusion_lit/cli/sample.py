@@ -72,11 +72,13 @@ def main(args: list[str]) -> None:
     if options.compile:  # the forward only: the progress hook around it stays eager
         module.unet.forward = torch.compile(module.unet.forward)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
-    with torch.autocast(module.device.type, dtype) if dtype else nullcontext(), Progress(transient=True) as progress:
+    device_type = module.device.type
+    with Progress(transient=True) as progress:
         task = progress.add_task(settings.name, total=math.ceil(num_samples / options.batch_size) * settings.steps)
         hook = module.unet.register_forward_pre_hook(lambda *_: progress.advance(task))  # one call per step
         try:
-            run = {"settings": settings, "seed": options.seed, "batch_size": options.batch_size, "labels": labels}
+            run = {"settings": settings, "seed": options.seed, "batch_size": options.batch_size, "labels": labels,
+                   "precision": lambda: torch.autocast(device_type, dtype) if dtype else nullcontext()}  # fmt: skip
             images, labels = generate_all(module, num_samples, **run)
         finally:
             hook.remove()
