@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import ROOT, ClassifierFID, demo_digits
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
-from diffusion_lit.module import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 
 VARIANTS = {"mse": (0.0, 0.0), "mse + feature matching": (0.0, 0.05)}
 PERCEPTUAL_VARIANTS = {"mse + perceptual": (0.1, 0.0), "mse + perceptual + feature matching": (0.1, 0.05)}

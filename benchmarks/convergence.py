@@ -40,7 +40,7 @@ from torchvision.utils import make_grid, save_image
 from benchmarks.common import ROOT, ClassifierFID, demo_digits, write_photo_patches
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
-from diffusion_lit.module import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.pixels import to_signed
 
 TODAY_STEPS = 2520  # configs/demo.yaml: 18 epochs of 140 steps

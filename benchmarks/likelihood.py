@@ -26,7 +26,7 @@ import torch
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.diffusion import Sampling, likelihood
 from diffusion_lit.generation import generate_all
-from diffusion_lit.module import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 
 PILOT = 4  # pilot images for the proposal, as bits_per_dim.PILOT_IMAGES (lit-ddpm test)
 

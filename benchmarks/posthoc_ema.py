@@ -21,7 +21,7 @@ from benchmarks.convergence import quality_measure, train
 from diffusion_lit.callbacks.posthoc_ema import reconstruct, snapshots
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
-from diffusion_lit.module import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 
 EMA_DECAY = 0.995  # configs/demo.yaml's model.ema_decay
 

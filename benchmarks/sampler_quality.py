@@ -22,7 +22,7 @@ from torchvision.utils import make_grid, save_image
 from benchmarks.common import ClassifierFID, demo_digits
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
-from diffusion_lit.module import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 
 SAMPLERS = ["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
 ROWS = [Sampling(name, nfe) for name in SAMPLERS for nfe in (10, 20, 50)] + [Sampling("ddpm", 1000)]

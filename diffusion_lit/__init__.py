@@ -12,7 +12,8 @@ from diffusion_lit.data import CIFAR10DataModule, DemoMNISTDataModule, ImageFold
 from diffusion_lit.diffusion import NoiseSchedule, Sampling
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import generate_all, save_grid, write_samples
-from diffusion_lit.module import DiffusionModule, load_checkpoint
+from diffusion_lit.loading import load_checkpoint
+from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 
 __all__ = ["CIFAR10DataModule", "DemoMNISTDataModule", "DiffusionModule", "ImageFolderDataModule",

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffusion_lit.callbacks.ema import EMA
 from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit, upgraded
-from diffusion_lit.diffusion.augment import AUGMENT_DIM, augment
+from diffusion_lit.diffusion.augment import augment, check_augment
 from diffusion_lit.diffusion.consistency import ConsistencyLoss
 from diffusion_lit.diffusion.guidance import drop_labels, guided
 from diffusion_lit.diffusion.losses import DiffusionLoss
@@ -87,7 +87,7 @@ class DiffusionModule(LightningModule):
             self.hparams["optimizer"] = optimizer_config(self.make_optimizer)
         self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
         unet.check_image_shape(image_shape)
-        _check_augment(augment, unet, self.criterion)
+        check_augment(augment, unet.augment_dim, distilling=isinstance(self.criterion, ConsistencyLoss))
         # Here, not in `setup`: the callbacks' `setup` (the EMA's copies) runs first and must see the final strides.
         self.unet = unet.to(memory_format=torch.channels_last) if channels_last else unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
@@ -244,34 +244,7 @@ class DiffusionModule(LightningModule):
         return [] if self.hparams.ema_decay is None else [EMA(self.hparams.ema_decay)]
 
 
-def _check_augment(probability: float, unet: UNet, loss: object) -> None:
-    """Non-leaky augmentation needs a probability in [0, 1], a UNet that takes its labels and a diffusion loss."""
-    if not 0.0 <= probability <= 1.0:
-        raise UserError(f"DiffusionModule.augment is a probability in [0, 1], got {probability}")
-    if probability and unet.augment_dim != AUGMENT_DIM:
-        raise UserError(
-            f"DiffusionModule.augment needs a UNet told which augmentation was applied: set UNet.augment_dim to "
-            f"{AUGMENT_DIM} (it is {unet.augment_dim})"
-        )
-    if probability and isinstance(loss, ConsistencyLoss):
-        raise UserError("distillation does not augment: set DiffusionModule.augment to 0 for lit-ddpm distill")
-
-
 def component_config(component: object, init_args: dict) -> dict:
     """A component as a config names it: {"class_path", "init_args"}."""
     kind = type(component)
     return {"class_path": f"{kind.__module__}.{kind.__qualname__}", "init_args": init_args}
-
-
-def load_checkpoint(ckpt_path: str, device: str = "cpu", allowed_classes: Iterable[str] = ()) -> DiffusionModule:
-    """A DiffusionModule with the checkpoint's EMA weights, loaded safely (weights_only=True); the network is
-    built only if it is one of lit-ddpm's or its class is in `allowed_classes` (nothing else is imported)."""
-    check_checkpoint(ckpt_path, allowed_classes=allowed_classes)
-    try:
-        module = DiffusionModule.load_from_checkpoint(
-            ckpt_path, map_location=device, weights_only=True, allowed_classes=allowed_classes
-        )
-    except Exception as error:  # noqa: BLE001  (truncated, foreign or not a checkpoint: the same advice)
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserError(f"{ckpt_path!r} is not a readable lit-ddpm checkpoint ({reason})") from None
-    return module.eval()

@@ -9,7 +9,8 @@ from diffusion_lit.cli import main
 from diffusion_lit.diffusion.augment import AUGMENT_DIM, augment
 from diffusion_lit.diffusion.consistency import ConsistencyLoss
 from diffusion_lit.errors import UserError
-from diffusion_lit.module import DiffusionModule, load_checkpoint
+from diffusion_lit.loading import load_checkpoint
+from diffusion_lit.module import DiffusionModule
 from diffusion_lit.nn import UNet
 
 

@@ -18,7 +18,8 @@ from diffusion_lit.diffusion.consistency import (
     sigmas,
     teacher_step,
 )
-from diffusion_lit.diffusion.samplers import consistency_multistep, dpmpp_2m
+from diffusion_lit.diffusion.samplers import consistency_multistep
+from diffusion_lit.diffusion.solvers import dpmpp_2m
 from diffusion_lit.errors import UserError
 
 

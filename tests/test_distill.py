@@ -11,7 +11,7 @@ from conftest import ONE_STEP, ROOT, TINY, StandInExtractor, one_line_error
 from diffusion_lit.callbacks import InitFromTeacher
 from diffusion_lit.cli import main
 from diffusion_lit.diffusion.consistency import ConsistencyLoss
-from diffusion_lit.module import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, *ONE_STEP, "--trainer.logger", "false"]
 

@@ -22,7 +22,7 @@ from diffusion_lit.callbacks.posthoc_ema import (
 )
 from diffusion_lit.cli import main
 from diffusion_lit.errors import UserError
-from diffusion_lit.module import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 
 
 def test_sigma_rel_and_gamma_are_inverse_and_match_edm2():

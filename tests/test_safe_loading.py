@@ -9,7 +9,8 @@ import torch
 from conftest import ROOT, TINY
 from diffusion_lit.cli import main
 from diffusion_lit.errors import UserError
-from diffusion_lit.module import DiffusionModule, load_checkpoint
+from diffusion_lit.loading import load_checkpoint
+from diffusion_lit.module import DiffusionModule
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
 SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "1", "--trainer.max_epochs", "-1",

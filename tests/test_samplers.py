@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process, timestep_spacing
-from diffusion_lit.diffusion.samplers import ddim, ddpm, threshold_x0
+from diffusion_lit.diffusion.samplers import ddim, ddpm
 from diffusion_lit.diffusion.sampling import CONSISTENCY_GAMMA
+from diffusion_lit.diffusion.steps import threshold_x0
 from diffusion_lit.errors import UserError
 
 SAMPLER_STEPS = [("ddpm", 1000), ("ddpm", 50), ("ddim", 20), ("dpmpp", 20), ("dpmpp_sde", 20), ("unipc", 10)]

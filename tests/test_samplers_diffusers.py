@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from diffusion_lit.diffusion import NoiseSchedule, timestep_spacing
-from diffusion_lit.diffusion.samplers import ddim, ddpm, dpmpp_2m, threshold_x0, unipc
+from diffusion_lit.diffusion.samplers import ddim, ddpm
+from diffusion_lit.diffusion.solvers import dpmpp_2m, unipc
+from diffusion_lit.diffusion.steps import threshold_x0
 
 schedulers = pytest.importorskip("diffusers.schedulers")
 

@@ -12,7 +12,8 @@ from torch import Tensor
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.generation import BATCH_SIZE, generate_all, save_grid, write_samples
-from diffusion_lit.module import DiffusionModule, load_checkpoint
+from diffusion_lit.loading import load_checkpoint
+from diffusion_lit.module import DiffusionModule
 
 
 class OneLineParser(OneLineErrors, ArgumentParser):

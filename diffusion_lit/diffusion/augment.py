@@ -21,8 +21,24 @@ with probability p (EDM uses 0.12 on CIFAR-10), in this order:
 import torch
 from torch import Tensor
 
+from diffusion_lit.errors import UserError
+
 AUGMENT_DIM = 6  # the label's length: the UNet's augment_dim for a model trained with augmentation
 MAX_SHIFT = 1 / 8  # of the image side, EDM's translate_int
+
+
+def check_augment(probability: float, augment_dim: int | None, distilling: bool) -> None:
+    """Non-leaky augmentation needs a probability in [0, 1], a UNet that takes its labels (`augment_dim`) and a
+    diffusion loss (a distilled student is not augmented)."""
+    if not 0.0 <= probability <= 1.0:
+        raise UserError(f"DiffusionModule.augment is a probability in [0, 1], got {probability}")
+    if probability and augment_dim != AUGMENT_DIM:
+        raise UserError(
+            f"DiffusionModule.augment needs a UNet told which augmentation was applied: set UNet.augment_dim to "
+            f"{AUGMENT_DIM} (it is {augment_dim})"
+        )
+    if probability and distilling:
+        raise UserError("distillation does not augment: set DiffusionModule.augment to 0 for lit-ddpm distill")
 
 
 def augment(images: Tensor, probability: float) -> tuple[Tensor, Tensor]:

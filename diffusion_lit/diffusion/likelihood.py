@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffusion_lit.diffusion.samplers import threshold_x0
 from diffusion_lit.diffusion.sampling import Threshold, Variance
 from diffusion_lit.diffusion.schedule import NoiseSchedule, posterior
+from diffusion_lit.diffusion.steps import threshold_x0
 
 BIN = 1 / 255  # half the width of a pixel's bin on [-1, 1]
 UNIFORM_SHARE = 0.1  # of the proposal: no timestep is drawn with probability below 0.1 / (T - 1)
