@@ -47,7 +47,10 @@ bench: install ## Throughput vs diffusers and denoising-diffusion-pytorch, loop 
 	$(BIN)/python -m benchmarks.throughput --json benchmarks/results/throughput-cpu.json
 	$(BIN)/python -m benchmarks.pipeline --json benchmarks/results/pipeline-cpu.json
 
-gpu-check: install ## Speed, memory, TFLOP/s and MFU of the CIFAR-10 model on one GPU (synthetic data, < 5 min)
-	$(BIN)/python -m benchmarks.gpu_check --device cuda --json benchmarks/results/gpu-check.json
+gpu-check: ## On a GPU machine, no network needed: the CIFAR-10 recipe's fit and test, then the bare UNet (< 5 min)
+	ARGS="$(ARGS)" scripts/gpu_check.sh
 
-.PHONY: help install demo test test-all test-slow lint fit-mnist fit-cifar10 eval-mnist eval-cifar10 bench gpu-check
+gpu-wheels: ## Where there is a network: the wheels gpu-check needs beside a GPU image's torch, in .whl/ (Python 3.12)
+	scripts/gpu_wheels.sh
+
+.PHONY: help install demo test test-all test-slow lint fit-mnist fit-cifar10 eval-mnist eval-cifar10 bench gpu-check gpu-wheels

@@ -10,27 +10,45 @@ from PIL import Image
 from conftest import ONE_STEP, ROOT
 
 
-@pytest.mark.slow  # a benchmark end to end
+@pytest.mark.slow  # a benchmark end to end, as `make gpu-check` starts it
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_gpu_check_runs_with_tiny_settings(capsys, device):
-    from benchmarks import gpu_check
+def test_gpu_check_runs_end_to_end_with_tiny_settings(tmp_path, device):
+    import os
+    import subprocess
 
-    results = gpu_check.main(["--device", device, "--tiny", "--no-compile"])
-    assert [(r["precision"], r["channels_last"]) for r in results["train"]] == [
+    environment = {**os.environ, "DEVICE": device, "JSON": str(tmp_path / "check.json"), "ARGS": "--tiny --no-compile",
+                   "PYTHON": sys.executable}  # fmt: skip
+    done = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh")], env=environment, capture_output=True, text=True,
+                          timeout=1200)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "check.json").read_text())["rows"]
+    assert not [row for section in rows.values() for row in section if "error" in row], done.stdout[-3000:]
+    # the shipped CIFAR-10 recipe's fit and test (a CPU has bf16 AMP only), then the bare UNet
+    (fit,), (test,) = rows["fit"], rows["test"]
+    assert fit["precision"] == "bf16-mixed" and fit["images_per_s"] > 0 and fit["tflops"] > 0
+    assert fit["skipped_steps"] == 0
+    assert test["sampling"] == "unipc20" and test["images_per_s"] > 0  # the auto sampler of the v config
+    assert [(r["precision"], r["channels_last"]) for r in rows["train"]] == [
         ("fp32", False), ("bf16", False), ("bf16", True)
     ]  # fmt: skip
-    assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in results["train"])
-    # the auto samplers of eps and v models and DPM-Solver++ 20, each in fp32 and bf16
-    assert all(r["finite"] for r in results["sample"]) and len(results["sample"]) == 6
-    assert [r["terms"] for r in results["options"]] == [
-        "mse",
-        "mse, Min-SNR-5 weighting",
-        "mse, immiscible noise",
+    assert all(r["all_losses_finite"] and r["images_per_s"] > 0 and r["tflops"] > 0 for r in rows["train"])
+    assert [r["terms"] for r in rows["options"][0]["rows"]] == [
+        "mse", "mse, Min-SNR-5 weighting", "mse, immiscible noise",
         "lit-ddpm distill's step (ConsistencyLoss, the teacher's DDIM step)",
-    ]
-    assert [(r["precision"], r["on_device"]) for r in results["fit"]] == [("bf16-mixed", True)]
-    assert results["fit"][0]["images_per_s"] > 0  # lit-ddpm fit with configs/cifar10.yaml ran
-    assert "| precision | compiled |" in capsys.readouterr().out
+    ]  # fmt: skip
+    assert all(r["finite"] for r in rows["sample"]) and len(rows["sample"]) == 6  # 3 samplers, fp32 and bf16
+    assert "| lit-ddpm fit, configs/cifar10.yaml |" in done.stdout
+
+
+def test_a_failing_gpu_check_row_is_written_down_and_the_rest_goes_on(tmp_path):
+    from benchmarks.gpu_check import Report
+
+    report = Report(str(tmp_path / "check.json"), {"device": "cpu"})
+    report.row("train", {"variant": 1}, lambda: {"images_per_s": 5.0})
+    report.row("train", {"variant": 2}, lambda: 1 / 0)
+    written = json.loads((tmp_path / "check.json").read_text())  # rewritten after every row
+    assert written["rows"]["train"] == [{"variant": 1, "images_per_s": 5.0},
+                                        {"variant": 2, "error": "ZeroDivisionError: division by zero"}]  # fmt: skip
 
 
 @pytest.mark.slow  # a benchmark end to end
