@@ -3,17 +3,12 @@
     make gpu-check                     # on the GPU machine: scripts/gpu_check.sh (its own torch, wheels from .whl/)
     python -m benchmarks.gpu_check --device cpu --tiny --no-compile    # what the test suite runs
 
-First `lit-ddpm fit --config configs/cifar10.yaml` as shipped (EMA, clipping, the non-finite guard, the VGG19
-perceptual and feature-matching terms with random VGG weights, 4 loader workers) on synthetic CIFAR-10 files, in
-16-mixed (fp16 with loss scaling) and bf16-mixed: images/s after a warm-up, peak memory, skipped steps, TFLOP/s
-and MFU. Then `lit-ddpm test` of each run's last.ckpt (the auto sampler, in the run's precision; a random-weight
-Inception of the published architecture, since the real weights need the internet; bits/dim of 100 images):
-images/s and seconds. Then the bare UNet's training step (precision x compiled x channels-last), each training
-option's cost, and the samplers. Global switches (TF32, cudnn.benchmark) are left as a user's run has them.
-
-Every row is guarded: a failure is written as that row's error and the check goes on. The JSON is rewritten
-after every row, so a run cut short keeps what it measured. MFU is against the card's dense peak: from the table
-below when the card is in it, or `--peak-tflops`.
+First `lit-ddpm fit` and `lit-ddpm test` with configs/cifar10.yaml as shipped, in 16-mixed and bf16-mixed
+(`benchmarks.gpu_runs` says what they measure); then the bare UNet's training step (precision x compiled x
+channels-last), each training option's cost, and the samplers. Global switches (TF32, cudnn.benchmark) are left
+as a user's run has them. Every row is guarded: a failure is written as that row's error and the check goes on;
+the JSON is rewritten after every row, so a run cut short keeps what it measured. MFU is against the card's
+dense peak: from the table below when the card is in it, or `--peak-tflops`.
 """
 
 import argparse

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from benchmarks.common import ClassifierFID, demo_digits
+from benchmarks.common import ClassifierFID, autocast, demo_digits
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", help='only these rows, e.g. "dpmpp_sde:20,ddpm:1000,unipc:10:dynamic"')
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="the network's precision while sampling (bf16: autocast, as `test` under bf16-mixed)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--picture", help="a PNG: the same 8 seeds, one row per sampler, one block per model")
     args = parser.parse_args(argv)
@@ -61,16 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     results, seconds_per_nfe = [], None
     for label, path in models.items():
         module = load_checkpoint(path)
-        for settings in parse_rows(args.rows):
+        for settings, precision in [(row, p) for row in parse_rows(args.rows) for p in args.precision]:
             for seed in args.seeds:
                 start = time.perf_counter()
                 samples, _ = generate_all(module, args.num_samples, settings=settings, seed=seed,
-                                          batch_size=args.num_samples)  # fmt: skip
+                                          batch_size=args.num_samples,
+                                          precision=lambda p=precision, d=module.device: autocast(d, p))  # fmt: skip
                 elapsed = time.perf_counter() - start
                 seconds_per_nfe = seconds_per_nfe or elapsed / settings.steps / args.num_samples
                 fid = quality(samples)
-                results.append({"model": label, "checkpoint": path, "sampling": settings.name, "nfe": settings.steps,
-                                 "seed": seed, "classifier_fid": fid, "seconds": elapsed})  # fmt: skip
+                name = settings.name if len(args.precision) == 1 else f"{settings.name} {precision}"
+                results.append({"model": label, "checkpoint": path, "sampling": name, "nfe": settings.steps,
+                                "precision": precision, "seed": seed, "classifier_fid": fid,
+                                "seconds": elapsed})  # fmt: skip
                 print(results[-1], flush=True)
 
     print_table(results, list(models), args.seeds, floor, args.num_samples)
