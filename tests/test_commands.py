@@ -83,6 +83,24 @@ def test_fit_demo_writes_a_sample_grid(tmp_path):
     assert Image.open(grid).size == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 digits of 28 px, 2 px padding
 
 
+def test_the_sample_grid_is_drawn_in_the_runs_precision(tmp_path, monkeypatch):
+    # Lightning autocasts only inside *_step; the grid is drawn in an epoch-end hook, so it enters the run's
+    # precision itself (bf16 here, as training ran).
+    from diffusion_lit.module import DiffusionModule
+
+    seen, sample = [], DiffusionModule.sample
+
+    def draw(module, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return sample(module, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModule, "sample", draw)
+    fit("--config", f"{ROOT}/configs/demo.yaml", "--config", TINY, *ONE_STEP, "--trainer.limit_val_batches", "1",
+        "--trainer.check_val_every_n_epoch", "1", "--trainer.val_check_interval", "1", "--trainer.precision",
+        "bf16-mixed")  # fmt: skip
+    assert (tmp_path / "samples" / "demo" / "step=1.png").is_file() and seen == [(True, torch.bfloat16)]
+
+
 def test_missing_dataset_exits_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         fit(

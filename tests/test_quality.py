@@ -147,14 +147,15 @@ def test_too_few_samples_is_refused():
         SampleQuality(num_samples=1)
 
 
-def _evaluate(world_size: int, cache: str, out: str) -> None:
+def _evaluate(world_size: int, cache: str, out: str, num_samples: int = 12, batch_size: int = 5) -> None:
     """`trainer.test` of a fixed random tiny model on `world_size` CPU processes (gloo)."""
     torch.manual_seed(0)
     module = tiny_demo_module()
     # 12 samples in batches of 5: the two processes get uneven shares (5 and 7 images).
     callback = SampleQuality(
-        12, Sampling(steps=3), batch_size=5, cache_dir=cache, save_samples="npz", nll_images=11, nll_timesteps=4
-    )  # 4 pilot images on both, then 7 in groups of 1: shares of 3 and 4
+        num_samples, Sampling(steps=3), batch_size=batch_size, cache_dir=cache, save_samples="npz", nll_images=11,
+        nll_timesteps=4,
+    )  # 4 pilot images on both, then 7 in groups of 1: shares of 3 and 4  # fmt: skip
     callback.extractor = StandInExtractor()
     trainer = Trainer(
         accelerator="cpu",
@@ -205,6 +206,28 @@ def test_two_processes_give_the_same_fid_as_one(tmp_path, monkeypatch):
         assert bounds[2][key] == bounds[1][key]  # the same per-image numbers, summed in the same order
     assert bounds[2]["terms"] == bounds[1]["terms"]
     torch.set_num_threads(threads)
+
+
+@pytest.mark.slow  # two spawned processes
+def test_a_process_that_draws_no_batch_changes_nothing(tmp_path, monkeypatch):
+    # 4 samples in one batch of 5: rank 1 draws nothing (as FID while fitting on more than 8 GPUs, `test` on more
+    # than 40). It must neither fail nor hang, and the score and the images are the one process's.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    scores = {}
+    for world_size in (1, 2):
+        folder = tmp_path / f"world{world_size}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        _evaluate(world_size, str(tmp_path / "cache"), str(folder), num_samples=4, batch_size=5)  # cached for 2
+        report = next((folder / "checkpoints").glob("*-fid-*.json"))
+        scores[world_size] = json.loads(report.read_text())
+        scores[world_size]["images"] = np.load(report.with_suffix(".npz"))["arr_0"]
+    torch.set_num_threads(threads)
+    assert scores[2]["processes"] == 2 and scores[2]["images"].shape == (4, 28, 28, 1)
+    assert np.array_equal(scores[1]["images"], scores[2]["images"])
+    assert scores[2]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)
 
 
 def test_fit_logs_val_fid_and_keeps_the_best_checkpoint(image_folder, extractors, tmp_path, monkeypatch):
