@@ -179,22 +179,31 @@ def tiny_demo_module() -> DiffusionModule:
     return DiffusionModule(unet, image_shape=(1, 28, 28), timesteps=20, ema_decay=None)
 
 
-@pytest.mark.slow  # two spawned processes
-def test_two_processes_give_the_same_fid_as_one(tmp_path, monkeypatch):
+def scores_on_one_and_two_processes(tmp_path, monkeypatch, **evaluation) -> dict[int, dict]:
+    """`_evaluate` on 1, then 2 processes (the second with the first's cached reference): each report, its images."""
     # One thread per process: otherwise the thread count changes the float summation order, and a few
     # pixels (3 of 28,224 when measured) round to the neighbouring uint8 value.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     scores = {}
-    for world_size in (1, 2):
-        folder = tmp_path / f"world{world_size}"
-        folder.mkdir()
-        monkeypatch.chdir(folder)
-        _evaluate(world_size, str(tmp_path / "cache"), str(folder))
-        report = next((folder / "checkpoints").glob("*.json"))
-        scores[world_size] = json.loads(report.read_text())
-        scores[world_size]["images"] = np.load(report.with_suffix(".npz"))["arr_0"]
+    try:
+        for world_size in (1, 2):
+            folder = tmp_path / f"world{world_size}"
+            folder.mkdir()
+            monkeypatch.chdir(folder)
+            _evaluate(world_size, str(tmp_path / "cache"), str(folder), **evaluation)
+            report = next((folder / "checkpoints").glob("*-fid-*.json"))
+            scores[world_size] = json.loads(report.read_text())
+            scores[world_size]["images"] = np.load(report.with_suffix(".npz"))["arr_0"]
+    finally:
+        torch.set_num_threads(threads)
+    return scores
+
+
+@pytest.mark.slow  # two spawned processes
+def test_two_processes_give_the_same_fid_as_one(tmp_path, monkeypatch):
+    scores = scores_on_one_and_two_processes(tmp_path, monkeypatch)
     assert scores[2]["processes"] == 2
     assert np.array_equal(scores[1]["images"], scores[2]["images"])
     assert scores[2]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)
@@ -205,26 +214,13 @@ def test_two_processes_give_the_same_fid_as_one(tmp_path, monkeypatch):
     for key in ("bits_per_dim", "standard_error"):
         assert bounds[2][key] == bounds[1][key]  # the same per-image numbers, summed in the same order
     assert bounds[2]["terms"] == bounds[1]["terms"]
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow  # two spawned processes
 def test_a_process_that_draws_no_batch_changes_nothing(tmp_path, monkeypatch):
     # 4 samples in one batch of 5: rank 1 draws nothing (as FID while fitting on more than 8 GPUs, `test` on more
     # than 40). It must neither fail nor hang, and the score and the images are the one process's.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    scores = {}
-    for world_size in (1, 2):
-        folder = tmp_path / f"world{world_size}"
-        folder.mkdir()
-        monkeypatch.chdir(folder)
-        _evaluate(world_size, str(tmp_path / "cache"), str(folder), num_samples=4, batch_size=5)  # cached for 2
-        report = next((folder / "checkpoints").glob("*-fid-*.json"))
-        scores[world_size] = json.loads(report.read_text())
-        scores[world_size]["images"] = np.load(report.with_suffix(".npz"))["arr_0"]
-    torch.set_num_threads(threads)
+    scores = scores_on_one_and_two_processes(tmp_path, monkeypatch, num_samples=4, batch_size=5)
     assert scores[2]["processes"] == 2 and scores[2]["images"].shape == (4, 28, 28, 1)
     assert np.array_equal(scores[1]["images"], scores[2]["images"])
     assert scores[2]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)
