@@ -92,6 +92,17 @@ def test_resuming_a_copy_of_the_runs_own_checkpoint_is_allowed(tmp_path):
     assert torch.load("checkpoints/demo/last.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_ckpt_path_last_starts_afresh_then_resumes_the_runs_own_last_ckpt(capsys):
+    # One command line for a job's first start and every requeued start (scripts/slurm.sh).
+    error = one_line_error(capsys, "validate", *DEMO, "--ckpt_path", "last")
+    assert "the run has no checkpoints/demo/last.ckpt yet" in error
+    main(["fit", *DEMO, *SHORT, "--ckpt_path", "last"])
+    assert "no checkpoints/demo/last.ckpt yet, so a fresh run" in capsys.readouterr().err
+    main(["fit", *DEMO, *SHORT, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    assert "--ckpt_path last: checkpoints/demo/last.ckpt" in capsys.readouterr().err
+    assert torch.load("checkpoints/demo/last.ckpt", weights_only=True)["global_step"] == 3
+
+
 # One run per folder at a time.
 
 HOLDER = """

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lit.errors import UserError
 
@@ -39,12 +40,18 @@ def resolve_last(config: Namespace, subcommand: str, distilling: bool) -> str | 
     folder = fill((callbacks[0].init_args or Namespace()).get("dirpath") or "checkpoints", run_name(config, distilling))
     path = Path(folder) / "last.ckpt"
     if path.is_file():
-        print(f"lit-ddpm: --ckpt_path last: {path}", file=sys.stderr)
+        _say(f"lit-ddpm: --ckpt_path last: {path}")
         return str(path)
     if subcommand != "fit":
         raise UserError(f"--ckpt_path last: the run has no {path} yet; train it first, or name a checkpoint")
-    print(f"lit-ddpm: --ckpt_path last: no {path} yet, so a fresh run", file=sys.stderr)
+    _say(f"lit-ddpm: --ckpt_path last: no {path} yet, so a fresh run")
     return None
+
+
+@rank_zero_only
+def _say(line: str) -> None:
+    """One line on stderr, from the main process of global rank 0 only (every process parses the command)."""
+    print(line, file=sys.stderr)
 
 
 def resume_command(argv: list[str], checkpoint: Path) -> str:
