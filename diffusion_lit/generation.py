@@ -50,6 +50,11 @@ def shard(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1)
     return [(b, min(batch_size, num_samples - b * batch_size)) for b in range(first, last)]
 
 
+def share_sizes(num_samples: int, batch_size: int, world_size: int) -> list[int]:
+    """How many of `num_samples` items (in batches of `batch_size`) each process generates (`shard`), by rank."""
+    return [sum(size for _, size in shard(num_samples, batch_size, rank, world_size)) for rank in range(world_size)]
+
+
 def run_precision(trainer, setting: str = "run") -> AbstractContextManager:
     """What the network samples under: the run's precision as Lightning applies it in training steps (its
     precision plugin's forward context: an autocast for the mixed precisions), or nothing for "32-true".

@@ -14,7 +14,7 @@ from diffusion_lit.diffusion import likelihood
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.distributed import gather_rows
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import shard
+from diffusion_lit.generation import shard, share_sizes
 
 PILOT_IMAGES = 4  # summed in full to measure the importance proposal, on every process
 
@@ -60,8 +60,7 @@ def held_out_bits_per_dim(
                                             timesteps, **options)  # fmt: skip
             local.append(torch.stack([bound.prior, bound.diffusion, bound.decoder], 1))
         mine = torch.cat(local) if local else torch.empty(0, 3, dtype=torch.float64)
-        counts = [sum(size for _, size in shard(rest, group, r, trainer.world_size)) for r in range(trainer.world_size)]
-        parts.append(gather_rows(mine, counts, everywhere=True))
+        parts.append(gather_rows(mine, share_sizes(rest, group, trainer.world_size), everywhere=True))
     bits = likelihood.bits_per_dim(torch.cat([part.cpu() for part in parts]), math.prod(pl_module.image_shape))
     total = bits.sum(1)
     return {

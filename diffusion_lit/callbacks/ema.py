@@ -58,7 +58,7 @@ class EMA(Callback):
         """Update the average after every optimizer step: one foreach lerp, the count kept on the host."""
         if trainer.global_step <= self.latest_update_step:
             return  # no optimizer step in this batch (gradient accumulation)
-        averaged, current = list(self.average.values()), [tensor for _, tensor in averaged_tensors(pl_module)]
+        averaged, current = list(self.average.values()), tensors_by_name(pl_module, self.average)
         with torch.no_grad():
             # torch._foreach_*: one kernel per group instead of one per tensor; the public per-tensor
             # ops would launch hundreds. tests/test_module.py checks the result against AveragedModel.
@@ -81,7 +81,7 @@ class EMA(Callback):
 
     def _swap(self, pl_module: "pl.LightningModule") -> None:
         with torch.no_grad():
-            for (_, current), averaged in zip(averaged_tensors(pl_module), self.average.values(), strict=True):
+            for current, averaged in zip(tensors_by_name(pl_module, self.average), self.average.values(), strict=True):
                 swap = current.clone()
                 current.copy_(averaged)
                 averaged.copy_(swap)
@@ -138,6 +138,13 @@ def averaged_tensors(pl_module: "pl.LightningModule") -> list[tuple[str, Tensor]
                 for name in module._non_persistent_buffers_set}  # fmt: skip
     buffers = [(name, tensor) for name, tensor in pl_module.named_buffers() if name not in constant]
     return [*pl_module.named_parameters(), *buffers]
+
+
+def tensors_by_name(pl_module: "pl.LightningModule", names) -> list[Tensor]:
+    """The module's tensors of these names (chosen once by `averaged_tensors`), in their order: each step looks
+    them up among its parameters and buffers rather than walking every submodule for the persistent ones."""
+    named = {**dict(pl_module.named_parameters()), **dict(pl_module.named_buffers())}
+    return [named[name] for name in names]
 
 
 def device_copy(tensor: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from diffusion_lit.callbacks.ema import averaged_tensors, device_copy
+from diffusion_lit.callbacks.ema import averaged_tensors, device_copy, tensors_by_name
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import written_whole
 
@@ -108,8 +108,7 @@ class PostHocEMA(Callback):
             self.updates, self.saved_step = 0, 0
 
     def _weights(self, pl_module: "pl.LightningModule") -> list[Tensor]:
-        named = dict(averaged_tensors(pl_module))
-        return [named[name].detach() for name in self.names]
+        return [tensor.detach() for tensor in tensors_by_name(pl_module, self.names)]
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The snapshots go into the run's folder, the one LastCheckpoint has checked and locked."""

@@ -22,7 +22,7 @@ from diffusion_lit.callbacks.reports import write_bits_per_dim, write_test_score
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.distributed import gather_rows
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import BATCH_SIZE, generate, run_precision, shard
+from diffusion_lit.generation import BATCH_SIZE, generate, run_precision, share_sizes
 from diffusion_lit.metrics import QualityMetrics, ReferenceData, load_inception, load_reference
 
 
@@ -216,9 +216,7 @@ class SampleQuality(Callback):
         scores = self.metrics.compute(self.seed)
         pl_module.log_dict({f"test/{name}": value for name, value in scores.items()}, sync_dist=True)
         if keep:  # on rank 0's host only: 50,000 images of 256x256 are 9.8 GB, more than many GPUs hold
-            world = trainer.world_size
-            counts = [sum(size for _, size in shard(self.num_samples, self.batch_size, r, world)) for r in range(world)]
-            images = gather_rows(images, counts)
+            images = gather_rows(images, share_sizes(self.num_samples, self.batch_size, trainer.world_size))
         if trainer.is_global_zero:
             try:
                 write_test_scores(trainer, pl_module, self, scores, images)
