@@ -25,7 +25,8 @@ from torchvision.utils import make_grid, save_image
 
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.diffusion import Sampling
-from diffusion_lit.generation import generate_all, written_whole
+from diffusion_lit.files import written_whole
+from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
 
 SOLVERS = [Sampling(name, nfe) for name in ("ddim", "dpmpp", "unipc") for nfe in (1, 2, 4, 10)]

@@ -27,7 +27,7 @@ from benchmarks.gpu_runs import fit_row, test_row
 from benchmarks.loss_terms import COMBINATIONS, time_terms
 from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process
 from diffusion_lit.diffusion.consistency import ConsistencyLoss
-from diffusion_lit.generation import written_whole
+from diffusion_lit.files import written_whole
 from diffusion_lit.nn import UNet
 
 # Dense (not sparse) peaks in TFLOP/s from NVIDIA's data sheets: bf16 and fp16 tensor cores, and plain fp32.

@@ -5,11 +5,11 @@ import io
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from diffusion_lit import files
 from diffusion_lit.errors import OneLineErrors, UserError
 
 # Model settings of earlier versions, and where each went; their checkpoints name them in hyper_parameters.
@@ -179,13 +179,10 @@ def upgrade_checkpoint(path: str, drop: Iterable[str] = ()) -> list[str]:
     for name in drop:
         del hyper_parameters[name]
     dropped = sorted({*upgrade_hyper_parameters(hyper_parameters), *drop})
-    partial = f"{path}.partial"
     try:
-        torch.save(checkpoint, partial)
-        os.replace(partial, path)
+        files.save(checkpoint, path)
     except OSError as error:
-        Path(partial).unlink(missing_ok=True)
-        raise UserError(f"could not rewrite {path!r} ({error.strerror or error}); it is unchanged") from None
+        raise UserError(f"could not rewrite {path!r} ({files.why(error, path)}); it is unchanged") from None
     return dropped
 
 

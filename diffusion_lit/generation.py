@@ -7,9 +7,8 @@ model gets the classes in turn (image i has class i mod num_classes) unless labe
 """
 
 import math
-import os
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +19,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from diffusion_lit.diffusion.sampling import Sampling
+from diffusion_lit.files import written_whole
 from diffusion_lit.pixels import to_uint8
 
 BATCH_SIZE = 250  # the default of `sample` and `test`: with the same seed and N, both draw the same images
@@ -98,20 +98,6 @@ def generate_all(model: ImageModel, num_samples: int, **options) -> tuple[Tensor
     images = torch.cat([images for images, _ in batches])
     labels = None if batches[0][1] is None else torch.cat([labels for _, labels in batches])
     return images, labels
-
-
-@contextmanager
-def written_whole(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` (with its suffix, so writers pick the format from it) to write to, renamed
-    to `path` when the block ends and removed if it raises: a file at `path` is always a complete one, whatever
-    stops the write (a full disk, a signal)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def save_grid(images: Tensor, path: Path, per_row: int | None = None) -> Tensor:

@@ -6,6 +6,7 @@ Inception v3; FID uses its 2048-d pool features, IS its 1008 logits with 10 spli
 """
 
 import os
+import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 
+from diffusion_lit import files
 from diffusion_lit.errors import UserError
 from diffusion_lit.pixels import to_rgb, to_uint8, to_unit
 from diffusion_lit.runs import shield_worker
@@ -199,10 +201,11 @@ def reference_statistics(
             ) from None
     for images in real_batches:
         metrics.add_reference(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({**metrics.reference_statistics(), **description}, partial)
-    os.replace(partial, path)  # atomic: a killed run never leaves a half-written cache
+    try:
+        files.save({**metrics.reference_statistics(), **description}, path)
+    except OSError as error:
+        print(f"lit-ddpm: warning: could not cache the FID statistics in {path} ({files.why(error, path)}); "
+              "they will be computed again next time", file=sys.stderr)  # fmt: skip
     return True
 
 

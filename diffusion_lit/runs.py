@@ -53,6 +53,8 @@ def check_folder_is_ours(folder: Path, run_id: str, resumed_from: str | None) ->
     taken as this run's only when the run resumes from a file in this folder."""
     resumed_here = resumed_from is not None and Path(resumed_from).resolve().parent == folder.resolve()
     for path in sorted([*folder.glob("*.ckpt"), *folder.glob("ema/step=*.pt")]):  # checkpoints, post-hoc EMA
+        if path.name.startswith("."):  # a write that a kill cut short (`files.written_whole`): replaced next time
+            continue
         owner, step = owner_of(path)
         if owner == run_id or (owner is None and resumed_here):
             continue

@@ -166,3 +166,33 @@ class StandInExtractor(torch.nn.Module):
         pooled = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
         features = pooled @ self.project
         return features, features @ self.classify / 10  # soft enough that IS varies
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a filesystem of its own: a 32 MB tmpfs mounted at tmp_path/disk (root only; where it cannot be
+    mounted, the test is skipped and says why). On clusters checkpoints are on another filesystem than $TMPDIR,
+    and disks fill up: this is both."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True,
+                          text=True)  # fmt: skip
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """Fill `folder`'s filesystem until `leave` bytes are free; returns the filler file."""
+    import os
+
+    filler = folder / "filler"
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(filler, "ab") as file:
+        file.write(b"\0" * max(0, free - leave))
+    return filler

@@ -325,16 +325,3 @@ def test_an_interrupted_grid_write_leaves_no_grid(demo_checkpoint, monkeypatch):
         main(["sample", "--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2", "--output", "out"])
     assert exit_info.value.code == 130
     assert not [p for p in Path("out").rglob("*") if p.is_file()]
-
-
-def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previous_one(capsys, demo_checkpoint,
-                                                                                        monkeypatch):  # fmt: skip
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    before = demo_checkpoint.read_bytes()
-    monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save", full)
-    error = one_line_error(capsys, "fit", *DEMO, *SHORT, "--trainer.logger", "false", "--trainer.max_steps", "3",
-                           "--ckpt_path", str(demo_checkpoint))  # fmt: skip
-    assert "No space left on device" in error and "the previous one (step 2) is whole" in error
-    assert demo_checkpoint.read_bytes() == before

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from diffusion_lit import files
 from diffusion_lit.distributed import StopVote
 from diffusion_lit.errors import UserError
 from diffusion_lit.runs import (
@@ -18,6 +19,7 @@ from diffusion_lit.runs import (
     check_folder_is_ours,
     describe,
     new_run_id,
+    owner_of,
     requeue_slurm_job,
 )
 
@@ -33,8 +35,8 @@ class LastCheckpoint(Checkpoint):
     SLURM sends before the time limit with `--signal=SIGUSR1@90`) stops and saves the same way, and then, under
     SLURM, requeues the job once, from the main process of global rank 0; the requeued job resumes with
     `--ckpt_path last`. Never twice for one step, and always under the same name, however often the run was
-    pre-empted and resumed. Lightning writes it atomically (a temporary file, then a rename), so a kill during a
-    write leaves the previous one.
+    pre-empted and resumed. It is written whole or not at all (`files.AtomicCheckpointIO`: a temporary file in
+    the same folder, fsynced, then renamed), so a kill or a full disk during a write leaves the previous one.
 
     The folder is the run's: a lock (`runs.RunLock`) stops a second run from writing into it at the same time,
     and a fresh run (or one resumed from another run's checkpoint) is refused where the folder holds another
@@ -189,16 +191,12 @@ class LastCheckpoint(Checkpoint):
         the previous last.ckpt stays whole (the write is atomic)."""
         if not self.writes or trainer.global_step == self.saved_step:
             return
-        failure = None
-        try:
-            trainer.save_checkpoint(self.path, weights_only=False)
-        except OSError as error:  # only the main process writes: it alone fails, before Lightning's barrier
-            trainer.strategy.barrier("Trainer.save_checkpoint")
-            failure = error.strerror or str(error)
-        failure = trainer.strategy.broadcast(failure)
+        failure = files.save_checkpoint(trainer, self.path)
         if failure:
             self.save_failed = True
-            kept = f"the previous one (step {self.saved_step}) is whole" if self.path.exists() else "nothing was saved"
+            _, step = owner_of(self.path)  # said "whole" only of a file that loads
+            kept = (f"the previous one (step {step}) is whole" if step is not None
+                    else f"{self.path} does not load" if self.path.exists() else "nothing was saved")  # fmt: skip
             raise UserError(f"could not write {self.path} ({failure}); {kept}. Free space, then resume the run")
         self.saved_step = trainer.global_step
 

@@ -25,9 +25,9 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from diffusion_lit import files
 from diffusion_lit.callbacks.ema import averaged_tensors, device_copy, tensors_by_name
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import written_whole
 
 MAX_SIGMA_REL = 0.28  # gamma = 0 (a plain mean over the whole run) is sigma_rel = 12^(-1/2) = 0.2887
 FOLDER = "ema"  # the snapshots' folder, inside the run's checkpoint folder
@@ -154,10 +154,9 @@ class PostHocEMA(Callback):
                 ],
             }
             try:
-                with written_whole(path) as partial:
-                    torch.save(snapshot, partial)
+                files.save(snapshot, path)
             except OSError as error:
-                failure = error.strerror or str(error)
+                failure = files.why(error, path)
         failure = trainer.strategy.broadcast(failure)
         if failure:
             raise UserError(f"could not write {path} ({failure}); free space, then resume the run")

@@ -14,9 +14,10 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from diffusion_lit import files
 from diffusion_lit.callbacks.bits_per_dim import held_out_bits_per_dim
 from diffusion_lit.callbacks.reports import write_bits_per_dim, write_test_scores
 from diffusion_lit.diffusion.sampling import Sampling
@@ -179,15 +180,25 @@ class SampleQuality(Callback):
             record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "mimg": round(mimg, 6),
                       "fid": float(scores["fid"]), "is": float(scores["is"]), "num_samples": self.fit_num_samples,
                       "sampler": self.sampling.sampler, "steps": self.sampling.steps}  # fmt: skip
-            with open(_run_folder(trainer) / "fid.jsonl", "a") as log:  # appended to: a resumed run continues it
-                log.write(json.dumps(record) + "\n")
+            log = _run_folder(trainer) / "fid.jsonl"
+            try:
+                with open(log, "a") as file:  # appended to: a resumed run continues it
+                    file.write(json.dumps(record) + "\n")
+            except OSError as error:
+                rank_zero_warn(
+                    f"could not append to {log} ({files.why(error, log)}); FID {scores['fid']:.2f} is logged"
+                )
         if self.keep_best and not trainer.fast_dev_run and (self.best is None or scores["fid"] < self.best[0]):
             self._keep_best(trainer, scores["fid"])
 
     def _keep_best(self, trainer: "pl.Trainer", fid: float) -> None:
         """Write best-fid-epoch=N.ckpt (every process takes part; the strategy writes once) and drop the old one."""
         path = _run_folder(trainer) / f"best-fid-epoch={trainer.current_epoch}.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
+        failure = files.save_checkpoint(trainer, path)
+        if failure:
+            rank_zero_warn(f"could not write {path} ({failure}); the best-FID checkpoint stays {self.best[1]}"
+                           if self.best else f"could not write {path} ({failure})")  # fmt: skip
+            return
         if self.best is not None and self.best[1] != path and trainer.is_global_zero:
             self.best[1].unlink(missing_ok=True)
         self.best = (fid, path)

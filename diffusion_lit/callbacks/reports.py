@@ -11,7 +11,8 @@ from rich.table import Table
 from torch import Tensor
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import write_samples, written_whole
+from diffusion_lit.files import written_whole
+from diffusion_lit.generation import write_samples
 
 
 def write_test_scores(

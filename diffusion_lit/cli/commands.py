@@ -10,7 +10,9 @@ import warnings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
+from diffusion_lit import files
 from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
 from diffusion_lit.checkpoints import check_checkpoint, one_segment_student
 from diffusion_lit.cli import distill, ema, sample
@@ -20,14 +22,39 @@ from diffusion_lit.module import DiffusionModule
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Also keep the resolved config in each W&B run's files, since W&B's log_dir is shared by all runs."""
+    """The resolved config of each run, written whole (`files.write_text`): in the logger's folder (Lightning's
+    place), and, since W&B's log_dir is shared by all runs, in each W&B run's files (uploaded with it). Without a
+    logger a fit writes it beside its checkpoints, never in the working folder, where runs would overwrite each
+    other's. A failed write is a warning: the run goes on."""
 
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Write config.yaml into the W&B run folder (it is uploaded with the run)."""
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Write it once per run, from the main process, into the loggers' folders."""
+        if self.already_saved:
+            return
+        folders = [trainer.log_dir] if trainer.loggers else []  # every process: log_dir broadcasts
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and not logger.experiment.disabled:  # WANDB_MODE=disabled keeps no files
-                path = os.path.join(logger.experiment.dir, self.config_filename)
-                self.parser.save(self.config, path, skip_none=False, overwrite=True)
+            if isinstance(logger, WandbLogger) and not logger.experiment.disabled:  # WANDB_MODE=disabled: no files
+                folders.append(logger.experiment.dir)
+        self._write(trainer, folders)
+        self.already_saved = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Without a logger: beside the checkpoints, once the run has taken its folder (a refused run writes
+        nothing; a dry run takes no folder)."""
+        taken = [str(c.dirpath) for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.writes]
+        if not trainer.loggers:
+            self._write(trainer, taken[:1])
+
+    def _write(self, trainer: Trainer, folders: list[str]) -> None:
+        if not trainer.is_global_zero or not folders:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        for folder in folders:
+            path = os.path.join(folder, self.config_filename)
+            try:
+                files.write_text(path, text)
+            except OSError as error:
+                rank_zero_warn(f"could not write {path} ({files.why(error, path)}); the run goes on without it")
 
 
 class OneLineErrorParser(OneLineErrors, LightningArgumentParser):

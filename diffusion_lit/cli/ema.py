@@ -8,11 +8,11 @@ from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.table import Table
 
+from diffusion_lit import files
 from diffusion_lit.callbacks.posthoc_ema import reconstruct, snapshots
 from diffusion_lit.checkpoints import check_checkpoint
 from diffusion_lit.cli.sample import OneLineParser
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import written_whole
 from diffusion_lit.runs import STATE_KEY
 
 
@@ -52,8 +52,10 @@ def write(run: Path, base: dict, found: list[dict], sigma_rel: float, step: int 
         },  # fmt: skip
     }
     path = run / f"ema-{sigma_rel:.3f}-step={step}.ckpt"
-    with written_whole(path) as partial:
-        torch.save(checkpoint, partial)
+    try:
+        files.save(checkpoint, path)
+    except OSError as error:
+        raise UserError(f"could not write {path} ({files.why(error, path)}); nothing was written") from None
     return path
 
 
