@@ -4,7 +4,16 @@ import re
 
 
 class UserError(Exception):
-    """Bad input or environment that the user can fix; the CLI prints its message and exits non-zero."""
+    """Bad input or environment that the user can fix; the CLI prints its message and exits non-zero.
+
+    `latest` is the last one made: jsonargparse reports a constructor's error of a setting whose type is a union
+    (a subclass among several) in a paragraph about the union's types, without the exception itself."""
+
+    latest: "UserError | None" = None
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        UserError.latest = self
 
 
 class OneLineErrors:
@@ -31,3 +40,14 @@ def _short(message: str) -> str:
         allowed = " or ".join("None" if name == "NoneType" else name for name in dict.fromkeys(types))
         return f"--{key[1]}: expected {allowed}, got {given[1]!r}"
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def check_range(owner: str, low: float | None = None, high: float | None = None, **values: float | None) -> None:
+    """One line for a setting out of [low, high] (an end that is None is open): `owner.name must be at least 1,
+    got -3`. `owner` is the class whose argument it is, as Python spells it; None values are not checked."""
+    for name, value in values.items():
+        if value is None or ((low is None or value >= low) and (high is None or value <= high)):
+            continue
+        bound = f"between {low} and {high}" if low is not None and high is not None else (
+            f"at least {low}" if low is not None else f"at most {high}")  # fmt: skip
+        raise UserError(f"{owner}.{name} must be {bound}, got {value}")

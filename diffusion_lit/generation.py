@@ -19,6 +19,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from diffusion_lit.diffusion.sampling import Sampling
+from diffusion_lit.errors import UserError
 from diffusion_lit.files import written_whole
 from diffusion_lit.pixels import to_uint8
 
@@ -37,9 +38,18 @@ class ImageModel(Protocol):
     ) -> Tensor: ...  # fmt: skip
 
 
+MAX_SEED = (2**63 - 1) // 1_000_000 - 1  # batch b of seed s draws from seed s * 1,000,000 + b, a 64-bit integer
+
+
 def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The noise generator of batch `batch` of a seeded run."""
     return torch.Generator(device).manual_seed(seed * 1_000_000 + batch)
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """One line for a seed that no batch's generator can take."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{name} must be between 0 and {MAX_SEED:,}, got {seed}")
 
 
 def shard(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
@@ -81,6 +91,7 @@ def generate(
     """This process's share of a seeded run, batch by batch: uint8 images (B, C, H, W) and their labels (B,).
     The network runs inside `precision()` (an autocast, say), and only the network: what the caller does with
     each batch (Inception features, say) stays outside it."""
+    check_seed(seed)
     for batch, size in shard(num_samples, batch_size, rank, world_size):
         first = batch * batch_size
         batch_labels = cycled_labels(model.num_classes, first, size) if labels is None else labels[first : first + size]

@@ -18,9 +18,9 @@ from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.diffusion.samplers import reverse_process
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, check_range
 from diffusion_lit.nn import UNet
-from diffusion_lit.optim import DEFAULT_OPTIMIZER, clip_gradients, optimizer_config, with_warmup
+from diffusion_lit.optim import DEFAULT_OPTIMIZER, build, clip_gradients, optimizer_config, with_warmup
 from diffusion_lit.pixels import to_unit
 from diffusion_lit.runs import run_seed
 
@@ -76,6 +76,9 @@ class DiffusionModule(LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        check_range("DiffusionModule", 1, timesteps=timesteps)
+        check_range("DiffusionModule", 0, warmup_steps=warmup_steps)
+        check_range("DiffusionModule", 0, 1, label_dropout=label_dropout, ema_decay=ema_decay)
         self.save_hyperparameters(ignore=["unet", "loss"])
         # Checkpoints keep the components as their configs, not as pickled objects, and name Lightning's
         # (allow-listed) CLI instantiator so that load_from_checkpoint rebuilds them however they were built.
@@ -215,7 +218,7 @@ class DiffusionModule(LightningModule):
 
     def configure_optimizers(self) -> dict:
         """The optimizer, with an optional linear learning-rate warm-up stepped every optimizer step."""
-        return with_warmup(self.make_optimizer(self.parameters()), self.hparams.warmup_steps)
+        return with_warmup(build(self.make_optimizer, self.parameters()), self.hparams.warmup_steps)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """trainer.gradient_clip_val / _algorithm, also for fused Adam under mixed precision (optim.clip_gradients)."""

@@ -27,6 +27,15 @@ def optimizer_config(optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.O
     return {"class_path": f"{factory.__module__}.{factory.__qualname__}", "init_args": init_args}
 
 
+def build(make_optimizer: Callable, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer over `parameters`; a setting it refuses (a negative learning rate, betas outside [0, 1)) is
+    one line."""
+    try:
+        return make_optimizer(parameters)
+    except ValueError as error:
+        raise UserError(f"the optimizer (model.optimizer in a config) refused its settings: {error}") from None
+
+
 def with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
     """Lightning's configure_optimizers answer: the optimizer, and a linear warm-up of its rate over
     `warmup_steps` optimizer steps (0: none), stepped every step."""

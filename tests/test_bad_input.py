@@ -325,3 +325,54 @@ def test_an_interrupted_grid_write_leaves_no_grid(demo_checkpoint, monkeypatch):
         main(["sample", "--ckpt_path", str(demo_checkpoint), "--num_samples", "2", "--steps", "2", "--output", "out"])
     assert exit_info.value.code == 130
     assert not [p for p in Path("out").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--data.init_args.batch_size", "0"],
+         "DemoMNISTDataModule.batch_size (--data.init_args.batch_size) must be at least 1, got 0"),
+        (["--data.init_args.batch_size", "-3"], "(--data.init_args.batch_size) must be at least 1, got -3"),
+        (["--data.init_args.num_workers", "-1"], "(--data.init_args.num_workers) must be at least 0, got -1"),
+        (["--model.timesteps", "0"], "DiffusionModule.timesteps (--model.timesteps) must be at least 1, got 0"),
+        (["--model.timesteps", "-10"], "(--model.timesteps) must be at least 1, got -10"),
+        (["--model.optimizer.init_args.lr", "-1"],
+         "the optimizer (model.optimizer in a config) refused its settings: Invalid learning rate: -1.0"),
+        (["--trainer.precision", "64"],
+         "--trainer.precision 64 is not supported; use one of 32-true, 32, 16-mixed, bf16-mixed"),
+        (["--model.unet.init_args.num_heads", "0"],
+         "UNet.num_heads (--model.unet.init_args.num_heads) must be at least 1, got 0"),
+        (["--trainer.max_steps", "-5"],
+         "the trainer refused its settings (--trainer.*): `max_steps` must be a non-negative integer or -1"),
+        (["--model.warmup_steps", "-5"], "(--model.warmup_steps) must be at least 0, got -5"),
+        (["--model.label_dropout", "2"], "(--model.label_dropout) must be between 0 and 1, got 2.0"),
+    ],
+)  # fmt: skip
+def test_a_setting_out_of_its_range_is_one_line(capsys, args, says):
+    assert says in one_line_error(capsys, "fit", *DEMO, "--trainer.logger", "false", *args)
+
+
+def test_distilling_with_out_of_range_settings_is_one_line(capsys, demo_checkpoint):
+    distill = ["distill", *DEMO, "--trainer.logger", "false", "--teacher", str(demo_checkpoint)]
+    assert "--distill.steps must be at least 1, got -3" in one_line_error(capsys, *distill, "--distill.steps", "-3")
+    error = one_line_error(capsys, *distill, "--model.loss.init_args.segments", "0")
+    assert "ConsistencyLoss.segments (--model.loss.init_args.segments) must be at least 1, got 0" in error
+
+
+def test_sampling_with_a_seed_too_large_or_more_images_than_memory_is_one_line(capsys, demo_checkpoint, monkeypatch):
+    sample = ["sample", "--ckpt_path", str(demo_checkpoint), "--steps", "2"]
+    error = one_line_error(capsys, *sample, "--seed", "99999999999999999")
+    assert error.endswith("--seed must be between 0 and 9,223,372,036,853, got 99999999999999999")
+    error = one_line_error(capsys, *sample, "--num_samples", "100000000", "--batch_size", "100000000")
+    assert "the samples take 78.4 GB of memory" in error
+    monkeypatch.setattr("os.sysconf", lambda name: 2**40 if name == "SC_AVPHYS_PAGES" else 4096)  # memory: plenty
+    error = one_line_error(capsys, *sample, "--num_samples", "100000000", "--output", "out")
+    assert "the samples take 78.4 GB, and " in error and "set --output" in error
+    assert not Path("out").exists()
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 313600000000 bytes")
+
+    monkeypatch.setattr("diffusion_lit.cli.sample.generate_all", no_memory)
+    error = one_line_error(capsys, *sample, "--batch_size", "1000")
+    assert error.endswith("out of memory sampling batches of 1000; lower --batch_size")

@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from diffusion_lit import files
 from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
@@ -120,6 +121,9 @@ class DiffusionCLI(LightningCLI):
                 "images come from `lit-ddpm sample --ckpt_path CKPT` (see `lit-ddpm sample --help`); "
                 "`lit-ddpm test` scores a checkpoint"
             )
+        precision = str(self.config[subcommand].trainer.precision) if subcommand else None
+        if precision not in (None, "None", *PRECISIONS):
+            raise UserError(f"--trainer.precision {precision} is not supported; use one of {', '.join(PRECISIONS)}")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path == "last":  # resolved here, so that the run's last.ckpt is checked as any other path is
             ckpt_path = self.config[subcommand].ckpt_path = resolve_last(self.config[subcommand], subcommand,
@@ -132,12 +136,29 @@ class DiffusionCLI(LightningCLI):
             unet = self.config.fit.model.unet.class_path
             self.config = distill.apply_teacher(self.config, parser, self.teacher, settings, {unet})
             chosen, fit = self.config.fit.distill, self.config.fit
+            if chosen.steps is not None and chosen.steps < 1:
+                raise UserError(f"--distill.steps must be at least 1, got {chosen.steps}")
             if chosen.steps is not None:
                 fit.trainer.max_steps, fit.trainer.max_epochs = chosen.steps, -1
             if chosen.lr is not None:
                 if fit.model.optimizer is None:
                     raise UserError("--distill.lr needs the optimizer named in the config (model.optimizer)")
                 fit.model.optimizer.init_args.lr = chosen.lr
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's; a constructor's one-line refusal (a batch size of 0) stays one line, where jsonargparse
+        would wrap it in a paragraph about the types the setting may have."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            cause = error.__cause__
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None and UserError.latest is not None and str(UserError.latest) in str(error):
+                cause = UserError.latest
+            if cause is None:
+                raise
+            raise cause from None
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """LightningCLI's, under SLURM with Lightning's own requeue off (`run_paths.cluster_plugins`)."""
@@ -182,6 +203,7 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter is inte
 DATAMODULES = ("MNISTDataModule", "CIFAR10DataModule", "ImageFolderDataModule", "DemoMNISTDataModule")
 SPELLINGS = {
     "DiffusionModule": "model", "UNet": "model.unet.init_args", "DiffusionLoss": "model.loss.init_args",
+    "ConsistencyLoss": "model.loss.init_args",
     "optimizer": "model.optimizer.init_args", "SampleQuality": "evaluation", "NonFiniteGuard": "guard",
     "Trainer": "trainer", **dict.fromkeys(DATAMODULES, "data.init_args"),
 }  # fmt: skip
@@ -192,6 +214,9 @@ def spelled(message: str) -> str:
     """`message` with each `Class.argument` it names followed by the command line's spelling of it."""
     return SETTING.sub(lambda match: f"{match[0]} (--{SPELLINGS[match[1]]}.{match[2]})", message)
 
+
+# What the networks are trained in: float32 weights, with or without autocast (64-bit and pure half weights are not).
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
 
 # Names the Trainer resolves itself rather than reading as paths.
 CHECKPOINT_KEYWORDS = {"last", "best", "hpc", "registry"}
@@ -245,8 +270,11 @@ def main(args: list[str] | None = None) -> None:
             teacher=teacher,
             command_line=command_line,
         )
-    except UserError as error:
-        print(f"lit-ddpm: error: {spelled(str(error))}", file=sys.stderr)
+    except (UserError, MisconfigurationException) as error:  # Lightning's: a trainer setting it refuses
+        message = " ".join(str(error).split())
+        if isinstance(error, MisconfigurationException):
+            message = f"the trainer refused its settings (--trainer.*): {message}"
+        print(f"lit-ddpm: error: {spelled(message)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside training (sample, test): files are written whole or not at all
         print("\nlit-ddpm: interrupted (Ctrl-C)", file=sys.stderr)

@@ -1,6 +1,8 @@
 """`lit-ddpm sample`: images from a checkpoint's EMA weights, without the dataset or the training config."""
 
 import math
+import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -11,7 +13,8 @@ from torch import Tensor
 
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import OneLineErrors, UserError
-from diffusion_lit.generation import BATCH_SIZE, generate_all, save_grid, write_samples
+from diffusion_lit.files import mount_point
+from diffusion_lit.generation import BATCH_SIZE, check_seed, generate_all, save_grid, write_samples
 from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.module import DiffusionModule
 
@@ -58,11 +61,27 @@ def parser() -> ArgumentParser:
     return p
 
 
+def check_room(size: int, output: Path | None) -> None:
+    """One line, before sampling, when the images (`size` bytes as uint8) will not fit in the free memory, or in
+    the free space of `output`'s filesystem (None: nothing written but the grid)."""
+    gigabytes = size / 1e9
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if free is not None and size > free:
+        raise UserError(f"the samples take {gigabytes:.1f} GB of memory, and {free / 1e9:.1f} GB is free; sample "
+                        "fewer (--num_samples), in several runs with different --seed values")  # fmt: skip
+    if output is not None:
+        disk = shutil.disk_usage(mount_point(output)).free
+        if size > disk:
+            raise UserError(f"the samples take {gigabytes:.1f} GB, and {mount_point(output)} has {disk / 1e9:.1f} "
+                            f"GB free; free space, sample fewer (--num_samples) or set --output")  # fmt: skip
+
+
 def main(args: list[str]) -> None:
     """Parse `lit-ddpm sample` arguments, sample, write the files and say where they are."""
     options = parser().parse_args(args)
     if options.num_samples < 1 or options.batch_size < 1:
         raise UserError("--num_samples and --batch_size must be at least 1")
+    check_seed(options.seed, "--seed")
     settings = Sampling(**{name: options[name] for name in Sampling.__dataclass_fields__})
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(options.ckpt_path, device, [options.allow_class] if options.allow_class else [])
@@ -70,6 +89,8 @@ def main(args: list[str]) -> None:
     settings = settings.resolve(module.hparams.prediction, module.schedule.timesteps, module.consistency_model)
     labels, per_row = class_labels(module, options.label, options.num_samples)
     num_samples = options.num_samples if labels is None else len(labels)
+    output = Path(options.output or f"samples/{Path(options.ckpt_path).stem}-{settings.name}")
+    check_room(num_samples * math.prod(module.image_shape), output if options.npz or options.png else None)
     if options.compile:  # the forward only: the progress hook around it stays eager
         module.unet.forward = torch.compile(module.unet.forward)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
@@ -81,9 +102,12 @@ def main(args: list[str]) -> None:
             run = {"settings": settings, "seed": options.seed, "batch_size": options.batch_size, "labels": labels,
                    "precision": lambda: torch.autocast(device_type, dtype) if dtype else nullcontext()}  # fmt: skip
             images, labels = generate_all(module, num_samples, **run)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not isinstance(error, torch.OutOfMemoryError) and "allocate" not in str(error):
+                raise
+            raise UserError(f"out of memory sampling batches of {options.batch_size}; lower --batch_size") from None
         finally:
             hook.remove()
-    output = Path(options.output or f"samples/{Path(options.ckpt_path).stem}-{settings.name}")
     try:
         if options.grid:
             save_grid(images, output / "grid.png", per_row)

@@ -12,7 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision import transforms
 
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, check_range
 from diffusion_lit.runs import run_seed, shield_worker
 
 # torchdata 0.11 calls a torch function that newer torch marks deprecated, once per loader: not ours to fix.
@@ -90,6 +90,8 @@ class ImageDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 4) -> None:
         super().__init__()
+        check_range(type(self).__name__, 1, batch_size=batch_size)
+        check_range(type(self).__name__, 0, num_workers=num_workers)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_set: Dataset | None = None

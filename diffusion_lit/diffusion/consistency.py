@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lit.diffusion.schedule import NoiseSchedule, gather
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, check_range
 
 
 def sigmas(schedule: NoiseSchedule) -> Tensor:
@@ -158,8 +158,7 @@ class ConsistencyLoss:
     ) -> None:  # fmt: skip
         if target not in ("teacher", "data"):
             raise UserError(f"ConsistencyLoss target must be 'teacher' or 'data', got {target!r}")
-        if segments < 1:
-            raise UserError(f"ConsistencyLoss segments must be 1 or more, got {segments}")
+        check_range("ConsistencyLoss", 1, segments=segments, steps_per_stage=steps_per_stage)
         self.config = {name: value for name, value in locals().items() if name != "self"}  # for checkpoints
         self.target = target
         self.steps_per_stage = steps_per_stage

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, check_range
 from diffusion_lit.nn.blocks import Downsample, ResBlock, SelfAttention, Upsample, group_norm, zero_init
 from diffusion_lit.nn.embeddings import TimestepEmbedding
 
@@ -39,6 +39,8 @@ class UNet(nn.Module):
         arguments = dict(locals())  # before anything else is defined: exactly the constructor's arguments
         super().__init__()
         self.config = _config(arguments)
+        check_range("UNet", 1, base_channels=base_channels, num_res_blocks=num_res_blocks, num_heads=num_heads)
+        check_range("UNet", 0, 1, dropout=dropout)
         if not all(0 <= level < len(channel_mults) for level in attention_levels):
             raise UserError(f"UNet.attention_levels {list(attention_levels)} must lie in [0, {len(channel_mults) - 1}]")
         self.in_channels = in_channels
