@@ -35,11 +35,18 @@ INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 CLASS_SETTINGS = ("unet", "loss", "optimizer")  # classes to build: a plain string there is a class path too
 
 
-def check_checkpoint(path: str, settings: set[str] | None = None, allowed_classes: Iterable[str] = ()) -> None:
+def check_checkpoint(
+    path: str, settings: set[str] | None = None, allowed_classes: Iterable[str] = (), resume: bool = False
+) -> None:
     """One clear line for a --ckpt_path that is missing, truncated, corrupt or not a checkpoint; that names a class
-    to build other than lit-ddpm's and `allowed_classes` (checked before anything is imported); or (given the
-    model's `settings`) whose hyper-parameters name settings the model does not have."""
+    to build other than lit-ddpm's and `allowed_classes` (checked before anything is imported); (given the
+    model's `settings`) whose hyper-parameters name settings the model does not have; or, to `resume` a run
+    from, that holds weights alone."""
     checkpoint = _read(path)
+    if resume and not {"optimizer_states", "loops"} <= set(checkpoint):
+        what = "a post-hoc EMA checkpoint (lit-ddpm ema)" if "posthoc_ema" in checkpoint else "weights alone"
+        raise UserError(f"--ckpt_path {path!r} is {what}, with no optimizer state or training progress to resume; "
+                        "validate, test and sample read it, and fit resumes from a run's last.ckpt")  # fmt: skip
     hyper_parameters = checkpoint.get("hyper_parameters", {})
     foreign = foreign_classes(hyper_parameters, allowed_classes)
     if foreign:
@@ -127,8 +134,10 @@ def _read(path: str, label: str = "--ckpt_path ") -> dict:
         raise UserError(
             f"{label}{path!r} is not a readable checkpoint (truncated, corrupt, or not a file torch.save wrote)"
         ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{label}{path!r} is a torch file but not a Lightning checkpoint (no state_dict)")
+    keys = checkpoint if isinstance(checkpoint, dict) else {}
+    missing = [key for key in ("state_dict", "pytorch-lightning_version") if key not in keys]
+    if missing:
+        raise UserError(f"{label}{path!r} is a torch file but not a Lightning checkpoint (no {missing[0]})")
     return checkpoint
 
 
@@ -200,11 +209,12 @@ def check_weights_fit(expected: dict[str, Tensor], loaded: dict[str, Tensor]) ->
         raise UserError(f"the checkpoint lacks {len(missing)} of this model's weights (e.g. {missing[0]})")
 
 
-def check_finite(state_dict: dict[str, Tensor]) -> None:
-    """Refuse to save non-finite weights (over a good checkpoint)."""
+def check_finite(state_dict: dict[str, Tensor], refusal: str = "refusing to save a checkpoint") -> None:
+    """Refuse non-finite weights: to save them (over a good checkpoint), or to sample from them (images of a
+    single colour, with no word)."""
     for name, value in state_dict.items():
         if value.is_floating_point() and not value.isfinite().all():
-            raise UserError(f"refusing to save a checkpoint: {name} has non-finite values")
+            raise UserError(f"{refusal}: {name} has non-finite values")
 
 
 class _OneLineParser(OneLineErrors, argparse.ArgumentParser):

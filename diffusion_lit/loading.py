@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 
-from diffusion_lit.checkpoints import check_checkpoint
+from diffusion_lit.checkpoints import check_checkpoint, check_finite
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 
@@ -18,4 +18,5 @@ def load_checkpoint(ckpt_path: str, device: str = "cpu", allowed_classes: Iterab
     except Exception as error:  # noqa: BLE001  (truncated, foreign or not a checkpoint: the same advice)
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise UserError(f"{ckpt_path!r} is not a readable lit-ddpm checkpoint ({reason})") from None
+    check_finite(module.state_dict(), f"{ckpt_path!r} cannot make images (use an earlier checkpoint of the run)")
     return module.eval()

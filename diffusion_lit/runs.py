@@ -84,11 +84,24 @@ class RunLock:
     def acquire(self) -> dict | None:
         """Take the lock; returns the note of a holder that ended without releasing it (None if there was none).
         Raises UserError naming the holder if a live process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"{folder} is a file, where the run's folder would be; move it away, or give this run "
+                            "another name (--name NAME)") from None  # fmt: skip
+        except OSError as error:
+            raise UserError(f"cannot make the run's folder {folder} ({error.strerror or error})") from None
         if fcntl is None:
             return _unlocked(self.path, "this system has no flock")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except IsADirectoryError:
+                raise UserError(f"{self.path} is a folder, where the run keeps its lock file; remove it "
+                                f"(rmdir {self.path}) and run again") from None  # fmt: skip
+            except OSError as error:
+                raise UserError(f"cannot write the run's lock {self.path} ({error.strerror or error})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -376,3 +376,53 @@ def test_sampling_with_a_seed_too_large_or_more_images_than_memory_is_one_line(c
     monkeypatch.setattr("diffusion_lit.cli.sample.generate_all", no_memory)
     error = one_line_error(capsys, *sample, "--batch_size", "1000")
     assert error.endswith("out of memory sampling batches of 1000; lower --batch_size")
+
+
+def test_lightnings_checkpoint_keywords_are_resolved_or_refused_in_one_line(capsys, demo_checkpoint):
+    run = ["--trainer.logger", "false", "--trainer.limit_val_batches", "1"]
+    assert "lit-ddpm writes no hpc_ckpt files" in one_line_error(capsys, "test", *DEMO, "--ckpt_path", "hpc")
+    assert "does not read Lightning's model registry" in one_line_error(capsys, "fit", *DEMO, "--ckpt_path", "registry")
+    error = one_line_error(capsys, "validate", *DEMO, *run, "--ckpt_path", "best")
+    assert "checkpoints/demo holds no best-fid-epoch=N.ckpt" in error
+    shutil.copyfile(demo_checkpoint, demo_checkpoint.with_name("best-fid-epoch=3.ckpt"))
+    shutil.copyfile(demo_checkpoint, demo_checkpoint.with_name("best-fid-epoch=11.ckpt"))
+    assert "best is for validate and test" in one_line_error(capsys, "fit", *DEMO, "--ckpt_path", "best")
+    main(["validate", *DEMO, *run, "--ckpt_path", "best"])
+    assert "--ckpt_path best: checkpoints/demo/best-fid-epoch=11.ckpt" in capsys.readouterr().err
+
+
+def test_fit_does_not_resume_from_weights_alone(capsys, demo_checkpoint):
+    full = torch.load(demo_checkpoint, weights_only=True)
+    kept = ("state_dict", "hyper_parameters", "pytorch-lightning_version", "epoch", "global_step")
+    torch.save({**{key: full[key] for key in kept}, "posthoc_ema": {"sigma_rel": 0.1}}, "ema.ckpt")
+    torch.save(full["state_dict"], "weights.pt")
+    error = one_line_error(capsys, "fit", *DEMO, "--ckpt_path", "ema.ckpt")
+    assert "is a post-hoc EMA checkpoint (lit-ddpm ema), with no optimizer state or training progress" in error
+    assert "not a Lightning checkpoint (no state_dict)" in one_line_error(
+        capsys, "fit", *DEMO, "--ckpt_path", "weights.pt"
+    )
+
+
+def test_a_run_folder_that_is_a_file_a_lock_that_is_a_folder_and_an_empty_name_are_one_line(capsys):
+    Path("checkpoints/demo/run.lock").mkdir(parents=True)
+    assert "run.lock is a folder, where the run keeps its lock file" in one_line_error(capsys, "fit", *DEMO, *SHORT)
+    Path("checkpoints/other").write_text("not a folder")
+    error = one_line_error(capsys, "fit", *DEMO, *SHORT, "--name", "other")
+    assert "checkpoints/other is a file, where the run's folder would be" in error
+    assert "--name '' names no folder of its own" in one_line_error(capsys, "fit", *DEMO, *SHORT, "--name", "")
+    assert not Path("checkpoints/last.ckpt").exists()
+
+
+def test_a_checkpoint_with_a_non_finite_weight_makes_no_images(capsys, demo_checkpoint, monkeypatch):
+    checkpoint = torch.load(demo_checkpoint, weights_only=True)
+    name = next(name for name, value in checkpoint["state_dict"].items() if value.is_floating_point())
+    checkpoint["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(checkpoint, demo_checkpoint)
+    error = one_line_error(capsys, "sample", "--ckpt_path", str(demo_checkpoint), "--steps", "2", "--output", "out")
+    assert f"cannot make images (use an earlier checkpoint of the run): {name} has non-finite values" in error
+    assert not Path("out").exists()
+    # `test` too: no FID of images of one colour (nor bits/dim of a broken model)
+    monkeypatch.setattr("diffusion_lit.callbacks.quality.load_inception", lambda *args, **kwargs: StandInExtractor())
+    error = one_line_error(capsys, "test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--evaluation.num_samples", "2")
+    assert f"checkpoints/demo/last.ckpt cannot make images: {name} has non-finite values" in error
+    assert sorted(p.name for p in demo_checkpoint.parent.iterdir()) == ["last.ckpt"]

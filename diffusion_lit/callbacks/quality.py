@@ -20,6 +20,7 @@ from torch import nn
 from diffusion_lit import files
 from diffusion_lit.callbacks.bits_per_dim import held_out_bits_per_dim
 from diffusion_lit.callbacks.reports import write_bits_per_dim, write_test_scores
+from diffusion_lit.checkpoints import check_finite
 from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.distributed import gather_rows
 from diffusion_lit.errors import UserError
@@ -206,6 +207,7 @@ class SampleQuality(Callback):
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Bits/dim (when asked), then sample, score, log test/fid and test/is, and write the JSON and the
         images (rank 0)."""
+        check_finite(pl_module.state_dict(), f"{trainer.ckpt_path or 'the model'} cannot make images")
         if self.nll_images:
             report = held_out_bits_per_dim(trainer, pl_module, self.nll_images, self.nll_timesteps, self.sampling,
                                            self.seed, self.batch_size)  # fmt: skip

@@ -17,7 +17,7 @@ from diffusion_lit import files
 from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
 from diffusion_lit.checkpoints import check_checkpoint, one_segment_student
 from diffusion_lit.cli import distill, ema, sample
-from diffusion_lit.cli.run_paths import cluster_plugins, fill, resolve_last, resume_command, run_name
+from diffusion_lit.cli.run_paths import cluster_plugins, fill, resolve_keyword, resume_command, run_name
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.module import DiffusionModule
 
@@ -125,13 +125,13 @@ class DiffusionCLI(LightningCLI):
         if precision not in (None, "None", *PRECISIONS):
             raise UserError(f"--trainer.precision {precision} is not supported; use one of {', '.join(PRECISIONS)}")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path == "last":  # resolved here, so that the run's last.ckpt is checked as any other path is
-            ckpt_path = self.config[subcommand].ckpt_path = resolve_last(self.config[subcommand], subcommand,
-                                                                         bool(self.teacher))  # fmt: skip
-        if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS:
+        if ckpt_path in CHECKPOINT_KEYWORDS:  # resolved here, so that the file is checked as any other path is
+            ckpt_path = self.config[subcommand].ckpt_path = resolve_keyword(self.config[subcommand], subcommand,
+                                                                            bool(self.teacher), ckpt_path)  # fmt: skip
+        if ckpt_path:
             model = self.config[subcommand].model  # the classes the user's own config names may be built
             named = {getattr(model.get(name), "class_path", None) for name in ("unet", "loss", "optimizer")}
-            check_checkpoint(ckpt_path, settings, named - {None})
+            check_checkpoint(ckpt_path, settings, named - {None}, resume=subcommand == "fit")
         if self.teacher:
             unet = self.config.fit.model.unet.class_path
             self.config = distill.apply_teacher(self.config, parser, self.teacher, settings, {unet})

@@ -14,6 +14,8 @@ from diffusion_lit.errors import UserError
 
 def run_name(config: Namespace, distilling: bool) -> str:
     """NAME, NAME_VARIANT with an overlay's variant, and `_distill` after it for `lit-ddpm distill`."""
+    if not str(config.name).strip() or config.name in (".", ".."):
+        raise UserError(f"--name {config.name!r} names no folder of its own; give the run a name (--name NAME)")
     run = config.name if not config.variant else f"{config.name}_{config.variant}"
     return run + ("_distill" if distilling else "")
 
@@ -30,15 +32,32 @@ def fill(value, run: str):
     return value
 
 
-def resolve_last(config: Namespace, subcommand: str, distilling: bool) -> str | None:
-    """What `--ckpt_path last` means: the run's own last.ckpt (LastCheckpoint's folder, the run's name filled in)
-    when it exists. Then `fit` resumes from it, and without it starts afresh, so that one command line serves
-    a job's first start and every requeued start (scripts/slurm.sh); `validate` and `test` need it."""
-    callbacks = [c for c in config.trainer.callbacks or [] if c.class_path.rsplit(".", 1)[-1] == "LastCheckpoint"]
-    if not callbacks:
-        raise UserError("--ckpt_path last names the run's last.ckpt: list LastCheckpoint in trainer.callbacks")
-    folder = fill((callbacks[0].init_args or Namespace()).get("dirpath") or "checkpoints", run_name(config, distilling))
-    path = Path(folder) / "last.ckpt"
+def resolve_keyword(config: Namespace, subcommand: str, distilling: bool, keyword: str) -> str | None:
+    """What a `--ckpt_path` of Lightning's keywords means here.
+
+    `last`: the run's own last.ckpt (LastCheckpoint's folder, the run's name filled in) when it exists. Then
+    `fit` resumes from it, and without it starts afresh, so that one command line serves a job's first start
+    and every requeued start (scripts/slurm.sh); `validate` and `test` need it. `best`: the run's best-FID
+    checkpoint (`evaluation.keep_best`), for `validate` and `test`. `hpc` and `registry` name checkpoints
+    lit-ddpm never writes: refused in one line."""
+    if keyword == "hpc":
+        raise UserError("--ckpt_path hpc: lit-ddpm writes no hpc_ckpt files (under SLURM a run saves last.ckpt "
+                        "and requeues itself); use --ckpt_path last")  # fmt: skip
+    if keyword == "registry":
+        raise UserError("--ckpt_path registry: lit-ddpm does not read Lightning's model registry; name a "
+                        "checkpoint file, or last or best")  # fmt: skip
+    folder = run_folder(config, distilling, keyword)
+    if keyword == "best":
+        if subcommand == "fit":
+            raise UserError("--ckpt_path best: a run resumes from its newest state (--ckpt_path last); best is for "
+                            "validate and test")  # fmt: skip
+        kept = sorted(folder.glob("best-fid-epoch=*.ckpt"), key=lambda p: int(p.stem.rsplit("=", 1)[1]))
+        if not kept:
+            raise UserError(f"--ckpt_path best: {folder} holds no best-fid-epoch=N.ckpt (FID while fitting keeps "
+                            "one: evaluation.every_n_epochs); use last or a checkpoint's path")  # fmt: skip
+        _say(f"lit-ddpm: --ckpt_path best: {kept[-1]}")
+        return str(kept[-1])
+    path = folder / "last.ckpt"
     if path.is_file():
         _say(f"lit-ddpm: --ckpt_path last: {path}")
         return str(path)
@@ -46,6 +65,17 @@ def resolve_last(config: Namespace, subcommand: str, distilling: bool) -> str | 
         raise UserError(f"--ckpt_path last: the run has no {path} yet; train it first, or name a checkpoint")
     _say(f"lit-ddpm: --ckpt_path last: no {path} yet, so a fresh run")
     return None
+
+
+def run_folder(config: Namespace, distilling: bool, keyword: str) -> Path:
+    """The run's checkpoint folder: LastCheckpoint's `dirpath`, the run's name filled in."""
+    callbacks = [c for c in config.trainer.callbacks or [] if c.class_path.rsplit(".", 1)[-1] == "LastCheckpoint"]
+    if not callbacks:
+        raise UserError(f"--ckpt_path {keyword} names a file of the run's folder: list LastCheckpoint in "
+                        "trainer.callbacks")  # fmt: skip
+    return Path(
+        fill((callbacks[0].init_args or Namespace()).get("dirpath") or "checkpoints", run_name(config, distilling))
+    )
 
 
 @rank_zero_only
