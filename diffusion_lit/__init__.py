@@ -6,16 +6,31 @@
     images = model.sample(16, Sampling("dpmpp", steps=20))      # (16, C, H, W) in [0, 1]
 
 The README's "From Python" section has a runnable example; `lit-ddpm` is the command line over the same pieces.
+The names are imported when first used, so that `lit-ddpm` starts (and answers Ctrl-C) before torch is loaded.
 """
 
-from diffusion_lit.data import CIFAR10DataModule, DemoMNISTDataModule, ImageFolderDataModule, MNISTDataModule
-from diffusion_lit.diffusion import NoiseSchedule, Sampling
-from diffusion_lit.errors import UserError
-from diffusion_lit.generation import generate_all, save_grid, write_samples
-from diffusion_lit.loading import load_checkpoint
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.nn import UNet
+import importlib
 
-__all__ = ["CIFAR10DataModule", "DemoMNISTDataModule", "DiffusionModule", "ImageFolderDataModule",
-           "MNISTDataModule", "NoiseSchedule", "Sampling", "UNet", "UserError", "generate_all", "load_checkpoint",
-           "save_grid", "write_samples"]  # fmt: skip
+_WHERE = {
+    "diffusion_lit.data": ["CIFAR10DataModule", "DemoMNISTDataModule", "ImageFolderDataModule", "MNISTDataModule"],
+    "diffusion_lit.diffusion": ["NoiseSchedule", "Sampling"],
+    "diffusion_lit.errors": ["UserError"],
+    "diffusion_lit.generation": ["generate_all", "save_grid", "write_samples"],
+    "diffusion_lit.loading": ["load_checkpoint"],
+    "diffusion_lit.module": ["DiffusionModule"],
+    "diffusion_lit.nn": ["UNet"],
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'diffusion_lit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -185,10 +185,21 @@ class Interrupted(SystemExit):
     shell reports a process that the signal ended."""
 
 
+class Aborted(Interrupted):
+    """Ctrl-C where no step boundary is near (loading, setup, `test`, `sample`, a second Ctrl-C while fitting):
+    what is being written is left whole or absent, and the command exits with 130. Raised instead of
+    KeyboardInterrupt, which Lightning turns into exit status 1."""
+
+
+def abort_on_ctrl_c(signal_number: int, frame) -> None:
+    """The SIGINT handler of every command outside a run's training steps (`StopSignals` takes over there)."""
+    raise Aborted(130)
+
+
 class StopSignals:
     """While installed, SIGINT (Ctrl-C), SIGTERM (a scheduler's pre-emption or time limit, `kill`) and SIGUSR1
     (SLURM's warning before the time limit) ask the run to stop at the next step boundary (`received` is set;
-    the training loop looks at it); a second Ctrl-C aborts at once (KeyboardInterrupt), without saving. Any
+    the training loop looks at it); a second Ctrl-C aborts at once (`Aborted`), without saving. Any
     other repeated signal changes nothing. Data-loading workers ignore all three (`shield_worker`).
 
     Args:
@@ -222,7 +233,7 @@ class StopSignals:
         if self.received is not None:
             if signal_number == signal.SIGINT:
                 self.restore()
-                raise KeyboardInterrupt
+                raise Aborted(130)
             return
         self.received = signal_number
         if self.announce:

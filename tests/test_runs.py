@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import ROOT, TINY, one_line_error
 from diffusion_lit.cli import main
 from diffusion_lit.errors import UserError
-from diffusion_lit.runs import RunLock, StopSignals, shield_worker
+from diffusion_lit.runs import Aborted, RunLock, StopSignals, shield_worker
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
 SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
@@ -179,8 +179,9 @@ def test_the_first_signal_asks_for_a_stop_and_a_second_ctrl_c_aborts(capsys):
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received == signal.SIGINT
         assert "Ctrl-C again to abort" in capsys.readouterr().err
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Aborted) as aborted:  # not KeyboardInterrupt, which Lightning turns into exit 1
             os.kill(os.getpid(), signal.SIGINT)
+        assert aborted.value.code == 130
     finally:
         signals.restore()
     assert signal.getsignal(signal.SIGINT) is previous
@@ -227,3 +228,42 @@ def test_a_loader_worker_outlives_a_groups_signals_and_still_ends_with_its_loade
     assert processes[0].exitcode == 0
     batches._shutdown_workers()
     assert not any(process.is_alive() for process in processes)
+
+
+def ctrl_c_then_wait(*args, **kwargs) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)  # the handler raises here
+    raise AssertionError("Ctrl-C was not answered")
+
+
+@pytest.mark.parametrize("where", ["setup", "test"])
+def test_ctrl_c_before_training_or_while_testing_is_one_line_and_exit_130(capsys, monkeypatch, where, request):
+    """Lightning turns a KeyboardInterrupt into exit status 1 with a line of its own; outside the training steps
+    Ctrl-C raises `Aborted` instead."""
+    if where == "setup":
+        monkeypatch.setattr("diffusion_lit.module.DiffusionModule.setup", ctrl_c_then_wait)
+        command = ["fit", *DEMO, *SHORT]
+    else:
+        request.getfixturevalue("demo_checkpoint")  # checkpoints/demo/last.ckpt
+        monkeypatch.setattr("diffusion_lit.callbacks.quality.SampleQuality.on_test_epoch_end", ctrl_c_then_wait)
+        command = ["test", *DEMO, "--ckpt_path", "checkpoints/demo/last.ckpt", "--trainer.logger", "false"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130
+    # (pytest's capture can add a "Logging error" of its own, for a handler left on an earlier test's stream)
+    assert err.strip().splitlines()[-1] == "lit-ddpm: interrupted (Ctrl-C)" and "KeyboardInterrupt" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+@pytest.mark.slow  # starts lit-ddpm 4 times (about 20 s)
+def test_ctrl_c_at_any_moment_of_a_starting_command_is_one_line_and_exit_130():
+    lit_ddpm = Path(sys.executable).with_name("lit-ddpm")
+    for delay in (0.05, 0.3, 1.0, 2.0):  # in Python's start, importing torch, Lightning, parsing, setting up
+        process = subprocess.Popen([lit_ddpm, "fit", *DEMO, *SHORT], env=ENV, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        err = process.communicate(timeout=120)[1]
+        assert process.returncode == 130, (delay, err)
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lit-ddpm:"), (delay, err)

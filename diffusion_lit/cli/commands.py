@@ -4,7 +4,9 @@ import inspect
 import netrc
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -20,6 +22,7 @@ from diffusion_lit.cli import distill, ema, sample
 from diffusion_lit.cli.run_paths import cluster_plugins, fill, resolve_keyword, resume_command, run_name
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.runs import Aborted, abort_on_ctrl_c
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -240,6 +243,9 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of `lit-ddpm`; `args` replaces sys.argv[1:] (for tests)."""
     # W&B runs offline (files under ./wandb, `wandb sync` later) unless the user has logged in or set WANDB_MODE.
     os.environ.setdefault("WANDB_MODE", "online" if _wandb_logged_in() else "offline")
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, abort_on_ctrl_c)
     try:
         argv = sys.argv[1:] if args is None else args
         if not argv:
@@ -276,6 +282,9 @@ def main(args: list[str] | None = None) -> None:
             message = f"the trainer refused its settings (--trainer.*): {message}"
         print(f"lit-ddpm: error: {spelled(message)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # outside training (sample, test): files are written whole or not at all
+    except (Aborted, KeyboardInterrupt):  # outside training steps: files are written whole or not at all
         print("\nlit-ddpm: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_ctrl_c)
