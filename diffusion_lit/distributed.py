@@ -53,6 +53,15 @@ def gather_rows(rows: Tensor, counts: list[int], everywhere: bool = False) -> Te
     return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (an all-reduce on the host group; every process must call it)."""
+    if world()[1] == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(value.item())
+
+
 class StopVote:
     """Whether any process was asked to stop, agreed on by all of them at the same step, without a device sync.
 

@@ -8,7 +8,7 @@ model gets the classes in turn (image i has class i mod num_classes) unless labe
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,7 @@ from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import UserError
 from diffusion_lit.files import written_whole
 from diffusion_lit.pixels import to_uint8
+from diffusion_lit.runs import StopSignals
 
 BATCH_SIZE = 250  # the default of `sample` and `test`: with the same seed and N, both draw the same images
 
@@ -75,6 +76,27 @@ def run_precision(trainer, setting: str = "run") -> AbstractContextManager:
 def cycled_labels(num_classes: int | None, first: int, count: int) -> Tensor | None:
     """Labels first, first + 1, ... mod num_classes for a class-conditional model; None otherwise."""
     return None if not num_classes else torch.arange(first, first + count) % num_classes
+
+
+class Stopped(Exception):  # noqa: N818  (a stop, not an error)
+    """Sampling ended early: a signal asked the run to stop (`stop_on_request`)."""
+
+
+@contextmanager
+def stop_on_request(network: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the network raises `Stopped` before its next evaluation once a signal has asked the run to
+    stop (`runs.StopSignals`): a long sample grid or FID while fitting ends within one network evaluation, and the
+    run saves at its next step."""
+
+    def check(*_) -> None:
+        if StopSignals.requested:
+            raise Stopped
+
+    hook = network.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def generate(

@@ -208,6 +208,7 @@ class StopSignals:
     """
 
     NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+    requested = False  # whether the installed one has received a signal: what long evaluations look at
 
     def __init__(self, checkpoint: str, announce: bool) -> None:
         self.checkpoint = checkpoint
@@ -228,6 +229,7 @@ class StopSignals:
         for signal_number, handler in self._previous.items():
             signal.signal(signal_number, handler)
         self._previous = {}
+        StopSignals.requested = False
 
     def _handle(self, signal_number: int, frame) -> None:
         if self.received is not None:
@@ -236,6 +238,7 @@ class StopSignals:
                 raise Aborted(130)
             return
         self.received = signal_number
+        StopSignals.requested = True
         if self.announce:
             name, checkpoint = self.NAMES[signal_number], self.checkpoint
             message = f"stopping after this training step to save {checkpoint} (Ctrl-C again to abort, without saving)"

@@ -267,3 +267,29 @@ def test_ctrl_c_at_any_moment_of_a_starting_command_is_one_line_and_exit_130():
         err = process.communicate(timeout=120)[1]
         assert process.returncode == 130, (delay, err)
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lit-ddpm:"), (delay, err)
+
+
+def test_a_sigterm_while_a_grid_is_drawn_stops_it_within_one_network_evaluation(monkeypatch):
+    from diffusion_lit.callbacks import grids
+
+    calls, real = [], grids.generate_all
+
+    def signalled_during(module, *args, **kwargs):  # SIGTERM arrives during the 3rd network evaluation
+        def count(*_):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        hook = module.unet.register_forward_pre_hook(count)
+        try:
+            return real(module, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(grids, "generate_all", signalled_during)
+    with pytest.raises(SystemExit) as exit_info:  # a grid after step 2, of a 4-step run
+        main(["fit", *DEMO, *SHORT, "--trainer.max_steps", "4"])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert len(calls) == 3  # the grid's sampler has more steps: it stopped at the next evaluation
+    assert not list(Path("samples").rglob("*.png"))  # no grid of a stopped sampling
+    assert torch.load("checkpoints/demo/last.ckpt", weights_only=True)["global_step"] == 3  # saved a step later

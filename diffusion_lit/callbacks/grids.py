@@ -8,7 +8,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion_lit.diffusion.sampling import Sampling
-from diffusion_lit.generation import generate_all, run_precision, save_grid
+from diffusion_lit.generation import Stopped, generate_all, run_precision, save_grid, stop_on_request
 
 
 class SampleGrid(Callback):
@@ -52,7 +52,11 @@ class SampleGrid(Callback):
             return
         options = {"settings": self.sampling, "seed": self.seed, "batch_size": self.num_samples,
                    "precision": lambda: run_precision(trainer)}  # the run's, as FID while fitting  # fmt: skip
-        images, _ = generate_all(pl_module, self.num_samples, **options)  # a conditional model: classes in turn
+        try:
+            with stop_on_request(pl_module.unet):
+                images, _ = generate_all(pl_module, self.num_samples, **options)  # conditional: classes in turn
+        except Stopped:
+            return  # the run is stopping: it saves at its next step
         path = self.dirpath / f"step={trainer.global_step}.png"
         try:
             grid = save_grid(images, path)

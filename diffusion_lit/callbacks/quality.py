@@ -7,7 +7,6 @@ statistics of the datamodule's real images (anything that is a `metrics.Referenc
 `bits_per_dim` computes the bound.
 """
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -19,12 +18,12 @@ from torch import nn
 
 from diffusion_lit import files
 from diffusion_lit.callbacks.bits_per_dim import held_out_bits_per_dim
-from diffusion_lit.callbacks.reports import write_bits_per_dim, write_test_scores
+from diffusion_lit.callbacks.reports import append_fit_scores, write_bits_per_dim, write_test_scores
 from diffusion_lit.checkpoints import check_finite
 from diffusion_lit.diffusion.sampling import Sampling
-from diffusion_lit.distributed import gather_rows
+from diffusion_lit.distributed import any_process, gather_rows
 from diffusion_lit.errors import UserError
-from diffusion_lit.generation import BATCH_SIZE, generate, run_precision, share_sizes
+from diffusion_lit.generation import BATCH_SIZE, Stopped, generate, run_precision, share_sizes, stop_on_request
 from diffusion_lit.metrics import QualityMetrics, ReferenceData, load_inception, load_reference
 
 
@@ -173,7 +172,14 @@ class SampleQuality(Callback):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self._evaluate(trainer, pl_module, self.fit_num_samples)
+        try:
+            with stop_on_request(pl_module.unet):
+                self._evaluate(trainer, pl_module, self.fit_num_samples)
+            stopped = False
+        except Stopped:  # the run is stopping: it saves at its next step (every process agrees on skipping)
+            stopped = True
+        if any_process(stopped):
+            return
         scores = self.metrics.compute(self.seed)
         mimg = images_seen(trainer) / 1e6
         pl_module.log_dict({"val/fid": scores["fid"], "val/is": scores["is"], "val/mimg": mimg}, sync_dist=True)
@@ -181,14 +187,7 @@ class SampleQuality(Callback):
             record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "mimg": round(mimg, 6),
                       "fid": float(scores["fid"]), "is": float(scores["is"]), "num_samples": self.fit_num_samples,
                       "sampler": self.sampling.sampler, "steps": self.sampling.steps}  # fmt: skip
-            log = _run_folder(trainer) / "fid.jsonl"
-            try:
-                with open(log, "a") as file:  # appended to: a resumed run continues it
-                    file.write(json.dumps(record) + "\n")
-            except OSError as error:
-                rank_zero_warn(
-                    f"could not append to {log} ({files.why(error, log)}); FID {scores['fid']:.2f} is logged"
-                )
+            append_fit_scores(_run_folder(trainer) / "fid.jsonl", record)
         if self.keep_best and not trainer.fast_dev_run and (self.best is None or scores["fid"] < self.best[0]):
             self._keep_best(trainer, scores["fid"])
 

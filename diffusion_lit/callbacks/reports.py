@@ -6,10 +6,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from diffusion_lit import files
 from diffusion_lit.errors import UserError
 from diffusion_lit.files import written_whole
 from diffusion_lit.generation import write_samples
@@ -90,3 +92,13 @@ def write_bits_per_dim(trainer: "pl.Trainer", report: dict) -> None:
     table.add_row("seconds", f"{report['seconds']:.1f}")
     table.add_row("written to", str(path))
     Console().print(table)
+
+
+def append_fit_scores(log: Path, record: dict) -> None:
+    """One line of FID while fitting appended to the run's `fid.jsonl` (a resumed run continues it); a failed
+    write is a warning: the scores are logged, and the run goes on."""
+    try:
+        with open(log, "a") as file:
+            file.write(json.dumps(record) + "\n")
+    except OSError as error:
+        rank_zero_warn(f"could not append to {log} ({files.why(error, log)}); FID {record['fid']:.2f} is logged")
