@@ -426,3 +426,22 @@ def test_a_checkpoint_with_a_non_finite_weight_makes_no_images(capsys, demo_chec
     error = one_line_error(capsys, "test", *DEMO, "--ckpt_path", str(demo_checkpoint), "--evaluation.num_samples", "2")
     assert f"checkpoints/demo/last.ckpt cannot make images: {name} has non-finite values" in error
     assert sorted(p.name for p in demo_checkpoint.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_an_image_gone_while_training_is_skipped_by_name_and_past_the_limit_stops_in_one_line(
+    image_folder, capfd, monkeypatch
+):
+    """With a data-loading worker: its warnings and its one-line stop reach the user as such."""
+    real = ImageFolderDataModule._readable
+    gone = image_folder / "gone.png"  # passed the start-up check, deleted since
+    monkeypatch.setattr(ImageFolderDataModule, "_readable", lambda self, paths: [gone, *real(self, paths)])
+    run = ["fit", "--config", f"{ROOT}/configs/folder.yaml", "--config", TINY, "--config", MSE_ONLY,
+           "--data.init_args.root", str(image_folder), "--data.init_args.image_size", "16",
+           "--data.init_args.num_workers", "1", "--data.init_args.val_fraction", "0.01", *SHORT,
+           "--trainer.max_steps", "8", "--trainer.logger", "false"]  # fmt: skip
+    main(run)  # every image is read within the 8 steps' 32 images
+    assert f"skipped {gone}, which failed to read" in capfd.readouterr().err
+    assert torch.load("checkpoints/folder/last.ckpt", weights_only=True)["global_step"] == 8
+    error = one_line_error(capfd, *run, "--name", "strict", "--data.init_args.max_unreadable", "0")
+    assert "1 images failed to read while training, more than ImageFolderDataModule.max_unreadable" in error
+    assert "(--data.init_args.max_unreadable) 0 (the last: " in error and "resume the run" in error

@@ -260,3 +260,92 @@ def test_the_training_loader_resumes_mid_epoch_with_any_number_of_workers(before
     resumed = loader_of_numbers(after)
     assert take(resumed, 1, 3, state) == expected[1][2:]
     assert take(resumed, 2) == expected[2]
+
+
+def big_endian_tiff(values: np.ndarray) -> bytes:
+    """A 16-bit gray TIFF in big-endian byte order ("MM", as ImageJ and many microscopes write), by hand: Pillow
+    writes its 16-bit TIFFs little-endian."""
+    import struct
+
+    height, width = values.shape
+    data = values.astype(">u2").tobytes()
+    entries = [(256, 3, width), (257, 3, height), (258, 3, 16), (259, 3, 1), (262, 3, 1), (273, 4, 8 + 2 + 12 * 9 + 4),
+               (277, 3, 1), (278, 3, height), (279, 4, len(data))]  # fmt: skip
+    ifd = struct.pack(">H", len(entries)) + b"".join(
+        struct.pack(">HHI", tag, kind, 1)
+        + (struct.pack(">H", value) + b"\0\0" if kind == 3 else struct.pack(">I", value))
+        for tag, kind, value in entries
+    )
+    return b"MM\x00\x2a" + struct.pack(">I", 8) + ifd + b"\0\0\0\0" + data
+
+
+def test_a_big_endian_16_bit_tiff_is_read_as_its_values(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.tif").write_bytes(big_endian_tiff(RAMP.astype(np.uint16) * 257))
+    assert Image.open(tmp_path / "a.tif").mode == "I;16B"
+    expected = torch.from_numpy(RAMP.astype(np.float64)) / 127.5 - 1
+    torch.testing.assert_close(read_back(tmp_path, 1)[0].double(), expected, atol=1.5 / 255, rtol=0)
+
+
+def test_a_lab_image_is_read_into_a_one_channel_run(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        Image.merge("LAB", [Image.fromarray(RAMP), *[Image.new("L", (8, 8), 128)] * 2]).save(tmp_path / f"{name}.tif")
+    assert read_back(tmp_path, 1).shape == (1, 8, 8)  # Pillow has no LAB to L: through RGB
+
+
+def broken_files(folder) -> list:
+    """Three files that pass the start-up check and fail to decode when read: a truncated JPEG, a PNG with valid
+    checksums around broken compressed data, and one deleted after the check."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noise.save(folder / "truncated.jpg")
+    jpeg = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # the headers whole, half the scan
+    image.save(folder / "zlib.png")
+    raw = bytearray((folder / "zlib.png").read_bytes())
+    start = raw.index(b"IDAT") + 4
+    length = struct.unpack(">I", raw[start - 8 : start - 4])[0]
+    raw[start : start + length] = bytes(length)  # not zlib data any more
+    raw[start + length : start + length + 4] = struct.pack(">I", zlib.crc32(raw[start - 4 : start + length]))
+    (folder / "zlib.png").write_bytes(bytes(raw))
+    image.save(folder / "deleted.png")
+    return [folder / "truncated.jpg", folder / "zlib.png", folder / "deleted.png"]
+
+
+def test_images_that_fail_to_read_while_training_are_skipped_by_name_up_to_a_limit(tmp_path, capsys):
+    from PIL import Image
+
+    from diffusion_lit.data.folder import ImageFiles
+
+    for index in range(4):
+        Image.fromarray(np.full((8, 8, 3), index * 50, np.uint8)).save(tmp_path / f"good{index}.png")
+    broken = broken_files(tmp_path)
+    data = ImageFolderDataModule(str(tmp_path), image_size=8, val_fraction=0.1)
+    data.setup("fit")
+    assert len(data.train_set) + len(data.val_set) == 7  # all passed the start-up check
+    broken[2].unlink()  # deleted while training
+    paths = sorted(data.train_set.paths + data.val_set.paths)  # deleted, good0..3, truncated, zlib
+    dataset = ImageFiles(paths, list(range(7)), "RGB", data.train_set.transform, max_unreadable=3)
+    capsys.readouterr()
+    assert dataset[0][1] == 1  # good0 in place of the deleted file
+    assert dataset[5][1] == 1  # truncated, zlib, (deleted, known), then good0
+    assert dataset[2][1] == 2  # the good ones as they are
+    warned = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in warned] == [f"lit-ddpm: warning: skipped {paths[i]}" for i in (0, 5, 6)]
+    assert warned[-1].endswith(
+        "the next image takes its place (3 so far, at most ImageFolderDataModule.max_unreadable 3)"
+    )
+    strict = ImageFiles(paths, list(range(7)), "RGB", data.train_set.transform, max_unreadable=2)
+    with pytest.raises(UserError) as error:
+        strict[5], strict[0]
+    assert str(error.value).startswith("3 images failed to read while training, more than ImageFolderDataModule.")
+    assert f"(the last: {paths[0]}: " in str(error.value)

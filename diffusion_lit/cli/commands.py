@@ -277,7 +277,10 @@ def main(args: list[str] | None = None) -> None:
             command_line=command_line,
         )
     except (UserError, MisconfigurationException) as error:  # Lightning's: a trainer setting it refuses
-        message = " ".join(str(error).split())
+        message = str(error)
+        if "Original Traceback" in message:  # raised in a data-loading worker: torch adds the worker's traceback
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        message = " ".join(message.split())
         if isinstance(error, MisconfigurationException):
             message = f"the trainer refused its settings (--trainer.*): {message}"
         print(f"lit-ddpm: error: {spelled(message)}", file=sys.stderr)

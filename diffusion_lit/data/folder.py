@@ -1,6 +1,7 @@
 """A folder of the user's own images, any sizes and modes, optionally labelled by class sub-folders."""
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from diffusion_lit.data.base import TO_SIGNED, ImageDataModule, Split
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, check_range
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -27,7 +28,7 @@ HIGH_DEPTH = SIXTEEN_BIT | {"I", "F"}
 def high_depth_problem(image: Image.Image, path: Path) -> str | None:
     """Why a 16-bit, 32-bit integer or float image cannot be read as it is (None when it can): integer pixels
     are read as 16-bit values (0 to 65535), float pixels as values in [0, 1]."""
-    if image.mode not in HIGH_DEPTH:
+    if image.mode not in HIGH_DEPTH or image.mode in SIXTEEN_BIT:  # any 16-bit value is in 0..65535
         return None
     low, high = image.getextrema()
     if image.mode == "F" and not (0 <= low and high <= 1):
@@ -41,28 +42,57 @@ def as_read(image: Image.Image, mode: str) -> Image.Image:
     """`image` in `mode` ("L" or "RGB") with 8-bit pixels, or, for a 16-bit, 32-bit integer or float one, as a
     single-channel float ("F") image in [0, 1] (16-bit and integer pixels divided by 65535)."""
     if image.mode not in HIGH_DEPTH:
-        return image.convert(mode)
-    pixels = np.asarray(image, dtype=np.float32)
+        try:
+            return image.convert(mode)
+        except ValueError:  # no direct conversion (LAB to L): through RGB
+            return image.convert("RGB").convert(mode)
+    pixels = np.asarray(image, dtype=np.float32)  # in the byte order the mode says (I;16B: big-endian)
     return Image.fromarray(pixels if image.mode == "F" else pixels / np.float32(65535))  # float32: mode "F"
 
 
 class ImageFiles(Dataset):
     """Images from a list of files, read as the pictures they are (`as_read`) in one mode ("L" or "RGB"), with
-    their labels."""
+    their labels.
 
-    def __init__(self, paths: list[Path], labels: list[int], mode: str, transform) -> None:
+    A file that fails to read while training (one that passed the start-up check but does not decode, or that
+    was deleted or replaced since) is skipped with a warning naming it: the next file in the list that reads
+    takes its place, so a run goes on, and goes on the same way when resumed. After `max_unreadable` of them
+    (in one process) the run stops with one line, saving at its step boundary."""
+
+    def __init__(self, paths: list[Path], labels: list[int], mode: str, transform, max_unreadable: int = 0) -> None:
         self.paths = paths
         self.labels = labels
         self.mode = mode
         self.transform = transform
+        self.max_unreadable = max_unreadable
+        self.unreadable: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        with Image.open(self.paths[index]) as image:
-            pixels = self.transform(as_read(image, self.mode))  # (1 or C, H, W)
-        return pixels.expand(len(self.mode), -1, -1), self.labels[index]  # a gray high-depth image into RGB
+        for offset in range(len(self.paths)):
+            position = (index + offset) % len(self.paths)
+            try:
+                with Image.open(self.paths[position]) as image:
+                    pixels = self.transform(as_read(image, self.mode))  # (1 or C, H, W)
+                return pixels.expand(len(self.mode), -1, -1), self.labels[position]  # gray high-depth into RGB
+            except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
+                self._skip(self.paths[position], error)
+        raise UserError(f"no image of {len(self.paths)} reads any more (the folder was moved or deleted?)")
+
+    def _skip(self, path: Path, error: Exception) -> None:
+        """Count a file that failed to read, warn once for it, and stop the run past the limit."""
+        if path in self.unreadable:
+            return
+        self.unreadable.add(path)
+        reason = " ".join(str(error).split())[:120] or type(error).__name__
+        limit = f"ImageFolderDataModule.max_unreadable {self.max_unreadable}"
+        if len(self.unreadable) > self.max_unreadable:
+            raise UserError(f"{len(self.unreadable)} images failed to read while training, more than {limit} "
+                            f"(the last: {path}: {reason}); fix or remove them and resume the run")  # fmt: skip
+        print(f"lit-ddpm: warning: skipped {path}, which failed to read ({reason}); the next image takes its place "
+              f"({len(self.unreadable)} so far, at most {limit})", file=sys.stderr, flush=True)  # fmt: skip
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -76,6 +106,9 @@ class ImageFolderDataModule(ImageDataModule):
         hflip: randomly flip training images horizontally.
         bad_files: what to do with files that have an image extension but do not open as images:
             "skip" them (their number is reported) or "error" (list the first few and stop).
+        max_unreadable: images that may fail to read while training (a file that passed the start-up check but
+            does not decode, or was deleted since), each skipped with a warning naming it; one more stops the
+            run with one line, saving it (counted in each data-loading process).
         class_folders: label each image by the sub-folder of `root` it is in (sorted names: class 0, 1,
             ...), for class-conditional models; otherwise every label is 0.
         val_fraction: share of the images held out for validation (at least one).
@@ -91,6 +124,7 @@ class ImageFolderDataModule(ImageDataModule):
         channels: int = 3,
         hflip: bool = True,
         bad_files: Literal["skip", "error"] = "skip",
+        max_unreadable: int = 100,
         class_folders: bool = False,
         val_fraction: float = 0.05,
         seed: int = 0,
@@ -110,6 +144,8 @@ class ImageFolderDataModule(ImageDataModule):
         self.image_shape = (channels, image_size, image_size)
         self.hflip = hflip
         self.bad_files = bad_files
+        check_range("ImageFolderDataModule", 0, max_unreadable=max_unreadable)
+        self.max_unreadable = max_unreadable
         self.val_fraction = val_fraction
         self.seed = seed
 
@@ -135,8 +171,9 @@ class ImageFolderDataModule(ImageDataModule):
         order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
         labels = [self._label(path) for path in paths]
         val, kept = order[:num_val], order[num_val:]
-        self.val_set = ImageFiles([paths[i] for i in val], [labels[i] for i in val], mode, plain)
-        self.train_set = ImageFiles([paths[i] for i in kept], [labels[i] for i in kept], mode, plain)
+        files = {"mode": mode, "transform": plain, "max_unreadable": self.max_unreadable}
+        self.val_set = ImageFiles([paths[i] for i in val], [labels[i] for i in val], **files)
+        self.train_set = ImageFiles([paths[i] for i in kept], [labels[i] for i in kept], **files)
 
     def _readable(self, paths: list[Path]) -> list[Path]:
         """The paths that open as images (header and checksum where the format has one)."""
