@@ -108,6 +108,11 @@ def upgraded(path: str) -> str | io.BytesIO:
     return buffer
 
 
+def checkpoint_step(path: str) -> int | None:
+    """The optimizer step a checkpoint was saved at (None where it does not say)."""
+    return _read(path).get("global_step")
+
+
 def one_segment_student(path: str) -> bool:
     """Whether the checkpoint at `path` is a student written before multistep students (`_one_segment_student`)."""
     return _one_segment_student(_read(path).get("hyper_parameters", {}))

@@ -22,7 +22,7 @@ from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.errors import UserError
 from diffusion_lit.files import written_whole
 from diffusion_lit.pixels import to_uint8
-from diffusion_lit.runs import StopSignals
+from diffusion_lit.signals import StopSignals
 
 BATCH_SIZE = 250  # the default of `sample` and `test`: with the same seed and N, both draw the same images
 
@@ -85,7 +85,7 @@ class Stopped(Exception):  # noqa: N818  (a stop, not an error)
 @contextmanager
 def stop_on_request(network: torch.nn.Module) -> Iterator[None]:
     """Within the block, the network raises `Stopped` before its next evaluation once a signal has asked the run to
-    stop (`runs.StopSignals`): a long sample grid or FID while fitting ends within one network evaluation, and the
+    stop (`signals.StopSignals`): a long sample grid or FID while fitting ends within one network evaluation, and the
     run saves at its next step."""
 
     def check(*_) -> None:

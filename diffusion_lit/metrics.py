@@ -23,7 +23,7 @@ from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 from diffusion_lit import files
 from diffusion_lit.errors import UserError
 from diffusion_lit.pixels import to_rgb, to_uint8, to_unit
-from diffusion_lit.runs import shield_worker
+from diffusion_lit.signals import shield_worker
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"

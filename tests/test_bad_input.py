@@ -445,3 +445,28 @@ def test_an_image_gone_while_training_is_skipped_by_name_and_past_the_limit_stop
     error = one_line_error(capfd, *run, "--name", "strict", "--data.init_args.max_unreadable", "0")
     assert "1 images failed to read while training, more than ImageFolderDataModule.max_unreadable" in error
     assert "(--data.init_args.max_unreadable) 0 (the last: " in error and "resume the run" in error
+
+
+def test_sample_refuses_a_missing_gpu_a_file_as_output_and_negative_guidance_by_name(capsys, demo_checkpoint,
+                                                                                     monkeypatch):  # fmt: skip
+    sample = ["sample", "--ckpt_path", str(demo_checkpoint), "--steps", "2"]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert "--device cuda: torch sees no CUDA device" in one_line_error(capsys, *sample, "--device", "cuda")
+    Path("taken").write_text("a file")
+    assert "--output taken is a file; name a folder" in one_line_error(capsys, *sample, "--output", "taken")
+    assert "--guidance must be 0 or more" in one_line_error(capsys, *sample, "--guidance", "-2")
+
+
+def test_a_resume_says_what_the_checkpoint_changed_and_never_replaces_a_newer_last_ckpt(capsys, demo_checkpoint):
+    run = ["fit", *DEMO, *SHORT, "--trainer.logger", "false"]
+    older = demo_checkpoint.with_name("step-2.ckpt")
+    shutil.copyfile(demo_checkpoint, older)
+    main([*run, "--trainer.max_steps", "3", "--ckpt_path", "last", "--model.label_dropout", "0.2"])
+    err = capsys.readouterr().err
+    assert "lit-ddpm: warning: the checkpoint's model settings are used: model.label_dropout 0.1 (not 0.2)" in err
+    assert "unet.class_path" not in err and "in_channels" not in err  # the same class; a linked setting
+    main([*run, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    assert "last.ckpt is at step 3, and --trainer.max_steps is 3: nothing to train" in capsys.readouterr().err
+    error = one_line_error(capsys, *run, "--trainer.max_steps", "5", "--ckpt_path", str(older))
+    assert f"last.ckpt is at step 3, newer than {older} (step 2) of the same run, which would replace it" in error
+    assert torch.load(demo_checkpoint, weights_only=True)["global_step"] == 3

@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import ROOT, TINY, one_line_error
 from diffusion_lit.cli import main
 from diffusion_lit.errors import UserError
-from diffusion_lit.runs import Aborted, RunLock, StopSignals, shield_worker
+from diffusion_lit.runs import RunLock
+from diffusion_lit.signals import Aborted, StopSignals, shield_worker
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
 SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",

@@ -12,16 +12,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from diffusion_lit import files
 from diffusion_lit.distributed import StopVote
 from diffusion_lit.errors import UserError
-from diffusion_lit.runs import (
-    Interrupted,
-    RunLock,
-    StopSignals,
-    check_folder_is_ours,
-    describe,
-    new_run_id,
-    owner_of,
-    requeue_slurm_job,
-)
+from diffusion_lit.runs import RunLock, check_folder_is_ours, describe, new_run_id, owner_of
+from diffusion_lit.signals import Interrupted, StopSignals, requeue_slurm_job
 
 
 class LastCheckpoint(Checkpoint):

@@ -3,62 +3,23 @@
 import inspect
 import netrc
 import os
-import re
 import signal
 import sys
 import threading
 import warnings
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from diffusion_lit import files
 from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
 from diffusion_lit.checkpoints import check_checkpoint, one_segment_student
 from diffusion_lit.cli import distill, ema, sample
+from diffusion_lit.cli.run_config import SaveRunConfig, say_what_the_checkpoint_changed, spelled
 from diffusion_lit.cli.run_paths import cluster_plugins, fill, resolve_keyword, resume_command, run_name
 from diffusion_lit.errors import OneLineErrors, UserError
 from diffusion_lit.module import DiffusionModule
-from diffusion_lit.runs import Aborted, abort_on_ctrl_c
-
-
-class SaveRunConfig(SaveConfigCallback):
-    """The resolved config of each run, written whole (`files.write_text`): in the logger's folder (Lightning's
-    place), and, since W&B's log_dir is shared by all runs, in each W&B run's files (uploaded with it). Without a
-    logger a fit writes it beside its checkpoints, never in the working folder, where runs would overwrite each
-    other's. A failed write is a warning: the run goes on."""
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Write it once per run, from the main process, into the loggers' folders."""
-        if self.already_saved:
-            return
-        folders = [trainer.log_dir] if trainer.loggers else []  # every process: log_dir broadcasts
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and not logger.experiment.disabled:  # WANDB_MODE=disabled: no files
-                folders.append(logger.experiment.dir)
-        self._write(trainer, folders)
-        self.already_saved = True
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Without a logger: beside the checkpoints, once the run has taken its folder (a refused run writes
-        nothing; a dry run takes no folder)."""
-        taken = [str(c.dirpath) for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.writes]
-        if not trainer.loggers:
-            self._write(trainer, taken[:1])
-
-    def _write(self, trainer: Trainer, folders: list[str]) -> None:
-        if not trainer.is_global_zero or not folders:
-            return
-        text = self.parser.dump(self.config, skip_none=False)
-        for folder in folders:
-            path = os.path.join(folder, self.config_filename)
-            try:
-                files.write_text(path, text)
-            except OSError as error:
-                rank_zero_warn(f"could not write {path} ({files.why(error, path)}); the run goes on without it")
+from diffusion_lit.signals import Aborted, abort_on_ctrl_c
 
 
 class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
@@ -168,6 +129,16 @@ class DiffusionCLI(LightningCLI):
         plugins = cluster_plugins(self._get(self.config_init, "trainer", default={}).get("plugins"))
         return super().instantiate_trainer(**kwargs, **({"plugins": plugins} if plugins else {}))
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's: the checkpoint's model settings replace the config's and the command line's; one line
+        says which of them differed, and a resumed fit that is already past its max_steps says so."""
+        subcommand = self.config.get("subcommand")
+        given = self.config[subcommand].model.as_dict() if subcommand else {}
+        super()._parse_ckpt_path()
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            say_what_the_checkpoint_changed(ckpt_path, self.config[subcommand], given, subcommand == "fit")
+
     def before_fit(self) -> None:
         """Tell LastCheckpoint the command that resumes this run, for the line it prints when a signal stops it."""
         for callback in self.trainer.callbacks:
@@ -199,23 +170,6 @@ class DiffusionCLI(LightningCLI):
 
 # `distill` hands LightningCLI its own `fit` arguments while sys.argv holds the user's: intended, not a mistake.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-
-
-# Where each class's arguments are in a config: the lower layers' messages name a setting as `Class.argument`
-# (Python's spelling); the command line adds its own.
-DATAMODULES = ("MNISTDataModule", "CIFAR10DataModule", "ImageFolderDataModule", "DemoMNISTDataModule")
-SPELLINGS = {
-    "DiffusionModule": "model", "UNet": "model.unet.init_args", "DiffusionLoss": "model.loss.init_args",
-    "ConsistencyLoss": "model.loss.init_args",
-    "optimizer": "model.optimizer.init_args", "SampleQuality": "evaluation", "NonFiniteGuard": "guard",
-    "Trainer": "trainer", **dict.fromkeys(DATAMODULES, "data.init_args"),
-}  # fmt: skip
-SETTING = re.compile(rf"\b({'|'.join(SPELLINGS)})\.([a-z_]\w*(?:\.[a-z_]\w*)*)")
-
-
-def spelled(message: str) -> str:
-    """`message` with each `Class.argument` it names followed by the command line's spelling of it."""
-    return SETTING.sub(lambda match: f"{match[0]} (--{SPELLINGS[match[1]]}.{match[2]})", message)
 
 
 # What the networks are trained in: float32 weights, with or without autocast (64-bit and pure half weights are not).

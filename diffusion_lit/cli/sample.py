@@ -84,6 +84,10 @@ def main(args: list[str]) -> None:
     check_seed(options.seed, "--seed")
     settings = Sampling(**{name: options[name] for name in Sampling.__dataclass_fields__})
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu or auto")
+    if options.output and Path(options.output).exists() and not Path(options.output).is_dir():
+        raise UserError(f"--output {options.output} is a file; name a folder for the samples")
     module = load_checkpoint(options.ckpt_path, device, [options.allow_class] if options.allow_class else [])
     settings.check(module.schedule.timesteps, prefix="--", conditional=module.num_classes is not None)
     settings = settings.resolve(module.hparams.prediction, module.schedule.timesteps, module.consistency_model)

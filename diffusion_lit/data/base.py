@@ -13,7 +13,8 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision import transforms
 
 from diffusion_lit.errors import UserError, check_range
-from diffusion_lit.runs import run_seed, shield_worker
+from diffusion_lit.runs import run_seed
+from diffusion_lit.signals import shield_worker
 
 # torchdata 0.11 calls a torch function that newer torch marks deprecated, once per loader: not ours to fix.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)

@@ -100,6 +100,9 @@ class Sampling:
             raise UserError(f"unknown {prefix}variance {self.variance!r}; choose small or large")
         if self.threshold not in ("clip", "dynamic", "none"):
             raise UserError(f"unknown {prefix}threshold {self.threshold!r}; choose clip, dynamic or none")
+        if self.guidance < 0:
+            raise UserError(f"{prefix}guidance must be 0 or more (0: unconditional, 1: conditional), got "
+                            f"{self.guidance}")  # fmt: skip
         if self.guidance != 1.0 and not conditional:
             raise UserError(
                 f"{prefix}guidance needs a class-conditional model; this one is unconditional (leave it at 1)"
