@@ -131,14 +131,15 @@ def image_folder(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture
-def vgg_weights_file(tmp_path) -> str:
-    """A random VGG19 state dict of the layers up to conv_4, saved like torchvision's (`features.N.*` keys)."""
+@pytest.fixture(scope="session")
+def vgg_weights_file(tmp_path_factory) -> str:
+    """A random VGG19 state dict of the layers up to conv_4, saved like torchvision's (`features.N.*` keys); made
+    once per session (building VGG19 takes a second), read only."""
     from torchvision.models import vgg19
 
     torch.manual_seed(0)
     state = {f"features.{key}": value for key, value in vgg19().features[:8].state_dict().items()}
-    path = tmp_path / "vgg19-random.pth"
+    path = tmp_path_factory.mktemp("vgg") / "vgg19-random.pth"
     torch.save(state, path)
     return str(path)
 

@@ -130,3 +130,18 @@ def test_without_a_logger_the_config_is_kept_beside_the_checkpoints_not_in_the_w
     main(["fit", *DEMO, "--trainer.max_steps", "1"])
     assert not Path("config.yaml").exists()
     assert "name: demo" in Path("checkpoints/demo/config.yaml").read_text()
+
+
+def test_the_checkpoint_tool_on_a_full_disk_leaves_the_file_as_it_was(capsys, demo_checkpoint, small_disk):
+    from diffusion_lit.checkpoints import main as checkpoint_tool
+
+    path = small_disk / "last.ckpt"
+    shutil.copyfile(demo_checkpoint, path)
+    before = path.read_bytes()
+    fill(small_disk, leave=4096)
+    with pytest.raises(SystemExit) as exit_info:
+        checkpoint_tool(["--drop", "label_dropout", str(path)])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error.count("\n") == 0, error
+    assert f"(no space left on device: {small_disk}, the filesystem of {small_disk}); it is unchanged" in error
+    assert path.read_bytes() == before and sorted(p.name for p in small_disk.iterdir()) == ["filler", "last.ckpt"]

@@ -100,14 +100,9 @@ def count(setattr_, args: list[str]) -> collections.Counter:
 
 
 @pytest.fixture
-def vgg(tmp_path) -> str:
-    """A random VGG19 up to conv_4, saved like torchvision's."""
-    from torchvision.models import vgg19
-
-    torch.manual_seed(0)
-    state = {f"features.{key}": value for key, value in vgg19().features[:8].state_dict().items()}
-    torch.save(state, tmp_path / "vgg.pth")
-    return str(tmp_path / "vgg.pth")
+def vgg(vgg_weights_file) -> str:
+    """A random VGG19 up to conv_4, saved like torchvision's (conftest's, made once per session)."""
+    return vgg_weights_file
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ONE_STEP, ROOT, TINY
+from conftest import ONE_STEP, ROOT, TINY, fill
 from diffusion_lit.callbacks import LastCheckpoint
 from diffusion_lit.callbacks.posthoc_ema import (
     PostHocEMA,
@@ -206,3 +206,39 @@ def test_lit_ddpm_ema_bad_input_is_one_line(posthoc_run, arguments, message, cap
         main(["ema", *[a.format(run=posthoc_run, bare=bare) for a in arguments]])
     error = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and error.count("\n") == 0 and message in error, error
+
+
+def test_a_full_disk_is_one_line_for_a_snapshot_while_training_and_for_lit_ddpm_ema(
+    tmp_path, monkeypatch, capsys, small_disk, posthoc_run
+):
+    import errno
+
+    from diffusion_lit import files
+
+    real = files.save
+
+    def full_for_snapshots(obj, path):
+        if "ema" in Path(path).parts:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(files, "save", full_for_snapshots)
+    (tmp_path / "fresh").mkdir()
+    monkeypatch.chdir(tmp_path / "fresh")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", TINY, *ONE_STEP,
+              "--trainer.max_steps", "5", "--trainer.logger", "false", "--name", "full",
+              "--trainer.callbacks+=diffusion_lit.callbacks.PostHocEMA",
+              "--trainer.callbacks.every_n_train_steps=2"])  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "could not write checkpoints/full/ema/step=0000002.pt (no space" in error
+    assert torch.load("checkpoints/full/last.ckpt", weights_only=True)["global_step"] == 2  # the run is saved there
+    monkeypatch.setattr(files, "save", real)
+
+    run = Path(shutil.copytree(posthoc_run, small_disk / "demo"))  # `lit-ddpm ema` onto a disk that is full
+    fill(small_disk, leave=4096)
+    with pytest.raises(SystemExit):
+        main(["ema", "--run", str(run), "--sigma_rel", "[0.1]"])
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"(no space left on device: {small_disk}, the filesystem of {run})" in error
+    assert not list(run.glob("*ema-*")) and not list(run.glob(".*"))
