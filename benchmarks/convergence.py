@@ -67,7 +67,13 @@ HYPER = {  # the training hyper-parameters a variant may change, and their flags
     "augment_dim": "--model.unet.init_args.augment_dim",
     "dropout": "--model.unet.init_args.dropout",
     "clip": "--trainer.gradient_clip_val",
+    "decay": "--model.lr_decay",
+    "decay_from": "--model.decay_from",
+    "sigma_rel": "--model.ema_sigma_rel",
 }
+# A recipe relative to the run's length (plan.py): 5% warm-up, constant, linear cool-down over the last 20%;
+# the EMA as a share of the run so far (EDM2's sigma_rel); Adam 1e-3, the demo's batch and dropout.
+PLANNED = {"lr": "1e-3", "warmup": "0.05", "decay": "wsd", "decay_from": "0.8", "sigma_rel": "0.1"}
 # configs/folder.yaml's (and cifar10.yaml's) training hyper-parameters before this sweep, on the demo's UNet
 FOLDER_BEFORE = {"lr": "2e-4", "warmup": "5000", "batch": "64", "ema": "0.9999", "dropout": "0.1", "clip": "1.0"}
 
@@ -94,6 +100,11 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
     "v, warm-up 320 (6% of the run, as folder.yaml's)": _variant("v", warmup="320"),  # 5,000 of 78,200 steps
     "v, EMA 0.999": _variant("v", ema="0.999"),
     "v + augmentation": _variant("v", augment="0.12", augment_dim="6"),  # non-leaky, EDM's probability
+    "v, planned: 5% warm-up, WSD over the last 20%, EMA sigma_rel 0.1": _variant("v", **PLANNED),
+    "v, planned, EMA 0.995": _variant("v", **{**PLANNED, "sigma_rel": "null", "ema": "0.995"}),
+    "v, planned, cosine from the warm-up": _variant("v", **{**PLANNED, "decay": "cosine", "decay_from": "0"}),
+    "v, planned, WSD over the last 40%": _variant("v", **{**PLANNED, "decay_from": "0.6"}),
+    "v, planned, EMA sigma_rel 0.05": _variant("v", **{**PLANNED, "sigma_rel": "0.05"}),
 }
 SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
 
@@ -102,25 +113,36 @@ class TimedCheckpoints(Callback):
     """Save `minutes=M.ckpt` when the training time crosses each budget and `step=N.ckpt` at each of `steps`;
     stop once all are written. Appends (file, step, seconds) lines to `dirpath/log.jsonl`."""
 
-    def __init__(self, dirpath: str, budgets: list[float], steps: list[int]) -> None:
+    def __init__(self, dirpath: str, budgets: list[float], steps: list[int], at_end: bool = False) -> None:
         self.dirpath = Path(dirpath)
         self.budgets = sorted(budgets)
         self.steps = sorted(steps)
+        self.at_end = at_end  # a planned run of one budget (trainer.max_time): saved when Lightning's Timer ends it
         self.start: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, *args) -> None:
         """The clock starts with the first training step."""
         self.start = self.start or time.perf_counter()
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """A planned run: its one budget, where the time ended it."""
+        if self.at_end and not self.saved:
+            self._save(trainer, f"minutes={self.budgets[0]:g}", time.perf_counter() - self.start)
+
+    def _save(self, trainer, name: str, seconds: float) -> None:
+        trainer.save_checkpoint(self.dirpath / f"{name}.ckpt", weights_only=False)
+        with open(self.dirpath / "log.jsonl", "a") as log:
+            log.write(json.dumps({"checkpoint": name, "step": trainer.global_step, "seconds": seconds}) + "\n")
+
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         """Save the checkpoints that are due."""
+        if self.at_end:
+            return
         seconds = time.perf_counter() - self.start
         due = [f"minutes={m:g}" for m in self.budgets if 60 * m <= seconds and f"minutes={m:g}" not in self.saved]
         due += [f"step={s}" for s in self.steps if trainer.global_step >= s and f"step={s}" not in self.saved]
         for name in due:
-            trainer.save_checkpoint(self.dirpath / f"{name}.ckpt", weights_only=False)
-            with open(self.dirpath / "log.jsonl", "a") as log:
-                log.write(json.dumps({"checkpoint": name, "step": trainer.global_step, "seconds": seconds}) + "\n")
+            self._save(trainer, name, seconds)
         if len(self.saved) == len(self.budgets) + len(self.steps):
             trainer.should_stop = True
 
@@ -133,19 +155,22 @@ class TimedCheckpoints(Callback):
 
 def train(
     folder: Path, variant: list[str], seed: int, budgets: list[float], steps: list[int], data: list[str], threads: int,
-    command: str = "fit",
+    command: str = "fit", planned: bool = False,
 ) -> list[dict]:  # fmt: skip
     """One run of the demo recipe (`lit-ddpm COMMAND`: fit, or distill with --teacher among the flags) with
-    `variant`'s flags on `threads` CPU threads; returns its checkpoint log."""
+    `variant`'s flags on `threads` CPU threads; returns its checkpoint log. `planned`: a run of its one budget
+    (trainer.max_time), so that a schedule planned over the run ends with it."""
     folder.mkdir(parents=True, exist_ok=True)
-    callback = {"class_path": "benchmarks.convergence.TimedCheckpoints",
-                "init_args": {"dirpath": str(folder), "budgets": budgets, "steps": steps}}  # fmt: skip
+    timed = {"dirpath": str(folder), "budgets": budgets, "steps": steps, "at_end": planned}
+    callback = {"class_path": "benchmarks.convergence.TimedCheckpoints", "init_args": timed}
+    minutes, seconds = int(budgets[0]), round(60 * (budgets[0] % 1))
+    limit = ["--trainer.max_time", f"00:00:{minutes:02d}:{seconds:02d}"] if planned else []
     command = [
         sys.executable, "-m", "diffusion_lit.cli", command, "--config", str(ROOT / "configs" / "demo.yaml"), *data,
         "--seed_everything", str(seed), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
-        "--trainer.callbacks", json.dumps([callback]), *variant,
+        "--trainer.callbacks", json.dumps([callback]), *limit, *variant,
     ]  # fmt: skip
     if not (folder / "log.jsonl").exists():
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}  # benchmarks.convergence
@@ -211,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[3, 6, 12], help="minutes of training")
     parser.add_argument("--today-steps", type=int, default=TODAY_STEPS, help="also save at this step (0: no)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cpu_count / jobs threads")
+    parser.add_argument("--planned", action="store_true", help="each budget its own run (trainer.max_time), for "
+                        "recipes planned over the run's length; else one run, saved as it crosses each")  # fmt: skip
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--workdir", type=Path, default=Path("convergence_runs"))
     parser.add_argument("--json", help="also write the results to this file")
@@ -241,22 +268,23 @@ def main(argv: list[str] | None = None) -> None:
         """The samples' median distance to their nearest training image over the held-out images' own."""
         return (nearest(to_signed(samples), fit_images)[0].median() / held_out_distance).item()
 
-    runs = [(name, seed) for name in args.variants for seed in args.seeds]
+    budgets = [[budget] for budget in args.budgets] if args.planned else [args.budgets]
+    runs = [(name, seed, tuple(each)) for name in args.variants for seed in args.seeds for each in budgets]
     dataset = args.dataset + (f"-{args.train_per_photo}" if args.train_per_photo else "")
-    folders = {run: workdir / dataset / re.sub(r"[^a-z0-9]+", "-", run[0].lower()).strip("-")
-               / f"seed{run[1]}" for run in runs}  # fmt: skip
+    folders = {run: workdir / dataset / re.sub(r"[^a-z0-9]+", "-", run[0].lower()).strip("-") / f"seed{run[1]}"
+               / (f"planned-{run[2][0]:g}min" if args.planned else "") for run in runs}  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
-    def run(key: tuple[str, int]) -> list[dict]:
-        steps = [args.today_steps] if key[0] == TODAY and args.today_steps else []
-        return train(folders[key], VARIANTS[key[0]], key[1], args.budgets, steps, flags, threads)
+    def run(key: tuple[str, int, tuple]) -> list[dict]:
+        steps = [args.today_steps] if key[0] == TODAY and args.today_steps and not args.planned else []
+        return train(folders[key], VARIANTS[key[0]], key[1], list(key[2]), steps, flags, threads, planned=args.planned)
 
     with ThreadPoolExecutor(args.jobs) as pool:  # the runs, `jobs` at a time; then scoring, one at a time
         logs = dict(zip(runs, pool.map(run, runs), strict=True))
     rows, last_samples = [], {}
-    for (name, seed), log in logs.items():
+    for (name, seed, each), log in logs.items():
         for entry in log:
-            module = load_checkpoint(str(folders[name, seed] / f"{entry['checkpoint']}.ckpt"))
+            module = load_checkpoint(str(folders[name, seed, each] / f"{entry['checkpoint']}.ckpt"))
             row = {"variant": name, "seed": seed, **entry}
             for label, settings in SAMPLERS.items():
                 images, _ = generate_all(module, args.num_samples, settings=settings, batch_size=args.num_samples)

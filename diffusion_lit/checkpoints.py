@@ -200,6 +200,12 @@ def upgrade_checkpoint(path: str, drop: Iterable[str] = ()) -> list[str]:
     return dropped
 
 
+def component_config(component: object, init_args: dict) -> dict:
+    """A component as a config names it: {"class_path", "init_args"}."""
+    kind = type(component)
+    return {"class_path": f"{kind.__module__}.{kind.__qualname__}", "init_args": init_args}
+
+
 def check_weights_fit(expected: dict[str, Tensor], loaded: dict[str, Tensor]) -> None:
     """One clear line when a checkpoint's weights are of another model configuration, or incomplete."""
     for name, value in loaded.items():

@@ -62,6 +62,15 @@ def any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
+def agree_min(value: float) -> float:
+    """The smallest of every process's `value` (an all-reduce on the host group; every process must call it)."""
+    if world()[1] == 1:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=host_group())
+    return float(tensor.item())
+
+
 class StopVote:
     """Whether any process was asked to stop, agreed on by all of them at the same step, without a device sync.
 

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from diffusion_lit.callbacks.ema import EMA
-from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit, upgraded
+from diffusion_lit.checkpoints import check_checkpoint, check_finite, check_weights_fit, component_config, upgraded
 from diffusion_lit.diffusion.augment import augment, check_augment
 from diffusion_lit.diffusion.consistency import ConsistencyLoss
 from diffusion_lit.diffusion.guidance import drop_labels, guided
@@ -20,8 +20,9 @@ from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.diffusion.schedule import NoiseSchedule, Prediction, ScheduleName
 from diffusion_lit.errors import UserError, check_range
 from diffusion_lit.nn import UNet
-from diffusion_lit.optim import DEFAULT_OPTIMIZER, build, clip_gradients, optimizer_config, with_warmup
+from diffusion_lit.optim import DEFAULT_OPTIMIZER, build, clip_gradients, optimizer_config, scheduled
 from diffusion_lit.pixels import to_unit
+from diffusion_lit.plan import Decay, RunPlan
 from diffusion_lit.runs import run_seed
 
 # The module seeds each training batch in on_before_batch_transfer on purpose (that hook runs before the
@@ -46,8 +47,11 @@ class DiffusionModule(LightningModule):
         schedule: beta schedule, "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020).
         timesteps: number of diffusion steps T.
         prediction: what the network predicts: "eps" (noise), "v" or "x0".
-        warmup_steps: linear learning-rate warm-up over this many optimizer steps (0: none).
+        warmup_steps, lr_decay, decay_from: the learning rate over the run's planned length (`plan.RunPlan`):
+            a linear warm-up over this many steps, or below 1 this share of the run; then "constant", "cosine",
+            "wsd" or "inv_sqrt" from `decay_from` of the run to its end (`plan.lr_factor`).
         ema_decay: decay of the EMA of the weights used for sampling, validation and test; None: no EMA.
+        ema_sigma_rel: instead, EDM2's power-function EMA of this width relative to the run so far (0.05-0.2).
         label_dropout: for a class-conditional UNet (`num_classes` set), the share of training labels
             replaced by "no class", so that one model also learns the unconditional distribution that
             classifier-free guidance needs (Ho & Salimans 2022, algorithm 1).
@@ -68,8 +72,11 @@ class DiffusionModule(LightningModule):
         schedule: ScheduleName = "cosine",
         timesteps: int = 1000,
         prediction: Prediction = "eps",
-        warmup_steps: int = 0,
+        warmup_steps: int | float = 0,
+        lr_decay: Decay = "constant",
+        decay_from: float = 0.8,
         ema_decay: float | None = 0.9999,
+        ema_sigma_rel: float | None = None,
         label_dropout: float = 0.1,
         augment: float = 0.0,
         compile: bool = False,
@@ -77,7 +84,6 @@ class DiffusionModule(LightningModule):
     ) -> None:
         super().__init__()
         check_range("DiffusionModule", 1, timesteps=timesteps)
-        check_range("DiffusionModule", 0, warmup_steps=warmup_steps)
         check_range("DiffusionModule", 0, 1, label_dropout=label_dropout, ema_decay=ema_decay)
         self.save_hyperparameters(ignore=["unet", "loss"])
         # Checkpoints keep the components as their configs, not as pickled objects, and name Lightning's
@@ -95,6 +101,7 @@ class DiffusionModule(LightningModule):
         self.unet = unet.to(memory_format=torch.channels_last) if channels_last else unet
         self.schedule = NoiseSchedule(schedule, timesteps, prediction)
         self.image_shape = tuple(image_shape)
+        self.plan = RunPlan(warmup_steps, lr_decay, decay_from)  # the learning rate over the run's planned length
 
     @property
     def consistency_model(self) -> int:
@@ -218,7 +225,7 @@ class DiffusionModule(LightningModule):
 
     def configure_optimizers(self) -> dict:
         """The optimizer, with an optional linear learning-rate warm-up stepped every optimizer step."""
-        return with_warmup(build(self.make_optimizer, self.parameters()), self.hparams.warmup_steps)
+        return scheduled(build(self.make_optimizer, self.parameters()), self.plan.factor)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """trainer.gradient_clip_val / _algorithm, also for fused Adam under mixed precision (optim.clip_gradients)."""
@@ -243,11 +250,6 @@ class DiffusionModule(LightningModule):
         check_finite(checkpoint["state_dict"])
 
     def configure_callbacks(self) -> list[Callback]:
-        """The EMA callback (it averages only while fitting: checkpoints hold the EMA weights)."""
-        return [] if self.hparams.ema_decay is None else [EMA(self.hparams.ema_decay)]
-
-
-def component_config(component: object, init_args: dict) -> dict:
-    """A component as a config names it: {"class_path", "init_args"}."""
-    kind = type(component)
-    return {"class_path": f"{kind.__module__}.{kind.__qualname__}", "init_args": init_args}
+        """The run's plan, and the EMA (it averages only while fitting: checkpoints hold the EMA weights)."""
+        decay, sigma_rel = self.hparams.ema_decay, self.hparams.get("ema_sigma_rel")
+        return [self.plan, *([] if decay is None and sigma_rel is None else [EMA(decay or 0.0, sigma_rel)])]

@@ -36,11 +36,10 @@ def build(make_optimizer: Callable, parameters: Iterable[nn.Parameter]) -> torch
         raise UserError(f"the optimizer (model.optimizer in a config) refused its settings: {error}") from None
 
 
-def with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
-    """Lightning's configure_optimizers answer: the optimizer, and a linear warm-up of its rate over
-    `warmup_steps` optimizer steps (0: none), stepped every step."""
-    warmup = max(warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+def scheduled(optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> dict:
+    """Lightning's configure_optimizers answer: the optimizer, and its rate times `factor(step)` (the run's plan,
+    `plan.RunPlan.factor`), stepped every optimizer step."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -37,8 +37,10 @@ def test_unknown_config_key(capsys):
 
 
 def test_wrong_type(capsys):
-    error = one_line_error(capsys, "fit", *DEMO, "--model.warmup_steps", "fast")
-    assert "Parser key \"model.warmup_steps\": Expected a <class 'int'>. Got value: fast" in error
+    error = one_line_error(capsys, "fit", *DEMO, "--model.timesteps", "fast")
+    assert "Parser key \"model.timesteps\": Expected a <class 'int'>. Got value: fast" in error
+    error = one_line_error(capsys, "fit", *DEMO, "--model.warmup_steps", "fast")  # steps, or a share of the run
+    assert "--model.warmup_steps: expected int or float, got 'fast'" in error
 
 
 def test_unknown_sampler_for_evaluation(capsys):

