@@ -111,10 +111,9 @@ class RunPlan(Callback):
         pace = (time.monotonic() - self._started[0]) / done
         left = self.timer.time_remaining("train") or 0.0
         estimate = min(trainer.global_step + int(left / pace), trainer.estimated_stepping_batches)
-        first = self.total is None
         self.total = int(agree_min(estimate))
         self._fix_warmup(trainer.global_step, final=False)
-        if first:
+        if done == self.every:  # the first estimate of a steadier pace than the first step's
             self._say(trainer, None)
 
     def _fix_warmup(self, step: int, final: bool) -> None:

@@ -128,8 +128,11 @@ class RunLock:
         left = _read_note(fd)
         note = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": " ".join(sys.argv)}  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(note).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(note).encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, only without its note of who holds it
+            pass
         self.fd = fd
         return left
 
