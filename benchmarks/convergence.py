@@ -163,8 +163,9 @@ def train(
     folder.mkdir(parents=True, exist_ok=True)
     timed = {"dirpath": str(folder), "budgets": budgets, "steps": steps, "at_end": planned}
     callback = {"class_path": "benchmarks.convergence.TimedCheckpoints", "init_args": timed}
-    minutes, seconds = int(budgets[0]), round(60 * (budgets[0] % 1))
-    limit = ["--trainer.max_time", f"00:00:{minutes:02d}:{seconds:02d}"] if planned else []
+    limit = []
+    if planned:  # its one budget, as Lightning's DD:HH:MM:SS
+        limit = ["--trainer.max_time", f"00:00:{int(budgets[0]):02d}:{round(60 * (budgets[0] % 1)):02d}"]
     command = [
         sys.executable, "-m", "diffusion_lit.cli", command, "--config", str(ROOT / "configs" / "demo.yaml"), *data,
         "--seed_everything", str(seed), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
