@@ -53,22 +53,14 @@ def gather_rows(rows: Tensor, counts: list[int], everywhere: bool = False) -> Te
     return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
 
 
-def any_process(flag: bool) -> bool:
-    """Whether `flag` is true on any process (an all-reduce on the host group; every process must call it)."""
-    if world()[1] == 1:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
-    return bool(value.item())
-
-
-def agree_min(value: float) -> float:
-    """The smallest of every process's `value` (an all-reduce on the host group; every process must call it)."""
+def agree(value: float, op: dist.ReduceOp = dist.ReduceOp.MAX) -> float:
+    """`op` (MAX, MIN) of every process's `value`: an all-reduce on the host group, which every process must
+    call. `agree(flag)`: whether `flag` is true on any process."""
     if world()[1] == 1:
         return value
     tensor = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=host_group())
-    return float(tensor.item())
+    dist.all_reduce(tensor, op=op, group=host_group())
+    return tensor.item()
 
 
 class StopVote:

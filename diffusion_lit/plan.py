@@ -3,7 +3,7 @@ schedule drawn over it, so that one recipe (warm-up, cool-down, EMA width) serve
 
 The length comes from the trainer: `max_steps`, or `max_epochs` times the steps of an epoch (Lightning's
 `estimated_stepping_batches`), or, with `max_time`, the steps the measured pace fits into the time left,
-re-estimated at every step, so that the schedule ends when the time does.
+re-estimated every 20 steps, so that the schedule ends when the time does.
 """
 
 import math
@@ -12,10 +12,11 @@ import time
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import Timer
 
-from diffusion_lit.distributed import agree_min
+from diffusion_lit.distributed import agree
 from diffusion_lit.errors import UserError, check_range
 
 Decay = Literal["constant", "cosine", "wsd", "inv_sqrt"]
@@ -111,7 +112,7 @@ class RunPlan(Callback):
         pace = (time.monotonic() - self._started[0]) / done
         left = self.timer.time_remaining("train") or 0.0
         estimate = min(trainer.global_step + int(left / pace), trainer.estimated_stepping_batches)
-        self.total = int(agree_min(estimate))
+        self.total = int(agree(estimate, dist.ReduceOp.MIN))
         self._fix_warmup(trainer.global_step, final=False)
         if done == self.every:  # the first estimate of a steadier pace than the first step's
             self._say(trainer, None)

@@ -21,7 +21,7 @@ from diffusion_lit.callbacks.bits_per_dim import held_out_bits_per_dim
 from diffusion_lit.callbacks.reports import append_fit_scores, write_bits_per_dim, write_test_scores
 from diffusion_lit.checkpoints import check_finite
 from diffusion_lit.diffusion.sampling import Sampling
-from diffusion_lit.distributed import any_process, gather_rows
+from diffusion_lit.distributed import agree, gather_rows
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import BATCH_SIZE, Stopped, generate, run_precision, share_sizes, stop_on_request
 from diffusion_lit.metrics import QualityMetrics, ReferenceData, load_inception, load_reference
@@ -178,7 +178,7 @@ class SampleQuality(Callback):
             stopped = False
         except Stopped:  # the run is stopping: it saves at its next step (every process agrees on skipping)
             stopped = True
-        if any_process(stopped):
+        if agree(stopped):
             return
         scores = self.metrics.compute(self.seed)
         mimg = images_seen(trainer) / 1e6

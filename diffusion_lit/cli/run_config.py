@@ -39,8 +39,8 @@ class SaveRunConfig(SaveConfigCallback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Without a logger: beside the checkpoints, once the run has taken its folder (a refused run writes
         nothing; a dry run takes no folder)."""
-        taken = [str(c.dirpath) for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.writes]
         if not trainer.loggers:
+            taken = [str(c.dirpath) for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.writes]
             self._write(trainer, taken[:1])
 
     def _write(self, trainer: Trainer, folders: list[str]) -> None:
