@@ -77,9 +77,13 @@ def test_without_a_classifier_fid_is_the_same_and_the_inception_score_none():
 
 
 def test_test_without_a_classifier_writes_fid_and_one_line_for_the_inception_score(
-    demo_checkpoint, tmp_path, capsys, monkeypatch
+    demo_checkpoint, tmp_path, capsys, caplog, monkeypatch
 ):  # fmt: skip
+    import logging
+
     from diffusion_lit.cli import main
+
+    caplog.set_level(logging.INFO)
 
     monkeypatch.setattr("diffusion_lit.callbacks.quality.load_inception", lambda *args, **kwargs: NoClassifier())
     main(["test", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", TINY, "--ckpt_path",
@@ -90,6 +94,7 @@ def test_test_without_a_classifier_writes_fid_and_one_line_for_the_inception_sco
     assert line.startswith("lit-ddpm: FID only, no Inception Score: the offline Inception weights (fid_helper_pyto")
     assert "for IS, download https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-" in line
     assert "not computed: the Inception weights have no classifier" in output.out
+    assert "FID: sampling 6 images" in caplog.text and "FID/IS" not in caplog.text
     [report] = demo_checkpoint.parent.glob("last-fid-*.json")
     scores = json.loads(report.read_text())
     assert scores["fid"] > 0 and scores["is"] is None and scores["is_std"] is None

@@ -228,7 +228,8 @@ class SampleQuality(Callback):
         if not self.fid:
             return
         rank_zero_info(
-            f"FID/IS: sampling {self.num_samples} images ({self.sampling.name}) on {trainer.world_size} process(es)"
+            f"{'FID' if self.metrics.inception_score is None else 'FID/IS'}: sampling {self.num_samples} images "
+            f"({self.sampling.name}) on {trainer.world_size} process(es)"
         )
         keep = self.save_samples != "none"
         images = self._evaluate(trainer, pl_module, self.num_samples, keep)
