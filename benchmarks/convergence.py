@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     flags, fid, (train_set, held_out), fit_images = quality_measure(args.dataset, workdir, args.num_samples,
                                                                 args.train_per_photo)  # fmt: skip
     held_out_distance = nearest(held_out[0], fit_images)[0].median()
-    inception = BothFID(fid, train_set[0], held_out[0]).inception  # (and the floors printed)
+    both = BothFID(fid, train_set[0], held_out[0])  # the classifier FID runs with each sampler, Inception's with one
 
     def nearest_ratio(samples: torch.Tensor) -> float:
         """The samples' median distance to their nearest training image over the held-out images' own."""
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                 images, _ = generate_all(module, args.num_samples, settings=settings, batch_size=args.num_samples)
                 row[f"fid_{label}"] = fid(images)
                 if label == "default":
-                    row["inception_fid_default"] = inception(images)
+                    row["inception_fid_default"] = both.inception(images)
                     row["nearest_ratio"] = nearest_ratio(images)
                     if seed == args.seeds[0]:
                         last_samples[name] = images  # the last checkpoint's, in the end
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             print(row, flush=True)
 
     report = {"settings": {**vars(args), "workdir": str(args.workdir), "default_sampler": "auto"},
-              "floor": fid.floor, "inception_floor": inception.floor, "rows": rows}  # fmt: skip
+              **both.report_floors(), "rows": rows}  # fmt: skip
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

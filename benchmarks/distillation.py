@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
     data, classifier, (train_set, held_out), _ = quality_measure(args.dataset, workdir, args.num_samples)
     fid = BothFID(classifier, train_set[0], held_out[0])
-    floors = fid.floors
 
     log = train(workdir / "teacher", [], 0, [], args.teacher_steps, data, threads)
     rows = []
@@ -114,10 +113,9 @@ def main(argv: list[str] | None = None) -> None:
                 for row in score(checkpoint, None, fid, args.num_samples, tuple(args.gammas)):
                     rows.append({"model": f"student ({target}) of {entry['step']}, {fraction:.0%} of its time",
                                  "seed": seed, "target": target, "steps": student["step"], **row})  # fmt: skip
-        print_table(rows, floors, args.num_samples)
+        print_table(rows, fid.floors, args.num_samples)
     if args.json:
-        report = {"settings": vars(args), "floor": floors["classifier_fid"], "inception_floor": floors["inception_fid"],
-                  "rows": rows}  # fmt: skip
+        report = {"settings": vars(args), **fid.report_floors(), "rows": rows}
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.picture:
         save_picture(workdir, log, args, args.picture)

@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         for key, floor in fid.floors.items():
             print_table(rows, EMA_DECAY, key, floor)
     if args.json:
-        report = {"settings": vars(args), "floor": fid.floors["classifier_fid"],
-                  "inception_floor": fid.floors["inception_fid"], "rows": rows}  # fmt: skip
+        report = {"settings": vars(args), **fid.report_floors(), "rows": rows}
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 

@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> None:
 
     train, held_out = demo_digits()
     quality = BothFID(ClassifierFID(train, held_out, args.num_samples), train[0], held_out[0])
-    floors = quality.floors
 
     results, seconds_per_nfe = [], None
     for label, path in models.items():
@@ -82,14 +81,13 @@ def main(argv: list[str] | None = None) -> None:
                                 "seconds": elapsed})  # fmt: skip
                 print(results[-1], flush=True)
 
-    for key in floors:
-        print_table(results, list(models), args.seeds, key, floors[key], args.num_samples)
+    for key, floor in quality.floors.items():
+        print_table(results, list(models), args.seeds, key, floor, args.num_samples)
     print(f"\nwall time: {1000 * seconds_per_nfe:.2f} ms per image and NFE (batch {args.num_samples}, this machine)")
     if args.json:
         report = {
             "settings": vars(args),
-            "floor": floors["classifier_fid"],
-            "inception_floor": floors["inception_fid"],
+            **quality.report_floors(),
             "ms_per_image_nfe": 1000 * seconds_per_nfe,
             "rows": results,
         }
