@@ -14,13 +14,13 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 
 from diffusion_lit import files
 from diffusion_lit.errors import UserError
 from diffusion_lit.pixels import to_rgb, to_uint8, to_unit
-from diffusion_lit.signals import shield_worker
+from diffusion_lit.signals import ShieldedLoader, shield_worker
 
 REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
@@ -186,7 +186,7 @@ def load_reference(
 
     def real_batches() -> Iterable[Tensor]:  # opened only when the cache misses
         workers = {"num_workers": data.num_workers, "worker_init_fn": shield_worker if data.num_workers else None}
-        loader = DataLoader(data.reference_set(split), batch_size=batch_size, **workers)
+        loader = ShieldedLoader(data.reference_set(split), batch_size=batch_size, **workers)
         for images, *_ in loader:
             yield to_uint8(to_unit(images.to(device)))
 

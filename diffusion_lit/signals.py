@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 
+from torch.utils.data import DataLoader
+
 
 def shield_worker(worker_id: int) -> None:
     """`worker_init_fn` of every loader: a data-loading worker leaves the signals that stop a run to its main
@@ -30,6 +32,30 @@ def _obey_the_loader_only(loader_pid: int) -> None:
     while True:
         if signal.sigwaitinfo({signal.SIGTERM}).si_pid == loader_pid:
             os._exit(0)  # as torch's own handler does for its loader's SIGTERM
+
+
+class WorkersBornShielded:
+    """A DataLoader mixin: its workers are forked with SIGTERM blocked, for `shield_worker` to take over.
+
+    Torch sets a worker's own SIGTERM handler before it runs `worker_init_fn`; a group's SIGTERM in between
+    (a scheduler stopping the run just as a loader starts its workers) ended the worker, and the run failed.
+    A forked process inherits the forking thread's signal mask, so the main process blocks SIGTERM while it
+    starts the workers (a SIGTERM meant for it waits those milliseconds) and the worker's shield thread takes
+    one that came early. Only where `shield_worker` has `sigwaitinfo`: elsewhere a blocked SIGTERM would
+    never be taken."""
+
+    def _get_iterator(self):
+        if not self.num_workers or self.worker_init_fn is not shield_worker or not hasattr(signal, "sigwaitinfo"):
+            return super()._get_iterator()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+class ShieldedLoader(WorkersBornShielded, DataLoader):
+    """torch's DataLoader whose workers are born shielded (`WorkersBornShielded`)."""
 
 
 class Interrupted(SystemExit):

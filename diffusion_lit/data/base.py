@@ -14,7 +14,7 @@ from torchvision import transforms
 
 from diffusion_lit.errors import UserError, check_range
 from diffusion_lit.runs import run_seed
-from diffusion_lit.signals import shield_worker
+from diffusion_lit.signals import ShieldedLoader, WorkersBornShielded, shield_worker
 
 # torchdata 0.11 calls a torch function that newer torch marks deprecated, once per loader: not ours to fix.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -55,7 +55,7 @@ class EpochSampler(StatefulDistributedSampler):
         super().load_state_dict({"yielded": 0 if finished else state_dict["yielded"]})
 
 
-class ResumableLoader(StatefulDataLoader):
+class ResumableLoader(WorkersBornShielded, StatefulDataLoader):
     """torchdata's StatefulDataLoader, resumed through its sampler alone.
 
     Its state is saved in torchdata's layout, which differs with and without workers (and torchdata refuses a
@@ -128,7 +128,7 @@ class ImageDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Held-out batches in a fixed order."""
-        return DataLoader(self.val_set, **self._options())
+        return ShieldedLoader(self.val_set, **self._options())
 
     def test_dataloader(self) -> DataLoader:
         """The held-out batches again."""
