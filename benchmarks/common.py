@@ -212,6 +212,21 @@ def write_photo_patches(root: Path, per_photo: int = 500, seed: int = 0, side: i
     return train, held_out
 
 
+def load_folder(folder: Path) -> tuple[Tensor, Tensor]:
+    """An ImageFolder as images (N, 3, H, W) in [-1, 1] and labels (N,)."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import ToTensor
+
+    dataset = ImageFolder(str(folder), transform=ToTensor())
+    return to_signed(torch.stack([image for image, _ in dataset])), torch.tensor(dataset.targets)
+
+
+def photo_patches(workdir: Path) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The RGB patches (written once under `workdir`/photo_patches) as `demo_digits` gives the digits."""
+    train, held_out = write_photo_patches(workdir / "photo_patches")
+    return load_folder(train), load_folder(held_out)
+
+
 @contextmanager
 def synthetic_cifar(images: int) -> Iterator[Path]:
     """A temporary folder holding `images` random training images (and as many test images) in CIFAR-10's

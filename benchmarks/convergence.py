@@ -33,11 +33,9 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
-from torchvision.datasets import ImageFolder
-from torchvision.transforms import ToTensor
 from torchvision.utils import make_grid, save_image
 
-from benchmarks.common import ROOT, BothFID, ClassifierFID, demo_digits, write_photo_patches
+from benchmarks.common import ROOT, BothFID, ClassifierFID, demo_digits, load_folder, write_photo_patches
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
@@ -210,12 +208,6 @@ def first_of_each(folder: Path, subset: Path, count: int) -> Path:
 def nearest(images: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's Euclidean distance to its nearest training image, and that image's index (images [-1, 1])."""
     return torch.cdist(images.flatten(1).float(), train.flatten(1).float()).min(1)
-
-
-def load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """An ImageFolder as images (N, 3, H, W) in [-1, 1] and labels (N,)."""
-    dataset = ImageFolder(str(folder), transform=ToTensor())
-    return to_signed(torch.stack([image for image, _ in dataset])), torch.tensor(dataset.targets)
 
 
 def quality_measure(dataset: str, workdir: Path, num_samples: int, per_photo: int = 0):

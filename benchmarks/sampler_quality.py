@@ -1,14 +1,16 @@
-"""Sample quality against NFE for every sampler, on models trained on the offline MNIST digits.
+"""Sample quality against NFE for every sampler, on models trained on the offline digits or the RGB patches.
 
     lit-ddpm fit --config configs/demo.yaml           # (make demo) -> checkpoints/demo/last.ckpt
     python -m benchmarks.sampler_quality --model demo=checkpoints/demo/last.ckpt --json quality.json
+    python -m benchmarks.sampler_quality --dataset photos --model v=<a convergence run's checkpoint> ...
 
-Every row draws --num-samples digits from each checkpoint's EMA weights, through the same path as
-`lit-ddpm sample` (the same seeds give the same images), and scores them by classifier FID
-(benchmarks/common.py: a small CNN's 64-d features, not Inception) against the 500 held-out
-digits. Cost is the number of network evaluations (NFE): every sampler here costs one forward pass per
-step and next to nothing else, so NFE is wall time up to a constant (printed once, measured on the first
-row). With two or more --seeds the table shows the mean and the spread (max - min) over them.
+Every row draws --num-samples images from each checkpoint's EMA weights, through the same path as
+`lit-ddpm sample` (the same seeds give the same images), and scores them in Inception FID and classifier
+FID (benchmarks/common.py: a small CNN's 64-d features) against the held-out images: the 500 held-out
+digits, or the held-out photo patches (written under --workdir, as benchmarks.convergence writes them).
+Cost is the number of network evaluations (NFE): every sampler here costs one forward pass per step and
+next to nothing else, so NFE is wall time up to a constant (printed once, measured on the first row).
+With two or more --seeds the table shows the mean and the spread (max - min) over them.
 """
 
 import argparse
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from benchmarks.common import BothFID, ClassifierFID, autocast, demo_digits
+from benchmarks.common import BothFID, ClassifierFID, autocast, demo_digits, photo_patches
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
@@ -27,14 +29,17 @@ from diffusion_lit.loading import load_checkpoint
 SAMPLERS = ["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]
 ROWS = [Sampling(name, nfe) for name in SAMPLERS for nfe in (10, 20, 50)] + [Sampling("ddpm", 1000)]
 ROWS += [Sampling(name, 20, threshold="dynamic") for name in SAMPLERS]
+# The settings `sampler: auto` is chosen from (`--rows auto`): every solver at 50 NFE or fewer.
+AUTO_ROWS = "unipc:10,unipc:20,unipc:50,dpmpp:10,dpmpp:20,dpmpp:50,dpmpp_sde:20,dpmpp_sde:50,ddpm:20,ddpm:50,ddim:50"
 PICTURE_ROWS = [Sampling("ddim", 20), Sampling("dpmpp", 20), Sampling("unipc", 20), Sampling("dpmpp_sde", 20),
                 Sampling("dpmpp_sde", 50), Sampling("ddpm", 50), Sampling("ddpm", 1000)]  # fmt: skip
 
 
 def parse_rows(text: str | None) -> list[Sampling]:
-    """ "dpmpp_sde:20,ddpm:1000,unipc:10:dynamic" -> Sampling rows; None: every row."""
+    """ "dpmpp_sde:20,ddpm:1000,unipc:10:dynamic" -> Sampling rows; "auto": AUTO_ROWS; None: every row."""
     if not text:
         return ROWS
+    text = AUTO_ROWS if text == "auto" else text
     rows = []
     for item in text.split(","):
         name, nfe, *threshold = item.split(":")
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     """Sample every row from every model, score it, print a markdown table; optionally JSON and a picture."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="LABEL=CHECKPOINT, once per model")
+    parser.add_argument("--dataset", choices=["digits", "photos"], default="digits")
+    parser.add_argument("--workdir", type=Path, default=Path("convergence_runs"), help="photos: where the patches are")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", help='only these rows, e.g. "dpmpp_sde:20,ddpm:1000,unipc:10:dynamic"')
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in args.model)
 
-    train, held_out = demo_digits()
+    train, held_out = demo_digits() if args.dataset == "digits" else photo_patches(args.workdir)
     quality = BothFID(ClassifierFID(train, held_out, args.num_samples), train[0], held_out[0])
 
     results, seconds_per_nfe = [], None
@@ -76,17 +83,19 @@ def main(argv: list[str] | None = None) -> None:
                 elapsed = time.perf_counter() - start
                 seconds_per_nfe = seconds_per_nfe or elapsed / settings.steps / args.num_samples
                 name = settings.name if len(args.precision) == 1 else f"{settings.name} {precision}"
-                results.append({"model": label, "checkpoint": path, "sampling": name, "nfe": settings.steps,
-                                "precision": precision, "seed": seed, **quality(samples),
-                                "seconds": elapsed})  # fmt: skip
+                results.append({"model": label, "checkpoint": path, "dataset": args.dataset,
+                                "prediction": module.hparams.prediction, "sampling": name,
+                                "sampler": settings.sampler, "nfe": settings.steps, "precision": precision,
+                                "seed": seed, **quality(samples), "seconds": elapsed})  # fmt: skip
                 print(results[-1], flush=True)
 
     for key, floor in quality.floors.items():
         print_table(results, list(models), args.seeds, key, floor, args.num_samples)
     print(f"\nwall time: {1000 * seconds_per_nfe:.2f} ms per image and NFE (batch {args.num_samples}, this machine)")
+    print(f"the auto rule of these rows, in Inception FID: {choose_auto(results)}")
     if args.json:
         report = {
-            "settings": vars(args),
+            "settings": {**vars(args), "workdir": str(args.workdir)},
             **quality.report_floors(),
             "ms_per_image_nfe": 1000 * seconds_per_nfe,
             "rows": results,
@@ -94,6 +103,27 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.picture:
         save_picture(models, args.picture)
+
+
+def choose_auto(rows: list[dict], key: str = "inception_fid", max_nfe: int = 50, tolerance: float = 0.1) -> dict:
+    """The `sampler: auto` rule a table implies: for each prediction target, the cheapest setting (fewest NFE,
+    then the smallest worst ratio) whose `key` is within `tolerance` of the best setting at `max_nfe` or fewer
+    in every cell of that target (a cell: one data set, model and seed), as (sampler, NFE), or None where no
+    setting is. Only plain rows count (fp32, clipped x0: the auto sampler's other settings)."""
+    cells: dict[tuple, dict[tuple[str, int], float]] = {}
+    for row in rows:
+        plain = row["sampling"] == f"{row['sampler']}{row['nfe']}" and row.get("precision", "fp32") == "fp32"
+        if plain and row["nfe"] <= max_nfe:
+            cell = (row["prediction"], row["dataset"], row["model"], row["seed"])
+            cells.setdefault(cell, {})[row["sampler"], row["nfe"]] = row[key]
+    rule = {}
+    for prediction in sorted({cell[0] for cell in cells}):
+        tables = [scores for cell, scores in cells.items() if cell[0] == prediction]
+        common = set.intersection(*(set(scores) for scores in tables))
+        worst = {s: max(scores[s] / min(scores.values()) for scores in tables) for s in common}
+        fits = [s for s in common if worst[s] <= 1 + tolerance]
+        rule[prediction] = min(fits, key=lambda s: (s[1], worst[s])) if fits else None
+    return rule
 
 
 def print_table(
@@ -112,7 +142,7 @@ def print_table(
             spread = f" ± {(max(fids) - min(fids)) / 2:.1f}" if len(fids) > 1 else ""
             cells.append(f"{sum(fids) / len(fids):.1f}{spread}" if fids else "")
         print(f"| {name} | {nfe} | {' | '.join(cells)} |")
-    print(f"| real training digits (the floor at {num_samples}) | | {floor:.1f} |" + " |" * (len(models) - 1))
+    print(f"| real training images (the floor at {num_samples}) | | {floor:.1f} |" + " |" * (len(models) - 1))
     print(f"(seeds {seeds})")
 
 

@@ -171,6 +171,54 @@ def test_sampler_quality_runs_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow  # a benchmark end to end
+def test_sampler_quality_scores_a_model_of_the_rgb_patches_against_their_held_out_set(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("skimage")
+    from benchmarks import sampler_quality
+    from benchmarks.common import write_photo_patches
+    from diffusion_lit.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    train, _ = write_photo_patches(tmp_path / "work" / "photo_patches")
+    folder = ["--data.class_path", "diffusion_lit.data.ImageFolderDataModule", "--data.init_args.root", str(train),
+              "--data.init_args.channels", "3", "--data.init_args.num_workers", "0"]  # fmt: skip
+    cli(["fit", "--config", f"{ROOT}/configs/demo.yaml", "--config", f"{ROOT}/tests/tiny.yaml", *ONE_STEP, *folder,
+         "--trainer.logger", "false"])  # fmt: skip
+    checkpoint = next((tmp_path / "checkpoints").rglob("*.ckpt"))
+    argv = ["--dataset", "photos", "--workdir", str(tmp_path / "work"), "--model", f"rgb={checkpoint}",
+            "--num-samples", "4", "--rows", "unipc:2", "--json", str(tmp_path / "q.json")]  # fmt: skip
+    sampler_quality.main(argv)
+    # (scored against the digits, the RGB samples would not even fit the digits' 1-channel classifier)
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert [row["sampling"] for row in report["rows"]] == ["unipc2"] and report["settings"]["dataset"] == "photos"
+    assert all(row["inception_fid"] > 0 and row["classifier_fid"] > 0 for row in report["rows"])
+    assert "real training images (the floor at 4)" in capsys.readouterr().out
+
+
+def test_the_auto_rule_is_the_cheapest_setting_within_ten_percent_of_the_best_in_every_cell():
+    from benchmarks.sampler_quality import choose_auto
+
+    def rows(model: str, prediction: str, scores: dict[str, float], dataset: str = "digits") -> list[dict]:
+        split = [(name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")) :])) for name in scores]
+        return [{"dataset": dataset, "model": model, "prediction": prediction, "seed": 0, "sampling": name,
+                 "sampler": sampler, "nfe": nfe, "inception_fid": score}
+                for (name, score), (sampler, nfe) in zip(scores.items(), split, strict=True)]  # fmt: skip
+
+    young = rows("v young", "v", {"unipc20": 10.5, "dpmpp20": 10.9, "ddpm50": 10.0, "ddpm1000": 5.0})
+    # ddpm1000 is past the 50-NFE limit; unipc20 within 10% here (1.05x), dpmpp20 too (1.09x)
+    assert choose_auto(young) == {"v": ("unipc", 20)}
+    patches = rows("v old", "v", {"unipc20": 12.0, "dpmpp20": 10.5, "ddpm50": 10.0}, dataset="photos")
+    assert choose_auto(young + patches) == {"v": ("dpmpp", 20)}  # unipc20 is 1.2x on the patches
+    worse = rows("v worse", "v", {"unipc20": 13.0, "dpmpp20": 12.0, "ddpm50": 10.0})
+    assert choose_auto(young + patches + worse) == {"v": ("ddpm", 50)}
+    eps = rows("eps", "eps", {"unipc20": 20.0, "ddpm50": 10.0})
+    assert choose_auto(young + eps) == {"eps": ("ddpm", 50), "v": ("unipc", 20)}
+    first = rows("v a", "v", {"unipc20": 1.0, "dpmpp20": 2.0, "ddpm50": 2.0})
+    assert choose_auto(first + rows("v b", "v", {"unipc20": 2.0, "dpmpp20": 2.0, "ddpm50": 1.0})) == {"v": None}
+    dynamic = [{**row, "sampling": "dpmpp20-dynamic", "inception_fid": 1.0} for row in young[1:2]]
+    assert choose_auto(young + dynamic) == {"v": ("unipc", 20)}  # a thresholded row is not a candidate
+
+
+@pytest.mark.slow  # a benchmark end to end
 def test_loss_terms_times_every_combination(capsys):
     from benchmarks import loss_terms
 
