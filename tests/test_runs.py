@@ -281,8 +281,9 @@ def test_ctrl_c_at_any_moment_of_a_starting_command_is_one_line_and_exit_130():
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         err = process.communicate(timeout=120)[1]
-        assert process.returncode == 130, (delay, err)
-        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lit-ddpm:"), (delay, err)
+        one_line = "Traceback" not in err and err.strip().splitlines()[-1].startswith("lit-ddpm:")
+        if process.returncode != 130 or not one_line:  # the whole stderr: where the signal landed is in it
+            pytest.fail(f"Ctrl-C after {delay} s: exit {process.returncode}, stderr:\n{err}", pytrace=False)
 
 
 def test_a_sigterm_while_a_grid_is_drawn_stops_it_within_one_network_evaluation(monkeypatch):
