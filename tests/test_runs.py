@@ -237,11 +237,11 @@ def test_a_groups_sigterm_while_the_workers_start_is_left_to_the_main_process(mo
     # SIGTERM to the group then (a validation loader starting) failed the run with "DataLoader worker ... is
     # killed by signal" (CI's soak test, once). Here the workers pause in that window while a `kill` process
     # signals them: they must be born with SIGTERM blocked, leave it to their shield and serve every batch.
-    monkeypatch.setattr("torch.multiprocessing._set_thread_name", lambda name: time.sleep(1.5))
+    monkeypatch.setattr("torch.multiprocessing._set_thread_name", lambda name: time.sleep(0.8))
     loader = ShieldedLoader(Pids(), batch_size=2, num_workers=2, worker_init_fn=shield_worker)
     batches = iter(loader)
     workers = [process.pid for process in batches._workers]
-    time.sleep(0.5)  # forked, paused before their shield
+    time.sleep(0.3)  # forked, paused before their shield
     subprocess.run(["kill", "-TERM", *map(str, workers)], check=True)
     assert {int(pid) for batch in batches for pid in batch} == set(workers)
 
