@@ -138,7 +138,7 @@ def test_bad_sampler_settings_are_refused():
         reverse_process(model, schedule, (1, 1), Sampling("consistency", steps=2, gamma=1.5))
     with pytest.raises(UserError, match="got 0.5 for the ddim sampler"):
         reverse_process(model, schedule, (1, 1), Sampling("ddim", steps=5, gamma=0.5))
-    with pytest.raises(UserError, match="this model draws with unipc: drop gamma"):  # auto, on a diffusion model
+    with pytest.raises(UserError, match="this model draws with ddpm: drop gamma"):  # auto, on a diffusion model
         reverse_process(model, NoiseSchedule(prediction="v"), (1, 1), Sampling(gamma=0.5))
     with pytest.raises(UserError, match="unknown timestep spacing"):
         timestep_spacing(10, 5, "cubic")
@@ -185,9 +185,9 @@ def test_sampling_settings_name_their_files():
 
 def test_auto_sampling_follows_the_prediction_target_and_fits_the_model():
     assert Sampling().resolve("eps", 1000) == Sampling("dpmpp_sde", 50)
-    assert Sampling().resolve("v", 1000) == Sampling("unipc", 20)
+    assert Sampling().resolve("v", 1000) == Sampling("ddpm", 50)
     assert Sampling().resolve("eps", 20).steps == 20  # a model with fewer timesteps samples all of them
-    assert Sampling(steps=30).resolve("v", 1000) == Sampling("unipc", 30)
+    assert Sampling(steps=30).resolve("v", 1000) == Sampling("ddpm", 30)
     assert Sampling("ddim", 7, eta=0.5).resolve("v", 1000) == Sampling("ddim", 7, eta=0.5)  # explicit: kept
     # a student: the consistency sampler, as many steps as segments (2 for one), gamma made concrete
     assert Sampling().resolve("v", 1000, consistency_model=1) == Sampling("consistency", 2, gamma=CONSISTENCY_GAMMA)
