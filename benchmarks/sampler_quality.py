@@ -119,7 +119,7 @@ def worst_ratios(rows: list[dict], floors: dict[str, float], key: str = "incepti
     count (fp32, clipped x0: the auto sampler's other settings).
 
     Scores are compared above their data set's floor (`floors`: data set -> the score of as many real images):
-    at a few hundred samples FID's bias is most of the score (62.6 of the patches' 232-257), and a ratio of raw
+    at a few hundred samples FID's bias is most of the score (62.6 of the patches' 232-294), and a ratio of raw
     scores calls a setting 9x worse in classifier FID "within 10%"."""
     cells: dict[tuple, dict[tuple[str, int], float]] = {}
     for row in rows:
@@ -153,7 +153,10 @@ def rule_of(paths: list[str], key: str = "inception_fid", table: bool = False) -
     for path in paths:
         report = json.loads(Path(path).read_text())
         dataset = report["settings"].get("dataset", "digits")  # the digits' files from before photos
-        floors[dataset] = report["inception_floor" if key == "inception_fid" else "floor"]
+        floor = report["inception_floor" if key == "inception_fid" else "floor"]
+        if floors.setdefault(dataset, floor) != floor:  # the rows are compared above one floor per data set
+            raise SystemExit(f"{path}: its {dataset} floor {floor:.2f} is not the other files' {floors[dataset]:.2f}: "
+                             "score every file of one data set with the same --num-samples")  # fmt: skip
         rows += [{"dataset": dataset, **row} for row in report["rows"]]
         columns.append((Path(path).stem.removeprefix("sampler_quality-"), report["rows"], floors[dataset]))
     if table:
