@@ -279,9 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     for (name, seed, each), log in logs.items():
         for entry in log:
             module = load_checkpoint(str(folders[name, seed, each] / f"{entry['checkpoint']}.ckpt"))
-            row = {"variant": name, "seed": seed, **entry}
+            row, drawn = {"variant": name, "seed": seed, **entry}, {}  # drawn: images by their concrete settings
             for label, settings in SAMPLERS.items():
-                images, _ = generate_all(module, args.num_samples, settings=settings, batch_size=args.num_samples)
+                settings = settings.resolve(module.hparams.prediction, module.hparams.timesteps)
+                if settings not in drawn:  # auto is DDPM-50 for v: drawn once, scored under both labels
+                    drawn[settings], _ = generate_all(module, args.num_samples, settings=settings,
+                                                      batch_size=args.num_samples)  # fmt: skip
+                images = drawn[settings]
                 row[f"fid_{label}"] = fid(images)
                 if label == "default":
                     row["inception_fid_default"] = both.inception(images)

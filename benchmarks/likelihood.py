@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import BothFID
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.diffusion import Sampling, likelihood
 from diffusion_lit.generation import generate_all
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
-    data, fid, ((train_images, _), (held_out, _)), _ = quality_measure(args.dataset, workdir, args.num_samples)
-    floor = fid.floor
+    data, classifier, ((train_images, _), (held_out, _)), _ = quality_measure(args.dataset, workdir, args.num_samples)
+    fid = BothFID(classifier, train_images, held_out)
     rows = []
     for prediction in args.predictions:
         folder = workdir / f"{prediction}"
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             module = load_checkpoint(str(folder / f"{entry['checkpoint']}.ckpt"))
             images, _ = generate_all(module, args.num_samples, settings=Sampling().resolve(prediction, 1000),
                                      batch_size=args.num_samples)  # fmt: skip
-            row = {"prediction": prediction, "step": entry["step"], "classifier_fid": fid(images), "bounds": []}
+            row = {"prediction": prediction, "step": entry["step"], **fid(images), "bounds": []}
             for variance in ("small", "large"):
                 row["bounds"].append({"split": "held-out", **bound(module, held_out[: args.images], args.timesteps,
                                                                    variance)})  # fmt: skip
@@ -105,23 +106,26 @@ def main(argv: list[str] | None = None) -> None:
             row["bounds"].append({"split": "held-out", **bound(module, full, None, "small")})
             row["bounds"].append({"split": "held-out", **bound(module, full, args.timesteps, "small")})
             rows.append(row)
-            print_table(rows, floor)
+            print_table(rows, fid.floors)
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "floor": floor, "rows": rows}, indent=2))
+        report = {"settings": vars(args), **fid.report_floors(), "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def print_table(rows: list[dict], floor: float) -> None:
+def print_table(rows: list[dict], floors: dict[str, float]) -> None:
     """One line per (model, bound)."""
-    print("\n| model | classifier FID | split | images | timesteps | variance | bits/dim | prior / diffusion / decoder "
-          "| s per 1,000 images |")  # fmt: skip
-    print("| --- | ---: | --- | ---: | --- | --- | ---: | --- | ---: |")
+    print("\n| model | Inception FID | classifier FID | split | images | timesteps | variance | bits/dim "
+          "| prior / diffusion / decoder | s per 1,000 images |")  # fmt: skip
+    print("| --- | ---: | ---: | --- | ---: | --- | --- | ---: | --- | ---: |")
     for row in rows:
         for b in row["bounds"]:
             terms = " / ".join(f"{value:.3f}" for value in b["terms"].values())
-            print(f"| {row['prediction']}, step {row['step']} | {row['classifier_fid']:.1f} | {b['split']} | "
-                  f"{b['images']} | {b['timesteps']} | {b['variance']} | {b['bits_per_dim']:.3f} ± "
+            print(f"| {row['prediction']}, step {row['step']} | {row['inception_fid']:.1f} | "
+                  f"{row['classifier_fid']:.1f} | {b['split']} | {b['images']} | {b['timesteps']} | {b['variance']} | "
+                  f"{b['bits_per_dim']:.3f} ± "
                   f"{b['standard_error']:.3f} | {terms} | {b['seconds_per_1000_images']:.0f} |")  # fmt: skip
-    print(f"| real training images (the FID floor) | {floor:.1f} | | | | | | | |", flush=True)
+    print(f"| real training images (the FID floors) | {floors['inception_fid']:.1f} | {floors['classifier_fid']:.1f} "
+          "| | | | | | | |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -93,10 +93,14 @@ def test_pipeline_runs_on_cpu_with_tiny_settings(tmp_path, capsys):
 
 
 @pytest.mark.slow  # a benchmark end to end
-def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
+def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys, monkeypatch):
     pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
     from benchmarks import convergence
+
+    drawn, generate_all = [], convergence.generate_all
+    monkeypatch.setattr(convergence, "generate_all", lambda *args, settings, **kwargs: drawn.append(
+        (settings.sampler, settings.steps)) or generate_all(*args, settings=settings, **kwargs))  # fmt: skip
 
     argv = ["--variants", "eps (today)", "v + EDM levels and weighting", "--seeds", "0", "--budgets", "0.001",
             "--today-steps", "2", "--jobs", "2", "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
@@ -109,6 +113,9 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys):
     ]  # fmt: skip
     assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 and r["nearest_ratio"] > 0 for r in report["rows"])
     assert all(r["inception_fid_default"] > 0 for r in report["rows"]) and report["inception_floor"] > 0
+    # eps draws with its auto sampler and DDPM-50 at each checkpoint; for v, auto is DDPM-50: drawn once
+    assert drawn == [("dpmpp_sde", 50), ("ddpm", 50)] * 2 + [("ddpm", 50)]
+    assert report["rows"][2]["fid_default"] == report["rows"][2]["fid_ddpm50"]
     output = capsys.readouterr().out
     assert "| variant | checkpoint | minutes | steps | Inception FID (8), auto | classifier FID, auto |" in output
     assert "| eps (today) | step=2 |" in output and (tmp_path / "c.png").stat().st_size > 0
@@ -313,8 +320,10 @@ def test_likelihood_runs_end_to_end_with_tiny_settings(tmp_path, capsys):
     argv = ["--steps", "2", "--predictions", "v", "--images", "6", "--full-images", "1", "--timesteps", "3",
             "--num-samples", "8", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "l.json")]  # fmt: skip
     likelihood.main(argv)
-    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    report = json.loads((tmp_path / "l.json").read_text())
+    rows = report["rows"]
     assert [(row["prediction"], row["step"]) for row in rows] == [("v", 2)]
+    assert rows[0]["inception_fid"] > 0 and rows[0]["classifier_fid"] > 0 and report["inception_floor"] > 0
     bounds = rows[0]["bounds"]
     assert [(b["split"], b["timesteps"], b["variance"]) for b in bounds] == [
         ("held-out", 3, "small"), ("held-out", 3, "large"), ("train", 3, "small"), ("held-out", "all", "small"),
