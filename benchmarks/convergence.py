@@ -211,13 +211,13 @@ def nearest(images: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def quality_measure(dataset: str, workdir: Path, num_samples: int, per_photo: int = 0):
-    """(flags for `fit`, a function uint8 samples -> classifier FID against the held-out images (its `floor`:
-    the training images' own), real_images' ((training images, labels), (held-out images, labels)), and the
-    images `fit` trains on)."""
+    """(flags for `fit`, a BothFID of uint8 samples against the held-out images (Inception and classifier FID,
+    each with its floor: the training images' own), real_images' ((training images, labels), (held-out images,
+    labels)), and the images `fit` trains on)."""
     flags, (train, held_out), fit_images = real_images(dataset, workdir, per_photo)
     quality = ClassifierFID(train, held_out, num_samples)
     print(f"{dataset}: classifier accuracy on held-out images {quality.accuracy:.3f}; floor {quality.floor:.2f}")
-    return flags, quality, (train, held_out), fit_images
+    return flags, BothFID(quality, train[0], held_out[0]), (train, held_out), fit_images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,10 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.manual_seed(0)
     workdir = args.workdir.resolve()
-    flags, fid, (train_set, held_out), fit_images = quality_measure(args.dataset, workdir, args.num_samples,
-                                                                args.train_per_photo)  # fmt: skip
+    flags, both, (train_set, held_out), fit_images = quality_measure(args.dataset, workdir, args.num_samples,
+                                                                 args.train_per_photo)  # fmt: skip
     held_out_distance = nearest(held_out[0], fit_images)[0].median()
-    both = BothFID(fid, train_set[0], held_out[0])  # the classifier FID runs with each sampler, Inception's with one
+    fid = both.classifier  # the classifier FID runs with each sampler, Inception's with one
 
     def nearest_ratio(samples: torch.Tensor) -> float:
         """The samples' median distance to their nearest training image over the held-out images' own."""

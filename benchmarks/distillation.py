@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from benchmarks.common import BothFID
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.files import written_whole
@@ -91,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--picture", help="a PNG: the same noise, teacher's auto sampler and the students")
     args = parser.parse_args(argv)
     workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
-    data, classifier, (train_set, held_out), _ = quality_measure(args.dataset, workdir, args.num_samples)
-    fid = BothFID(classifier, train_set[0], held_out[0])
+    data, fid, _, _ = quality_measure(args.dataset, workdir, args.num_samples)
 
     log = train(workdir / "teacher", [], 0, [], args.teacher_steps, data, threads)
     rows = []

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BothFID
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.diffusion import Sampling, likelihood
 from diffusion_lit.generation import generate_all
@@ -87,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     workdir, threads = Path(args.workdir).resolve(), os.cpu_count() or 1
-    data, classifier, ((train_images, _), (held_out, _)), _ = quality_measure(args.dataset, workdir, args.num_samples)
-    fid = BothFID(classifier, train_images, held_out)
+    data, fid, ((train_images, _), (held_out, _)), _ = quality_measure(args.dataset, workdir, args.num_samples)
     rows = []
     for prediction in args.predictions:
         folder = workdir / f"{prediction}"

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BothFID
 from benchmarks.convergence import quality_measure, train
 from diffusion_lit.callbacks.posthoc_ema import reconstruct, snapshots
 from diffusion_lit.diffusion import Sampling
@@ -49,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
-    data, classifier, (train_set, held_out), _ = quality_measure(args.dataset, workdir, args.num_samples)
-    fid = BothFID(classifier, train_set[0], held_out[0])
+    data, fid, _, _ = quality_measure(args.dataset, workdir, args.num_samples)
     rows = []
     for seed in args.seeds:
         folder = workdir / f"seed{seed}"
