@@ -286,6 +286,27 @@ def test_ctrl_c_at_any_moment_of_a_starting_command_is_one_line_and_exit_130():
             pytest.fail(f"Ctrl-C after {delay} s: exit {process.returncode}, stderr:\n{err}", pytrace=False)
 
 
+CTRL_C_IN_AN_IMPORT = """
+import atexit, importlib.abc, os, signal, sys, time
+class Interrupting(importlib.abc.MetaPathFinder):  # Ctrl-C in the middle of importing Lightning
+    def find_spec(self, name, path=None, target=None):
+        if name == "lightning":
+            atexit.register(print, "Traceback: a half-imported library's exit handler ran", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+sys.meta_path.insert(0, Interrupting())
+from diffusion_lit.cli import main
+main(["fit", "--help"])
+"""
+
+
+def test_ctrl_c_while_the_libraries_load_exits_at_once_without_running_their_exit_handlers():
+    """A KeyboardInterrupt that unwinds through a library's import leaves it half set up, and its exit handlers
+    can then fail with a traceback of their own (seen once in CI): while the modules load, Ctrl-C exits at once."""
+    process = subprocess.run([sys.executable, "-c", CTRL_C_IN_AN_IMPORT], env=ENV, capture_output=True, text=True)
+    assert process.returncode == 130 and process.stderr.strip() == "lit-ddpm: interrupted (Ctrl-C)", process.stderr
+
+
 def test_a_sigterm_while_a_grid_is_drawn_stops_it_within_one_network_evaluation(monkeypatch):
     from diffusion_lit.callbacks import grids
 

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from diffusion_lit.callbacks import InitFromTeacher, LastCheckpoint, NonFiniteGuard, SampleQuality
 from diffusion_lit.checkpoints import check_checkpoint, one_segment_student
-from diffusion_lit.cli import distill, ema, sample
+from diffusion_lit.cli import INTERRUPTED, distill, ema, sample
 from diffusion_lit.cli.run_config import SaveRunConfig, say_what_the_checkpoint_changed, spelled
 from diffusion_lit.cli.run_paths import cluster_plugins, fill, resolve_keyword, resume_command, run_name
 from diffusion_lit.errors import OneLineErrors, UserError
@@ -240,7 +240,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"lit-ddpm: error: {spelled(message)}", file=sys.stderr)
         sys.exit(2)
     except (Aborted, KeyboardInterrupt):  # outside training steps: files are written whole or not at all
-        print("\nlit-ddpm: interrupted (Ctrl-C)", file=sys.stderr)
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
     finally:
         if threading.current_thread() is threading.main_thread():
