@@ -103,7 +103,19 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
     "v, planned, cosine from the warm-up": _variant("v", **{**PLANNED, "decay": "cosine", "decay_from": "0"}),
     "v, planned, WSD over the last 40%": _variant("v", **{**PLANNED, "decay_from": "0.6"}),
     "v, planned, EMA sigma_rel 0.05": _variant("v", **{**PLANNED, "sigma_rel": "0.05"}),
+    "v, planned, constant rate (no cool-down)": _variant("v", **{**PLANNED, "decay": "constant"}),
 }
+
+
+def planned(flags: list[str]) -> bool:
+    """Whether a variant's recipe depends on its run's length (plan.py): a warm-up given as a share, a decaying
+    rate or the EMA as a share of the run. Else its checkpoint at 10 minutes of a 40-minute run is a 10-minute run."""
+    value = dict(zip(flags[::2], flags[1::2], strict=True))
+    share = float(value.get(HYPER["warmup"], "1")) < 1
+    decays = value.get(HYPER["decay"], "constant") != "constant"
+    return share or decays or value.get(HYPER["sigma_rel"], "null") != "null"
+
+
 SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
 
 
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--today-steps", type=int, default=TODAY_STEPS, help="also save at this step (0: no)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cpu_count / jobs threads")
     parser.add_argument("--planned", action="store_true", help="each budget its own run (trainer.max_time), for "
-                        "recipes planned over the run's length; else one run, saved as it crosses each")  # fmt: skip
+                        "recipes planned over its length (the others stay one run: the same checkpoints)")  # fmt: skip
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--workdir", type=Path, default=Path("convergence_runs"))
     parser.add_argument("--json", help="also write the results to this file")
@@ -262,19 +274,26 @@ def main(argv: list[str] | None = None) -> None:
         """The samples' median distance to their nearest training image over the held-out images' own."""
         return (nearest(to_signed(samples), fit_images)[0].median() / held_out_distance).item()
 
-    budgets = [[budget] for budget in args.budgets] if args.planned else [args.budgets]
-    runs = [(name, seed, tuple(each)) for name in args.variants for seed in args.seeds for each in budgets]
+    def own(name: str) -> bool:  # each budget its own run; a recipe with nothing planned is one run all the same
+        return args.planned and planned(VARIANTS[name])
+
+    def budgets(name: str) -> list[tuple]:
+        return [(budget,) for budget in args.budgets] if own(name) else [tuple(args.budgets)]
+
+    runs = [(name, seed, tuple(each)) for name in args.variants for seed in args.seeds for each in budgets(name)]
     dataset = args.dataset + (f"-{args.train_per_photo}" if args.train_per_photo else "")
     folders = {run: workdir / dataset / re.sub(r"[^a-z0-9]+", "-", run[0].lower()).strip("-") / f"seed{run[1]}"
-               / (f"planned-{run[2][0]:g}min" if args.planned else "") for run in runs}  # fmt: skip
+               / (f"planned-{run[2][0]:g}min" if own(run[0]) else "") for run in runs}  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def run(key: tuple[str, int, tuple]) -> list[dict]:
-        steps = [args.today_steps] if key[0] == TODAY and args.today_steps and not args.planned else []
-        return train(folders[key], VARIANTS[key[0]], key[1], list(key[2]), steps, flags, threads, planned=args.planned)
+        steps = [args.today_steps] if key[0] == TODAY and args.today_steps and not own(key[0]) else []
+        return train(folders[key], VARIANTS[key[0]], key[1], list(key[2]), steps, flags, threads, planned=own(key[0]))
 
+    longest_first = sorted(runs, key=lambda key: -max(key[2]))  # so that the jobs end close together
     with ThreadPoolExecutor(args.jobs) as pool:  # the runs, `jobs` at a time; then scoring, one at a time
-        logs = dict(zip(runs, pool.map(run, runs), strict=True))
+        done = dict(zip(longest_first, pool.map(run, longest_first), strict=True))
+    logs = {key: done[key] for key in runs}
     rows, last_samples = [], {}
     for (name, seed, each), log in logs.items():
         for entry in log:

@@ -358,13 +358,26 @@ def test_convergence_planned_gives_each_budget_its_own_run_whose_schedule_ends_w
     from benchmarks import convergence
 
     variant = "v, planned: 5% warm-up, WSD over the last 20%, EMA sigma_rel 0.1"
-    convergence.main(["--variants", variant, "--seeds", "0", "--budgets", "0.1", "0.2", "--planned", "--jobs", "2",
-                      "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
+    convergence.main(["--variants", variant, "v", "--seeds", "0", "--budgets", "0.1", "0.2", "--planned",
+                      "--jobs", "2", "--num-samples", "8", "--workdir", str(tmp_path / "runs"),
                       "--json", str(tmp_path / "c.json")])  # fmt: skip
-    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    every = json.loads((tmp_path / "c.json").read_text())["rows"]
+    rows = [row for row in every if row["variant"] == variant]
     assert [r["checkpoint"] for r in rows] == ["minutes=0.1", "minutes=0.2"]
+    # the demo's recipe plans nothing: one run, saved at each budget
+    assert (tmp_path / "runs" / "digits" / "v" / "seed0" / "minutes=0.1.ckpt").is_file()
+    assert [r["checkpoint"] for r in every if r["variant"] == "v"] == ["minutes=0.1", "minutes=0.2"]
     assert rows[0]["step"] < rows[1]["step"]  # two runs, each of its own length
     for row, budget in zip(rows, ("0.1", "0.2"), strict=True):
         folder = tmp_path / "runs" / "digits" / "v-planned-5-warm-up-wsd-over-the-last-20-ema-sigma-rel-0-1" / "seed0"
         checkpoint = torch_load(folder / f"planned-{budget}min" / f"{row['checkpoint']}.ckpt", weights_only=True)
         assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] < 1e-3  # cooled down as its time ran out
+
+
+def test_convergence_knows_which_recipes_are_planned_over_the_run():
+    """Under --planned only these get a run per budget; the others' checkpoints at each budget are the same."""
+    from benchmarks.convergence import VARIANTS, planned
+
+    assert [name for name in VARIANTS if planned(VARIANTS[name])] == [name for name in VARIANTS if "planned" in name]
+    assert not planned(["--model.warmup_steps", "320", "--model.lr_decay", "constant", "--model.ema_sigma_rel", "null"])
+    assert planned(["--model.warmup_steps", "0.05"]) and planned(["--model.ema_sigma_rel", "0.1"])
