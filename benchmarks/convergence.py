@@ -40,6 +40,7 @@ from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.pixels import to_signed
+from diffusion_lit.plan import depends_on_length
 
 TODAY_STEPS = 2520  # configs/demo.yaml: 18 epochs of 140 steps
 TODAY = "eps (today)"  # the demo recipe as it was: noise prediction, plain MSE, random noise pairing
@@ -111,9 +112,8 @@ def planned(flags: list[str]) -> bool:
     """Whether a variant's recipe depends on its run's length (plan.py): a warm-up given as a share, a decaying
     rate or the EMA as a share of the run. Else its checkpoint at 10 minutes of a 40-minute run is a 10-minute run."""
     value = dict(zip(flags[::2], flags[1::2], strict=True))
-    share = float(value.get(HYPER["warmup"], "1")) < 1
-    decays = value.get(HYPER["decay"], "constant") != "constant"
-    return share or decays or value.get(HYPER["sigma_rel"], "null") != "null"
+    rate = depends_on_length(float(value.get(HYPER["warmup"], "100")), value.get(HYPER["decay"], "constant"))
+    return rate or value.get(HYPER["sigma_rel"], "null") != "null"  # (100: configs/demo.yaml's warm-up steps)
 
 
 SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     def budgets(name: str) -> list[tuple]:
         return [(budget,) for budget in args.budgets] if own(name) else [tuple(args.budgets)]
 
-    runs = [(name, seed, tuple(each)) for name in args.variants for seed in args.seeds for each in budgets(name)]
+    runs = [(name, seed, each) for name in args.variants for seed in args.seeds for each in budgets(name)]
     dataset = args.dataset + (f"-{args.train_per_photo}" if args.train_per_photo else "")
     folders = {run: workdir / dataset / re.sub(r"[^a-z0-9]+", "-", run[0].lower()).strip("-") / f"seed{run[1]}"
                / (f"planned-{run[2][0]:g}min" if own(run[0]) else "") for run in runs}  # fmt: skip

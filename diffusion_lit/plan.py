@@ -28,6 +28,11 @@ def warmup_length(warmup: float, total: int) -> int:
     return round(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
 
 
+def depends_on_length(warmup: float, decay: str) -> bool:
+    """Whether the rate at a step depends on the run's length: a warm-up given as a share of it, or a decay."""
+    return decay != "constant" or 0 < warmup < 1
+
+
 def lr_factor(step: int, total: int, warmup: int, decay: Decay = "constant", decay_from: float = 0.8) -> float:
     """The learning rate at optimizer step `step` (0-based) of a run of `total`, as a share of the base rate.
 
@@ -95,7 +100,7 @@ class RunPlan(Callback):
         self._started = (time.monotonic(), trainer.global_step)
         steps = trainer.estimated_stepping_batches
         if self.timer is None and not math.isfinite(steps):
-            if self.decay != "constant" or 0 < self.warmup < 1:
+            if depends_on_length(self.warmup, self.decay):
                 raise UserError("the learning rate is planned over the run, which has no length: set "
                                 "trainer.max_steps, max_epochs or max_time")  # fmt: skip
             return  # a constant rate after a warm-up in steps needs no plan
