@@ -1,24 +1,31 @@
-"""Post-hoc EMA at the demo's scale: does choosing the EMA length after training beat the config's fixed EMA?
+"""Post-hoc EMA at the demo's scale: which EMA length, for the same training run, gives the best samples?
 
     python -m benchmarks.posthoc_ema --json benchmarks/results/posthoc-ema-digits.json
+    python -m benchmarks.posthoc_ema --dataset photos --minutes 10 20 40 --jobs 2 --every 100 \
+        --json benchmarks/results/posthoc-ema-photos-40min.json
 
-Trains the demo recipe (`lit-ddpm fit --config configs/demo.yaml`, its fixed EMA: decay 0.995) for --steps
-with the PostHocEMA callback (sigma_rel 0.05 and 0.10, a snapshot every --every steps), once per seed. Then
-scores, by classifier FID of --num-samples images from the auto sampler (benchmarks/common.py), the run's own
-EMA weights and the reconstruction (`lit-ddpm ema`'s) at each of --sigma-rels; the two stored widths are
-among them (reconstructed exactly). The done-when of issue 21: the best width at least 5% better than the
-fixed EMA, beyond the seeds' spread.
+Trains the demo recipe (`lit-ddpm fit --config configs/demo.yaml` predicting v, its fixed EMA: decay 0.995)
+with the PostHocEMA callback (sigma_rel 0.05 and 0.10, a snapshot every --every steps), once per seed, to
+--steps or, with --minutes, to the last of those training times, saving a checkpoint as it crosses each.
+Nothing in the recipe depends on the run's length (a warm-up in steps, a constant rate), so a 40-minute run's
+checkpoint at 10 minutes is a 10-minute run. At each checkpoint it scores, in Inception and classifier FID of
+--num-samples images from the auto sampler (benchmarks/common.py), the run's own EMA weights and the
+reconstruction (`lit-ddpm ema`'s) at each of --sigma-rels, from the snapshots before that step and the
+checkpoint's own averages (exactly at its step). All of one checkpoint's rows share the training weights: the
+only difference is the average. The done-when of issue 21: the best width at least 5% better than the fixed
+EMA, beyond the seeds' spread.
 """
 
 import argparse
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from benchmarks.convergence import quality_measure, train
-from diffusion_lit.callbacks.posthoc_ema import reconstruct, snapshots
+from benchmarks.convergence import VARIANTS, quality_measure, train
+from diffusion_lit.callbacks.posthoc_ema import gamma_of, reconstruct, snapshots
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
@@ -34,23 +41,55 @@ def fid_of(module, fid, num_samples: int) -> dict[str, float]:
     return fid(images)
 
 
+def own_averages(checkpoint: Path, names: list[str]) -> dict:
+    """The PostHocEMA averages a checkpoint holds (its callback state, exactly at its step), as a snapshot."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["callbacks"]
+    (kept,) = [value for key, value in state.items() if key.startswith("PostHocEMA")]
+    profiles = [{"sigma_rel": s, "gamma": gamma_of(s), "state_dict": dict(zip(names, average, strict=True))}
+                for s, average in zip(kept["sigma_rels"], kept["averages"], strict=True)]  # fmt: skip
+    return {"global_step": kept["updates"], "profiles": profiles}
+
+
+def score_run(folder: Path, sigma_rels: list[float], fid, num_samples: int) -> list[dict]:
+    """One row per checkpoint of the run in `folder`: its own EMA's scores and each reconstruction's."""
+    found, rows = snapshots(folder / "run"), []
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    for entry in log:
+        checkpoint = folder / f"{entry['checkpoint']}.ckpt"
+        module = load_checkpoint(str(checkpoint))
+        row = {"seed": int(folder.name.removeprefix("seed")), **entry, "fixed_ema": fid_of(module, fid, num_samples)}
+        exact = own_averages(checkpoint, list(found[0]["profiles"][0]["state_dict"]))
+        step = exact["global_step"]  # entry's, or one before: the checkpoint may be written before their update
+        used = [s for s in found if s["global_step"] < step] + [exact]
+        row["posthoc"] = {}
+        for sigma_rel in sigma_rels:
+            state, _ = reconstruct(used, sigma_rel, step)
+            module.load_state_dict(state)
+            row["posthoc"][f"{sigma_rel:g}"] = fid_of(module, fid, num_samples)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Train, reconstruct, score, print the table; optionally write the JSON."""
+    """Train, reconstruct, score, print the tables; optionally write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["digits", "photos"], default="digits")
     parser.add_argument("--steps", type=int, default=2520)
+    parser.add_argument("--minutes", type=float, nargs="+", help="score at these training times, not at --steps")
     parser.add_argument("--every", type=int, default=252)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sigma-rels", type=float, nargs="+", default=[0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2])
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once, each on cpu_count / jobs threads")
     parser.add_argument("--workdir", default="posthoc_ema_runs")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
     data, fid, _, _ = quality_measure(args.dataset, workdir, args.num_samples)
-    rows = []
-    for seed in args.seeds:
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def run(seed: int) -> Path:
         folder = workdir / f"seed{seed}"
         callbacks = [
             "--trainer.enable_checkpointing=true",
@@ -60,31 +99,31 @@ def main(argv: list[str] | None = None) -> None:
             "--trainer.callbacks+=diffusion_lit.callbacks.PostHocEMA",
             f"--trainer.callbacks.every_n_train_steps={args.every}",
         ]
-        done = folder / "scores.json"  # a seed already trained and scored is not redone
+        budgets, steps = (args.minutes, []) if args.minutes else ([], [args.steps])
+        train(folder, VARIANTS["v"] + callbacks, seed, budgets, steps, data, threads)  # not redone if trained
+        return folder
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        folders = list(pool.map(run, args.seeds))
+    rows = []
+    for folder in folders:  # scored one at a time; a seed already scored is not redone
+        done = folder / "scores.json"
         if not done.exists():
-            if not (folder / f"step={args.steps}.ckpt").exists():
-                train(folder, callbacks, seed, [], [args.steps], data, args.threads)
-            module = load_checkpoint(str(folder / f"step={args.steps}.ckpt"))
-            row = {"seed": seed, "fixed_ema": fid_of(module, fid, args.num_samples), "posthoc": {}}
-            found = snapshots(folder / "run")
-            for sigma_rel in args.sigma_rels:
-                state, _ = reconstruct(found, sigma_rel, args.steps)
-                module.load_state_dict(state)
-                row["posthoc"][f"{sigma_rel:g}"] = fid_of(module, fid, args.num_samples)
-            done.write_text(json.dumps(row))
-        rows.append(json.loads(done.read_text()))
+            done.write_text(json.dumps(score_run(folder, args.sigma_rels, fid, args.num_samples)))
+        rows += json.loads(done.read_text())
+    for checkpoint in dict.fromkeys(row["checkpoint"] for row in rows):
         for key, floor in fid.floors.items():
-            print_table(rows, EMA_DECAY, key, floor)
+            print_table([row for row in rows if row["checkpoint"] == checkpoint], checkpoint, key, floor)
     if args.json:
         report = {"settings": vars(args), **fid.report_floors(), "rows": rows}
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def print_table(rows: list[dict], decay: float, key: str, floor: float) -> None:
+def print_table(rows: list[dict], checkpoint: str, key: str, floor: float) -> None:
     """One line per EMA: `key` (inception_fid or classifier_fid) per seed, and the mean."""
     seeds = " | ".join(f"seed {row['seed']}" for row in rows)
-    print(f"\n| EMA: {key.replace('_', ' ')} | {seeds} | mean |\n| --- |{' ---: |' * (len(rows) + 1)}")
-    lines = {f"fixed, decay {decay}": [row["fixed_ema"][key] for row in rows]}
+    print(f"\n| {checkpoint}, EMA: {key.replace('_', ' ')} | {seeds} | mean |\n| --- |{' ---: |' * (len(rows) + 1)}")
+    lines = {f"fixed, decay {EMA_DECAY}": [row["fixed_ema"][key] for row in rows]}
     lines |= {f"post-hoc, sigma_rel {width}": [row["posthoc"][width][key] for row in rows]
               for width in rows[0]["posthoc"]}  # fmt: skip
     for name, values in lines.items():

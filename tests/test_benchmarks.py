@@ -339,15 +339,43 @@ def test_posthoc_ema_runs_end_to_end_with_tiny_settings(tmp_path, capsys):
     from benchmarks import posthoc_ema
 
     argv = ["--steps", "4", "--every", "2", "--seeds", "0", "--sigma-rels", "0.05", "0.15", "--num-samples", "8",
-            "--threads", "1", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "p.json")]  # fmt: skip
+            "--jobs", "2", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "p.json")]  # fmt: skip
     posthoc_ema.main(argv)
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [row["seed"] for row in rows] == [0] and set(rows[0]["posthoc"]) == {"0.05", "0.15"}
     assert sorted(p.name for p in (tmp_path / "runs/seed0/run/ema").iterdir()) == ["step=0000002.pt", "step=0000004.pt"]
     assert rows[0]["posthoc"]["0.15"]["inception_fid"] > 0 and rows[0]["fixed_ema"]["classifier_fid"] > 0
     output = capsys.readouterr().out
-    assert output.index("| EMA: inception fid | seed 0 | mean |") < output.index("| EMA: classifier fid | seed 0 |")
+    inception, classifier = "| step=4, EMA: inception fid | seed 0 | mean |", "| step=4, EMA: classifier fid |"
+    assert output.index(inception) < output.index(classifier)
     assert output.count("| post-hoc, sigma_rel 0.15 |") == 2
+
+
+@pytest.mark.slow  # a benchmark end to end
+def test_posthoc_ema_at_training_times_rebuilds_each_checkpoints_own_average_exactly(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    import torch
+
+    from benchmarks import posthoc_ema
+    from diffusion_lit.callbacks.posthoc_ema import reconstruct, snapshots
+
+    argv = ["--minutes", "0.2", "0.4", "--every", "3", "--seeds", "0", "--sigma-rels", "0.05", "--num-samples", "8",
+            "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "p.json")]  # fmt: skip
+    posthoc_ema.main(argv)
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [row["checkpoint"] for row in rows] == ["minutes=0.2", "minutes=0.4"] and rows[0]["step"] < rows[1]["step"]
+    assert "| minutes=0.4, EMA: inception fid | seed 0 | mean |" in capsys.readouterr().out
+    run, found = tmp_path / "runs/seed0", snapshots(tmp_path / "runs/seed0/run")
+    names = list(found[0]["profiles"][0]["state_dict"])
+    for row in rows:  # a stored width, rebuilt at the checkpoint's step, is the checkpoint's own average
+        exact = posthoc_ema.own_averages(run / f"{row['checkpoint']}.ckpt", names)
+        assert row["step"] - 1 <= exact["global_step"] <= row["step"]
+        used = [s for s in found if s["global_step"] < exact["global_step"]] + [exact]
+        state, _ = reconstruct(used, 0.05, exact["global_step"])
+        own = exact["profiles"][0]["state_dict"]
+        assert exact["profiles"][0]["sigma_rel"] == 0.05 and exact["global_step"] >= 1
+        assert all(torch.allclose(state[name], own[name], atol=1e-6) for name in names)
+    assert len(used) > 1  # the last checkpoint's: snapshots before it, and its own averages
 
 
 @pytest.mark.slow  # a benchmark end to end
