@@ -95,6 +95,15 @@ def test_each_row_ends_in_one_line(folder, what, args, status, says):
     assert lines[-1].startswith("lit-ddpm: error: ") and not any("Traceback" in line for line in lines), lines
 
 
+def saved(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (each save renames a new one into place), or None."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_ino, found.st_mtime_ns
+
+
 @pytest.mark.slow  # about 20 fits, each killed at a random moment while it saves every step
 def test_sigkills_while_saving_every_step_on_another_filesystem_always_leave_a_last_ckpt_that_loads(
     folder, small_disk, tmp_path
@@ -108,13 +117,18 @@ def test_sigkills_while_saving_every_step_on_another_filesystem_always_leave_a_l
     args = [LIT_DDPM, "fit", *DEMO, "--config", str(every_step), *SHORT, "--trainer.max_steps", "100000",
             "--ckpt_path", "last"]  # fmt: skip
     generator, steps = random.Random(0), []
-    for _ in range(20):
+    for kill in range(20):
+        before = saved(small_disk / CKPT)
         process = subprocess.Popen(args, cwd=small_disk, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(generator.uniform(3, 6))  # past the start: saving every step
+        deadline = time.monotonic() + 120  # the start's length varies with the machine: wait for this run's first save
+        while saved(small_disk / CKPT) == before and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None and saved(small_disk / CKPT) != before, f"run {kill} saved nothing in 120 s"
+        time.sleep(generator.uniform(0, 2))  # a random moment while it saves every step
         process.send_signal(signal.SIGKILL)
         process.wait()
         steps.append(torch.load(small_disk / CKPT, weights_only=True)["global_step"])  # loads, whatever the moment
-    assert steps == sorted(steps) and steps[-1] > steps[0]  # each run resumed where the last one was killed
+    assert all(a < b for a, b in zip(steps, steps[1:])), steps  # each run resumed where the last one was killed
     fill(small_disk, leave=(small_disk / CKPT).stat().st_size // 2)
     code, lines = run(small_disk, args[1:], env)
     assert code == 2 and "no space left on device" in lines[-1] and f"(step {steps[-1]}) is whole" in lines[-1]
