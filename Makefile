@@ -18,8 +18,9 @@ install: $(BIN)/lit-ddpm ## Create .venv and install lit-ddpm with the dev and d
 demo: install ## Train the offline demo on CPU (~8 min; a sample grid every ~50 s): checkpoints/demo/last.ckpt, samples/demo/*.png
 	$(BIN)/lit-ddpm fit --config configs/demo.yaml
 
-test: install ## Run the test suite (without the slow tests)
-	$(BIN)/pytest -q
+TEST_JOBS ?= 2
+test: install ## Run the test suite (without the slow tests): TEST_JOBS processes of one thread each
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_JOBS)
 
 test-all: install ## Run every test, the slow ones too (subprocess kills, DDP, benchmarks end to end)
 	$(BIN)/pytest -q -m ''

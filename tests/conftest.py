@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets written in the test's temp dir, and a way to shrink any config."""
 
+import os
 import pickle
 import shutil
 import struct
@@ -15,6 +16,10 @@ TINY = str(Path(__file__).with_name("tiny.yaml"))
 # After TINY: one real training step (fast_dev_run is a dry run and writes no checkpoint), no validation.
 ONE_STEP = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "1", "--trainer.max_epochs", "-1",
             "--trainer.limit_val_batches", "0"]  # fmt: skip
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one thread each (more made 2 cores many times slower)
+    torch.set_num_threads(1)
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:

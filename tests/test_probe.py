@@ -128,7 +128,7 @@ def test_sigkills_while_saving_every_step_on_another_filesystem_always_leave_a_l
         process.send_signal(signal.SIGKILL)
         process.wait()
         steps.append(torch.load(small_disk / CKPT, weights_only=True)["global_step"])  # loads, whatever the moment
-    assert all(a < b for a, b in zip(steps, steps[1:])), steps  # each run resumed where the last one was killed
+    assert steps == sorted(set(steps)), steps  # each run resumed where the last one was killed, and moved on
     fill(small_disk, leave=(small_disk / CKPT).stat().st_size // 2)
     code, lines = run(small_disk, args[1:], env)
     assert code == 2 and "no space left on device" in lines[-1] and f"(step {steps[-1]}) is whole" in lines[-1]
