@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.convergence import VARIANTS, quality_measure, train
-from diffusion_lit.callbacks.posthoc_ema import gamma_of, reconstruct, snapshots
+from diffusion_lit.callbacks.posthoc_ema import at_checkpoint, reconstruct, snapshots
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
 
-EMA_DECAY = 0.995  # configs/demo.yaml's model.ema_decay
+EMA_DECAY = 0.995  # the demo recipe's fixed EMA (convergence.DEMO_BEFORE), which VARIANTS["v"] trains with
 
 
 def fid_of(module, fid, num_samples: int) -> dict[str, float]:
@@ -41,15 +41,6 @@ def fid_of(module, fid, num_samples: int) -> dict[str, float]:
     return fid(images)
 
 
-def own_averages(checkpoint: Path, names: list[str]) -> dict:
-    """The PostHocEMA averages a checkpoint holds (its callback state, exactly at its step), as a snapshot."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["callbacks"]
-    (kept,) = [value for key, value in state.items() if key.startswith("PostHocEMA")]
-    profiles = [{"sigma_rel": s, "gamma": gamma_of(s), "state_dict": dict(zip(names, average, strict=True))}
-                for s, average in zip(kept["sigma_rels"], kept["averages"], strict=True)]  # fmt: skip
-    return {"global_step": kept["updates"], "profiles": profiles}
-
-
 def score_run(folder: Path, sigma_rels: list[float], fid, num_samples: int) -> list[dict]:
     """One row per checkpoint of the run in `folder`: its own EMA's scores and each reconstruction's."""
     found, rows = snapshots(folder / "run"), []
@@ -58,9 +49,7 @@ def score_run(folder: Path, sigma_rels: list[float], fid, num_samples: int) -> l
         checkpoint = folder / f"{entry['checkpoint']}.ckpt"
         module = load_checkpoint(str(checkpoint))
         row = {"seed": int(folder.name.removeprefix("seed")), **entry, "fixed_ema": fid_of(module, fid, num_samples)}
-        exact = own_averages(checkpoint, list(found[0]["profiles"][0]["state_dict"]))
-        step = exact["global_step"]  # entry's, or one before: the checkpoint may be written before their update
-        used = [s for s in found if s["global_step"] < step] + [exact]
+        used, step = at_checkpoint(found, checkpoint)  # step: entry's, or one before (saved before their update)
         row["posthoc"] = {}
         for sigma_rel in sigma_rels:
             state, _ = reconstruct(used, sigma_rel, step)

@@ -357,7 +357,7 @@ def test_posthoc_ema_at_training_times_rebuilds_each_checkpoints_own_average_exa
     import torch
 
     from benchmarks import posthoc_ema
-    from diffusion_lit.callbacks.posthoc_ema import reconstruct, snapshots
+    from diffusion_lit.callbacks.posthoc_ema import at_checkpoint, reconstruct, snapshots
 
     argv = ["--minutes", "0.2", "0.4", "--every", "3", "--seeds", "0", "--sigma-rels", "0.05", "--num-samples", "8",
             "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "p.json")]  # fmt: skip
@@ -366,15 +366,13 @@ def test_posthoc_ema_at_training_times_rebuilds_each_checkpoints_own_average_exa
     assert [row["checkpoint"] for row in rows] == ["minutes=0.2", "minutes=0.4"] and rows[0]["step"] < rows[1]["step"]
     assert "| minutes=0.4, EMA: inception fid | seed 0 | mean |" in capsys.readouterr().out
     run, found = tmp_path / "runs/seed0", snapshots(tmp_path / "runs/seed0/run")
-    names = list(found[0]["profiles"][0]["state_dict"])
     for row in rows:  # a stored width, rebuilt at the checkpoint's step, is the checkpoint's own average
-        exact = posthoc_ema.own_averages(run / f"{row['checkpoint']}.ckpt", names)
-        assert row["step"] - 1 <= exact["global_step"] <= row["step"]
-        used = [s for s in found if s["global_step"] < exact["global_step"]] + [exact]
-        state, _ = reconstruct(used, 0.05, exact["global_step"])
-        own = exact["profiles"][0]["state_dict"]
-        assert exact["profiles"][0]["sigma_rel"] == 0.05 and exact["global_step"] >= 1
-        assert all(torch.allclose(state[name], own[name], atol=1e-6) for name in names)
+        used, step = at_checkpoint(found, run / f"{row['checkpoint']}.ckpt")
+        assert row["step"] - 1 <= step <= row["step"] and step >= 1
+        state, _ = reconstruct(used, 0.05, step)
+        own = used[-1]["profiles"][0]
+        assert own["sigma_rel"] == 0.05 and state.keys() == own["state_dict"].keys()
+        assert all(torch.allclose(state[name], own["state_dict"][name], atol=1e-6) for name in state)
     assert len(used) > 1  # the last checkpoint's: snapshots before it, and its own averages
 
 

@@ -13,6 +13,7 @@ from conftest import ONE_STEP, ROOT, TINY, fill
 from diffusion_lit.callbacks import LastCheckpoint
 from diffusion_lit.callbacks.posthoc_ema import (
     PostHocEMA,
+    at_checkpoint,
     coefficients,
     gamma_of,
     profile,
@@ -178,6 +179,25 @@ def test_lit_ddpm_ema_writes_checkpoints_that_sample_and_test_read(posthoc_run, 
     main(["sample", "--ckpt_path", str(run / "ema-0.200-step=5.ckpt"), "--num_samples", "2", "--steps", "2"])
     main(["ema", "--run", str(run), "--sigma_rel", "[0.1]", "--step", "4"])
     assert (run / "ema-0.100-step=4.ckpt").is_file()
+
+
+def test_a_checkpoint_adds_its_own_averages_to_the_snapshots_before_it(posthoc_run):
+    found = snapshots(posthoc_run)  # steps 2, 4 and 5; last.ckpt at step 5
+    used, step = at_checkpoint(found, posthoc_run / "last.ckpt")
+    assert step == 5 and [s["global_step"] for s in used] == [2, 4, 5]
+    for own, saved in zip(used[-1]["profiles"], found[-1]["profiles"], strict=True):  # the same averages, both ways
+        assert own["sigma_rel"] == saved["sigma_rel"] and own["gamma"] == saved["gamma"]
+        for name, tensor in saved["state_dict"].items():
+            torch.testing.assert_close(own["state_dict"][name], tensor, rtol=0, atol=0)
+    state, _ = reconstruct(used, 0.05, step)  # a stored width at the checkpoint's step: that average itself
+    assert state.keys() == used[-1]["profiles"][0]["state_dict"].keys()
+    for name, tensor in used[-1]["profiles"][0]["state_dict"].items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6)
+    plain = torch.load(posthoc_run / "last.ckpt", weights_only=True)
+    plain["callbacks"] = {key: value for key, value in plain["callbacks"].items() if "PostHocEMA" not in key}
+    torch.save(plain, posthoc_run / "plain.ckpt")  # as a run trained without the callback leaves it
+    with pytest.raises(UserError, match="plain.ckpt holds no post-hoc EMA averages"):
+        at_checkpoint(found, posthoc_run / "plain.ckpt")
 
 
 def test_lit_ddpm_ema_keeps_the_best_by_fid(posthoc_run, monkeypatch, capsys):

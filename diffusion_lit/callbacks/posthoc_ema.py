@@ -145,16 +145,9 @@ class PostHocEMA(Callback):
             return
         path, failure = self.folder / f"step={step:07d}.pt", None
         if trainer.is_global_zero:
-            snapshot = {
-                "run_id": self.keeper.run_id,
-                "global_step": step,
-                "profiles": [
-                    {"sigma_rel": s, "gamma": g, "state_dict": {n: t.cpu() for n, t in zip(self.names, a, strict=True)}}
-                    for s, g, a in zip(self.sigma_rels, self.gammas, self.averages, strict=True)
-                ],
-            }
+            kept = {"run_id": self.keeper.run_id, **snapshot(self.names, self.sigma_rels, self.averages, step)}
             try:
-                files.save(snapshot, path)
+                files.save(kept, path)
             except OSError as error:
                 failure = files.why(error, path)
         failure = trainer.strategy.broadcast(failure)
@@ -175,6 +168,27 @@ class PostHocEMA(Callback):
         for average, saved in zip(self.averages, state_dict["averages"], strict=True):
             torch._foreach_copy_(average, [t.to(average[0].device) for t in saved])
         self.updates = self.saved_step = state_dict["updates"]
+
+
+def snapshot(names: list[str], sigma_rels: tuple[float, ...], averages: list[list[Tensor]], step: int) -> dict:
+    """What a snapshot holds: each width's average of the tensors `names`, kept to optimizer step `step`."""
+    by_name = [{n: t.cpu() for n, t in zip(names, average, strict=True)} for average in averages]
+    profiles = [{"sigma_rel": s, "gamma": gamma_of(s), "state_dict": state}
+                for s, state in zip(sigma_rels, by_name, strict=True)]  # fmt: skip
+    return {"global_step": step, "profiles": profiles}
+
+
+def at_checkpoint(found: list[dict], checkpoint: str | Path) -> tuple[list[dict], int]:
+    """The snapshots `found` from before a checkpoint's step, then the averages that the checkpoint itself holds
+    (its PostHocEMA state, which a checkpoint saved during a step may hold one update short of its global_step),
+    and their step: what `reconstruct` rebuilds any width from, exactly at that checkpoint."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+    kept = [value for key, value in state.items() if key.startswith("PostHocEMA") and value]
+    if len(kept) != 1:
+        raise UserError(f"{checkpoint} holds no post-hoc EMA averages: its run was trained without PostHocEMA")
+    names = list(found[0]["profiles"][0]["state_dict"])
+    own = snapshot(names, tuple(kept[0]["sigma_rels"]), kept[0]["averages"], kept[0]["updates"])
+    return [s for s in found if s["global_step"] < own["global_step"]] + [own], own["global_step"]
 
 
 def snapshots(run: Path) -> list[dict]:
