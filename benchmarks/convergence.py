@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch import Callback
 from torchvision.utils import make_grid, save_image
 
@@ -50,13 +51,16 @@ def _variant(
     prediction: str, snr_gamma="null", immiscible="false", lognormal="null", edm="false", **hyper: str
 ) -> list[str]:  # fmt: skip
     """The flags of one variant: its loss settings in full, and `hyper` (HYPER's names) where it departs from
-    configs/demo.yaml's training hyper-parameters."""
+    the demo's recipe as it was before the configs planned their runs (DEMO_BEFORE, on configs/demo.yaml)."""
+    hyper = {**DEMO_BEFORE, **hyper}
     loss = "--model.loss.init_args"
     flags = ["--model.prediction", prediction, f"{loss}.snr_gamma", snr_gamma, f"{loss}.immiscible", immiscible,
              f"{loss}.lognormal_timesteps", lognormal, f"{loss}.edm_weighting", edm]  # fmt: skip
     return flags + [flag for name, value in hyper.items() for flag in (HYPER[name], value)]
 
 
+# configs/demo.yaml's length-like settings until it shipped the planned recipe: every variant starts from them
+DEMO_BEFORE = {"warmup": "100", "ema": "0.995", "sigma_rel": "null"}
 HYPER = {  # the training hyper-parameters a variant may change, and their flags
     "lr": "--model.optimizer.init_args.lr",
     "warmup": "--model.warmup_steps",
@@ -111,9 +115,11 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
 def planned(flags: list[str]) -> bool:
     """Whether a variant's recipe depends on its run's length (plan.py): a warm-up given as a share, a decaying
     rate or the EMA as a share of the run. Else its checkpoint at 10 minutes of a 40-minute run is a 10-minute run."""
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]  # where a flag is not given
     value = dict(zip(flags[::2], flags[1::2], strict=True))
-    rate = depends_on_length(float(value.get(HYPER["warmup"], "100")), value.get(HYPER["decay"], "constant"))
-    return rate or value.get(HYPER["sigma_rel"], "null") != "null"  # (100: configs/demo.yaml's warm-up steps)
+    warmup = float(value.get(HYPER["warmup"], demo.get("warmup_steps", 0)))
+    rate = depends_on_length(warmup, value.get(HYPER["decay"], demo.get("lr_decay", "constant")))
+    return rate or value.get(HYPER["sigma_rel"], str(demo.get("ema_sigma_rel"))) not in ("null", "None")
 
 
 SAMPLERS = {"default": Sampling(), "ddpm50": Sampling("ddpm", 50)}  # default: auto, by the prediction target
@@ -169,19 +175,22 @@ def train(
 ) -> list[dict]:  # fmt: skip
     """One run of the demo recipe (`lit-ddpm COMMAND`: fit, or distill with --teacher among the flags) with
     `variant`'s flags on `threads` CPU threads; returns its checkpoint log. `planned`: a run of its one budget
-    (trainer.max_time), so that a schedule planned over the run ends with it."""
+    (trainer.max_time), so that a schedule planned over the run ends with it; else one run saved at each of
+    its budgets and steps, in the demo's recipe before it planned its runs (DEMO_BEFORE) where `variant` is
+    silent, so that each checkpoint is a run of that length."""
     folder.mkdir(parents=True, exist_ok=True)
     timed = {"dirpath": str(folder), "budgets": budgets, "steps": steps, "at_end": planned}
     callback = {"class_path": "benchmarks.convergence.TimedCheckpoints", "init_args": timed}
-    limit = []
     if planned:  # its one budget, as Lightning's DD:HH:MM:SS
-        limit = ["--trainer.max_time", f"00:00:{int(budgets[0]):02d}:{round(60 * (budgets[0] % 1)):02d}"]
+        settings = ["--trainer.max_time", f"00:00:{int(budgets[0]):02d}:{round(60 * (budgets[0] % 1)):02d}"]
+    else:
+        settings = [flag for name, value in DEMO_BEFORE.items() for flag in (HYPER[name], value)]
     command = [
         sys.executable, "-m", "diffusion_lit.cli", command, "--config", str(ROOT / "configs" / "demo.yaml"), *data,
         "--seed_everything", str(seed), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
-        "--trainer.callbacks", json.dumps([callback]), *limit, *variant,
+        "--trainer.callbacks", json.dumps([callback]), *settings, *variant,
     ]  # fmt: skip
     if not (folder / "log.jsonl").exists():
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}  # benchmarks.convergence

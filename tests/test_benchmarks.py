@@ -407,3 +407,4 @@ def test_convergence_knows_which_recipes_are_planned_over_the_run():
     assert [name for name in VARIANTS if planned(VARIANTS[name])] == [name for name in VARIANTS if "planned" in name]
     assert not planned(["--model.warmup_steps", "320", "--model.lr_decay", "constant", "--model.ema_sigma_rel", "null"])
     assert planned(["--model.warmup_steps", "0.05"]) and planned(["--model.ema_sigma_rel", "0.1"])
+    assert planned([]) and not planned(VARIANTS["v"])  # configs/demo.yaml plans its run; "v" is the demo's before
