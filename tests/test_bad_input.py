@@ -357,6 +357,8 @@ def test_a_setting_out_of_its_range_is_one_line(capsys, args, says):
 def test_distilling_with_out_of_range_settings_is_one_line(capsys, demo_checkpoint):
     distill = ["distill", *DEMO, "--trainer.logger", "false", "--teacher", str(demo_checkpoint)]
     assert "--distill.steps must be at least 1, got -3" in one_line_error(capsys, *distill, "--distill.steps", "-3")
+    error = one_line_error(capsys, *distill, "--distill.warmup_steps", "-0.5")
+    assert "--distill.warmup_steps must be at least 0, got -0.5" in error
     error = one_line_error(capsys, *distill, "--model.loss.init_args.segments", "0")
     assert "ConsistencyLoss.segments (--model.loss.init_args.segments) must be at least 1, got 0" in error
 

@@ -29,6 +29,7 @@ def test_a_student_is_a_checkpoint_that_says_what_it_is_and_samples_with_the_con
     checkpoint = torch.load(student, weights_only=True)
     assert checkpoint["global_step"] == 3  # --distill.steps, not the trainer's max_steps
     assert checkpoint["hyper_parameters"]["optimizer"]["init_args"]["lr"] == 3e-4  # --distill.lr, not the config's
+    assert checkpoint["hyper_parameters"]["warmup_steps"] == 100  # demo.yaml's distill.warmup_steps, not its 5%
     assert checkpoint["hyper_parameters"]["loss"]["class_path"].endswith("consistency.ConsistencyLoss")
     assert checkpoint["hyper_parameters"]["loss"]["init_args"]["steps_per_stage"] == 1
     assert checkpoint["callbacks"]["InitFromTeacher"]["teacher"] == str(demo_checkpoint)

@@ -65,6 +65,11 @@ class DiffusionCLI(LightningCLI):
             "--distill.lr", type=float | None, default=None,
             help="lit-ddpm distill only: the optimizer's learning rate for the student; null: the config's",
         )  # fmt: skip
+        parser.add_argument(
+            "--distill.warmup_steps", type=int | float | None, default=None,
+            help="lit-ddpm distill only: the student's warm-up, in steps or below 1 as a share of its run; "
+            "null: the config's model.warmup_steps",
+        )  # fmt: skip
         parser.add_lightning_class_args(SampleQuality, "evaluation")
         parser.add_lightning_class_args(NonFiniteGuard, "guard")
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
@@ -102,12 +107,16 @@ class DiffusionCLI(LightningCLI):
             chosen, fit = self.config.fit.distill, self.config.fit
             if chosen.steps is not None and chosen.steps < 1:
                 raise UserError(f"--distill.steps must be at least 1, got {chosen.steps}")
+            if chosen.warmup_steps is not None and chosen.warmup_steps < 0:
+                raise UserError(f"--distill.warmup_steps must be at least 0, got {chosen.warmup_steps}")
             if chosen.steps is not None:
                 fit.trainer.max_steps, fit.trainer.max_epochs = chosen.steps, -1
             if chosen.lr is not None:
                 if fit.model.optimizer is None:
                     raise UserError("--distill.lr needs the optimizer named in the config (model.optimizer)")
                 fit.model.optimizer.init_args.lr = chosen.lr
+            if chosen.warmup_steps is not None:
+                fit.model.warmup_steps = chosen.warmup_steps
 
     def instantiate_classes(self) -> None:
         """LightningCLI's; a constructor's one-line refusal (a batch size of 0) stays one line, where jsonargparse
