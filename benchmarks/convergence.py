@@ -21,6 +21,7 @@ The goal: the classifier FID today's demo reaches at 2,520 steps, in at most 60%
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -56,7 +57,12 @@ def _variant(
     loss = "--model.loss.init_args"
     flags = ["--model.prediction", prediction, f"{loss}.snr_gamma", snr_gamma, f"{loss}.immiscible", immiscible,
              f"{loss}.lognormal_timesteps", lognormal, f"{loss}.edm_weighting", edm]  # fmt: skip
-    return flags + [flag for name, value in hyper.items() for flag in (HYPER[name], value)]
+    return flags + hyper_flags(hyper)
+
+
+def hyper_flags(hyper: dict[str, str]) -> list[str]:
+    """The command-line flags of training hyper-parameters named as in HYPER."""
+    return [flag for name, value in hyper.items() for flag in (HYPER[name], value)]
 
 
 # configs/demo.yaml's length-like settings until it shipped the planned recipe: every variant starts from them
@@ -112,10 +118,16 @@ VARIANTS = {  # each says its prediction target, so that the table does not depe
 }
 
 
+@functools.cache
+def demo_model() -> dict:
+    """configs/demo.yaml's model section, read once."""
+    return yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
+
+
 def planned(flags: list[str]) -> bool:
     """Whether a variant's recipe depends on its run's length (plan.py): a warm-up given as a share, a decaying
     rate or the EMA as a share of the run. Else its checkpoint at 10 minutes of a 40-minute run is a 10-minute run."""
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]  # where a flag is not given
+    demo = demo_model()  # where a flag is not given
     value = dict(zip(flags[::2], flags[1::2], strict=True))
     warmup = float(value.get(HYPER["warmup"], demo.get("warmup_steps", 0)))
     rate = depends_on_length(warmup, value.get(HYPER["decay"], demo.get("lr_decay", "constant")))
@@ -184,7 +196,7 @@ def train(
     if planned:  # its one budget, as Lightning's DD:HH:MM:SS
         settings = ["--trainer.max_time", f"00:00:{int(budgets[0]):02d}:{round(60 * (budgets[0] % 1)):02d}"]
     else:
-        settings = [flag for name, value in DEMO_BEFORE.items() for flag in (HYPER[name], value)]
+        settings = hyper_flags(DEMO_BEFORE)
     command = [
         sys.executable, "-m", "diffusion_lit.cli", command, "--config", str(ROOT / "configs" / "demo.yaml"), *data,
         "--seed_everything", str(seed), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",

@@ -28,6 +28,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from benchmarks.common import ROOT, synchronize, synthetic_cifar
+from diffusion_lit.callbacks.ema import update_weight
 from diffusion_lit.callbacks.posthoc_ema import gamma_of
 from diffusion_lit.cli import main as lit_ddpm
 from diffusion_lit.data import CIFAR10DataModule, DemoMNISTDataModule
@@ -52,11 +53,8 @@ def bare_loop(device: torch.device, warmup: int, steps: int, base_channels: int)
     data = DemoMNISTDataModule(batch_size=config["data"]["init_args"]["batch_size"])
     data.setup("fit")
     loss_fn, done, start = DiffusionLoss(), 0, 0.0
-    gamma = gamma_of(config["model"]["ema_sigma_rel"]) if config["model"].get("ema_sigma_rel") else None
-
-    def beta(step: int) -> float:  # the share of the average kept after optimizer step `step` (callbacks/ema.py)
-        return (1 - 1 / step) ** (gamma + 1) if gamma is not None else config["model"]["ema_decay"]
-
+    sigma_rel, decay = config["model"].get("ema_sigma_rel"), config["model"].get("ema_decay") or 0.0
+    gamma = gamma_of(sigma_rel) if sigma_rel else None  # the EMA callback's update, as the config asks for it
     while done < warmup + steps:
         for x0, _ in data.train_dataloader():
             if done == warmup:
@@ -69,8 +67,8 @@ def bare_loop(device: torch.device, warmup: int, steps: int, base_channels: int)
             torch.nn.utils.clip_grad_norm_(unet.parameters(), config["trainer"]["gradient_clip_val"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], update_weight(done, decay, gamma))
             done += 1
-            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - beta(done))
             if done == warmup + steps:
                 break
     synchronize(device)

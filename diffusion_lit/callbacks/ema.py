@@ -29,6 +29,15 @@ def warmup_decay(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
+def update_weight(updates: int, decay: float, gamma: float | None = None) -> float:
+    """The share of the current weights in the update after `updates` earlier ones: 1 - the decay, with
+    `warmup_decay`; or, with gamma, 1 - (1 - 1/t)^(gamma + 1) at the t-th update (EDM2's power function, whose
+    average over the run so far has relative width sigma_rel; the post-hoc EMA's profiles are the same)."""
+    if gamma is not None:
+        return 1 - (1 - 1 / (updates + 1)) ** (gamma + 1)
+    return 1 - warmup_decay(decay, updates)
+
+
 class EMA(Callback):
     """Exponential moving average of every parameter and buffer, updated after each optimizer step.
 
@@ -73,12 +82,8 @@ class EMA(Callback):
         self.latest_update_step = trainer.global_step
 
     def weight(self) -> float:
-        """The share of the current weights in the next update: 1 - the decay, with `warmup_decay`; or, with
-        sigma_rel, 1 - (1 - 1/t)^(gamma + 1) at the t-th update (EDM2's power function, whose average over
-        the run so far has relative width sigma_rel; the post-hoc EMA's profiles are the same)."""
-        if self.gamma is not None:
-            return 1 - (1 - 1 / (self.updates + 1)) ** (self.gamma + 1)
-        return 1 - warmup_decay(self.decay, self.updates)
+        """The share of the current weights in the next update (`update_weight`)."""
+        return update_weight(self.updates, self.decay, self.gamma)
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Put the EMA weights into the module for the whole validation loop."""
