@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from benchmarks.convergence import quality_measure, train
+from benchmarks.demo_runs import quality_measure, train
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.files import written_whole
 from diffusion_lit.generation import generate_all

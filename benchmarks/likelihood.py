@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.convergence import quality_measure, train
+from benchmarks.demo_runs import quality_measure, train
 from diffusion_lit.diffusion import Sampling, likelihood
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint

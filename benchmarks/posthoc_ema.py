@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.convergence import VARIANTS, quality_measure, train
+from benchmarks.demo_runs import quality_measure, train
+from benchmarks.recipes import VARIANTS
 from diffusion_lit.callbacks.posthoc_ema import at_checkpoint, reconstruct, snapshots
 from diffusion_lit.diffusion import Sampling
 from diffusion_lit.generation import generate_all
 from diffusion_lit.loading import load_checkpoint
 
-EMA_DECAY = 0.995  # the demo recipe's fixed EMA (convergence.DEMO_BEFORE), which VARIANTS["v"] trains with
+EMA_DECAY = 0.995  # the demo recipe's fixed EMA (recipes.DEMO_BEFORE), which VARIANTS["v"] trains with
 
 
 def fid_of(module, fid, num_samples: int) -> dict[str, float]:

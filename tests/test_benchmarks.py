@@ -402,7 +402,7 @@ def test_convergence_planned_gives_each_budget_its_own_run_whose_schedule_ends_w
 
 def test_convergence_knows_which_recipes_are_planned_over_the_run():
     """Under --planned only these get a run per budget; the others' checkpoints at each budget are the same."""
-    from benchmarks.convergence import VARIANTS, planned
+    from benchmarks.recipes import VARIANTS, planned
 
     assert [name for name in VARIANTS if planned(VARIANTS[name])] == [name for name in VARIANTS if "planned" in name]
     assert not planned(["--model.warmup_steps", "320", "--model.lr_decay", "constant", "--model.ema_sigma_rel", "null"])
