@@ -117,11 +117,6 @@ def first_of_each(folder: Path, subset: Path, count: int) -> Path:
     return subset
 
 
-def nearest(images: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's Euclidean distance to its nearest training image, and that image's index (images [-1, 1])."""
-    return torch.cdist(images.flatten(1).float(), train.flatten(1).float()).min(1)
-
-
 def quality_measure(dataset: str, workdir: Path, num_samples: int, per_photo: int = 0):
     """(flags for `fit`, a BothFID of uint8 samples against the held-out images (Inception and classifier FID,
     each with its floor: the training images' own), real_images' ((training images, labels), (held-out images,
