@@ -1,12 +1,16 @@
 """The signals that stop a run at a step boundary instead of wherever they land (Ctrl-C, SIGTERM, SIGUSR1), the
 data-loading workers' shield from them, Ctrl-C outside training steps, and SLURM's requeue."""
 
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import subprocess
 import sys
 import threading
 
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 
@@ -25,7 +29,8 @@ def shield_worker(worker_id: int) -> None:
         signal.signal(number, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads made from here on inherit the mask
-        threading.Thread(target=_obey_the_loader_only, args=(os.getppid(),), daemon=True).start()
+        loader = multiprocessing.parent_process().pid  # forked or from a fork server: the loader's process
+        threading.Thread(target=_obey_the_loader_only, args=(loader,), daemon=True).start()
 
 
 def _obey_the_loader_only(loader_pid: int) -> None:
@@ -34,17 +39,49 @@ def _obey_the_loader_only(loader_pid: int) -> None:
             os._exit(0)  # as torch's own handler does for its loader's SIGTERM
 
 
+def forking_may_hang(python: tuple[int, ...] = sys.version_info[:3]) -> bool:
+    """Whether a worker forked here can hang before it runs a line: CPython before 3.12 (gh-112275) on Linux
+    (where loaders fork by default) with a process group's threads running.
+
+    Such a Python re-creates its thread states in a forked child under a lock that it takes from the parent as
+    it was; the threads of a process group (gloo's, NCCL's) take that lock whenever they let go of a finished
+    collective's Python objects, which they do just as the main process goes on to start a loader's workers
+    (Lightning's last check of the loader's length is a collective). One resumed 2-process job in eight hung
+    so on 2 cores (docs/reliability.md)."""
+    return python < (3, 12) and sys.platform == "linux" and dist.is_available() and dist.is_initialized()
+
+
+def start_fork_server_shielded() -> None:
+    """Start multiprocessing's fork server (and its resource tracker) with SIGTERM and SIGUSR1 blocked for good,
+    if they are not running: a process inherits its starter's signal mask. Each blocks the signals itself
+    only while starting the tracker, and unblocks SIGTERM after, hence the two steps."""
+    shield = {signal.SIGTERM, signal.SIGUSR1}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, shield)
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, shield)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 class WorkersBornShielded:
-    """A DataLoader mixin: its workers are forked with SIGTERM blocked, for `shield_worker` to take over.
+    """A DataLoader mixin: its workers are forked with SIGTERM blocked, for `shield_worker` to take over, and
+    from a fork server (a process without threads) where forking the main process may hang them
+    (`forking_may_hang`).
 
     Torch sets a worker's own SIGTERM handler before it runs `worker_init_fn`; a group's SIGTERM in between
     (a scheduler stopping the run just as a loader starts its workers) ended the worker, and the run failed.
     A forked process inherits the forking thread's signal mask, so the main process blocks SIGTERM while it
     starts the workers (a SIGTERM meant for it waits those milliseconds) and the worker's shield thread takes
-    one that came early. Only where `shield_worker` has `sigwaitinfo`: elsewhere a blocked SIGTERM would
-    never be taken."""
+    one that came early. The fork server keeps SIGTERM and SIGUSR1 blocked for good: the group's signals
+    cannot end it, which would end its workers too (they stop when their parent does). Only where
+    `shield_worker` has `sigwaitinfo`: elsewhere a blocked SIGTERM is never taken."""
 
     def _get_iterator(self):
+        if self.num_workers and self.multiprocessing_context is None and forking_may_hang():
+            self.multiprocessing_context = "forkserver"
+            start_fork_server_shielded()
         if not self.num_workers or self.worker_init_fn is not shield_worker or not hasattr(signal, "sigwaitinfo"):
             return super()._get_iterator()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

@@ -17,7 +17,7 @@ from conftest import ROOT, TINY, one_line_error
 from diffusion_lit.cli import main
 from diffusion_lit.errors import UserError
 from diffusion_lit.runs import RunLock
-from diffusion_lit.signals import Aborted, ShieldedLoader, StopSignals, shield_worker
+from diffusion_lit.signals import Aborted, StopSignals
 
 DEMO = ["--config", f"{ROOT}/configs/demo.yaml", "--config", TINY]
 SHORT = ["--trainer.fast_dev_run", "false", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
@@ -198,52 +198,6 @@ def test_sigterm_and_sigusr1_ask_for_a_stop_and_a_repeat_changes_nothing(number)
         assert signals.received == number
     finally:
         signals.restore()
-
-
-class Pids(torch.utils.data.Dataset):
-    """Each item is the PID of the worker that read it."""
-
-    def __len__(self):
-        return 1000
-
-    def __getitem__(self, index):
-        return os.getpid()
-
-
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the SIGTERM shield needs sigwaitinfo (Linux)")
-def test_a_loader_worker_outlives_a_groups_signals_and_still_ends_with_its_loader():
-    # A scheduler signals the whole process group; here a separate `kill` process stands in for it (a signal
-    # from anyone but the worker's own loader). The workers must go on serving batches, then end when the
-    # loader lets them go (its SIGTERM, when one would not stop, is obeyed).
-    loader = torch.utils.data.DataLoader(Pids(), batch_size=2, num_workers=2, worker_init_fn=shield_worker)
-    batches = iter(loader)
-    workers = {int(pid) for _ in range(4) for pid in next(batches)}
-    assert len(workers) == 2
-    for number in ("TERM", "INT", "USR1"):
-        subprocess.run(["kill", f"-{number}", *map(str, workers)], check=True)
-    time.sleep(0.5)
-    assert {int(pid) for _ in range(4) for pid in next(batches)} == workers  # alive and serving
-    processes = list(batches._workers)
-    os.kill(processes[0].pid, signal.SIGTERM)  # from the loader's own process: the worker ends
-    processes[0].join(timeout=10)
-    assert processes[0].exitcode == 0
-    batches._shutdown_workers()
-    assert not any(process.is_alive() for process in processes)
-
-
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the SIGTERM shield needs sigwaitinfo (Linux)")
-def test_a_groups_sigterm_while_the_workers_start_is_left_to_the_main_process(monkeypatch):
-    # Between torch's own worker signal handlers and `shield_worker` a worker obeys any SIGTERM; a scheduler's
-    # SIGTERM to the group then (a validation loader starting) failed the run with "DataLoader worker ... is
-    # killed by signal" (CI's soak test, once). Here the workers pause in that window while a `kill` process
-    # signals them: they must be born with SIGTERM blocked, leave it to their shield and serve every batch.
-    monkeypatch.setattr("torch.multiprocessing._set_thread_name", lambda name: time.sleep(0.8))
-    loader = ShieldedLoader(Pids(), batch_size=2, num_workers=2, worker_init_fn=shield_worker)
-    batches = iter(loader)
-    workers = [process.pid for process in batches._workers]
-    time.sleep(0.3)  # forked, paused before their shield
-    subprocess.run(["kill", "-TERM", *map(str, workers)], check=True)
-    assert {int(pid) for batch in batches for pid in batch} == set(workers)
 
 
 def ctrl_c_then_wait(*args, **kwargs) -> None:

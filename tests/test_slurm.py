@@ -57,6 +57,17 @@ def start_job(folder: Path, tasks: int, *extra: str) -> list[subprocess.Popen]:
     return started
 
 
+def wait_for(ranks: list[subprocess.Popen], folder: Path, timeout: float) -> list[int]:
+    """The ranks' exit codes; if one is still running after `timeout` seconds, the job's processes are killed
+    and the test fails with every task's last lines (a hung rank otherwise shows nothing)."""
+    try:
+        return [rank.wait(timeout=timeout) for rank in ranks]
+    except subprocess.TimeoutExpired:
+        os.killpg(ranks[0].pid, signal.SIGKILL)
+        tails = [f"task{n}: " + (folder / f"task{n}.txt").read_text()[-1500:] for n in range(len(ranks))]
+        raise AssertionError(f"a rank still ran after {timeout} s\n" + "\n".join(tails)) from None
+
+
 def reported_step(folder: Path) -> int:
     lines = (folder / "task0.txt").read_text().splitlines()
     return max((int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")), default=-1)
@@ -75,7 +86,7 @@ def test_sigusr1_saves_requeues_once_from_rank_zero_and_the_requeued_job_resumes
     while reported_step(job) < 6 and time.time() < deadline and ranks[0].poll() is None:
         time.sleep(0.02)
     os.killpg(ranks[0].pid, signal.SIGUSR1)  # the whole step: every rank and its loader workers
-    codes = [rank.wait(timeout=120) for rank in ranks]
+    codes = wait_for(ranks, job, 120)
     output = (job / "task0.txt").read_text()
     assert codes == [128 + signal.SIGUSR1] * tasks, output[-3000:]
     saved = torch.load(job / "checkpoints" / "demo" / "last.ckpt", weights_only=True)["global_step"]
@@ -85,7 +96,7 @@ def test_sigusr1_saves_requeues_once_from_rank_zero_and_the_requeued_job_resumes
     assert f"requeued SLURM job {JOB}" in output
 
     requeued = start_job(job, tasks, *ddp)  # SLURM starts the same command again
-    codes = [rank.wait(timeout=300) for rank in requeued]
+    codes = wait_for(requeued, job, 300)
     assert codes == [0] * tasks, (job / "task0.txt").read_text()[-3000:]
     assert f"--ckpt_path last: {Path('checkpoints/demo/last.ckpt')}" in (job / "task0.txt").read_text()
     assert_identical(whole, job)
