@@ -184,7 +184,8 @@ def test_sampling_settings_name_their_files():
 
 
 def test_auto_sampling_follows_the_prediction_target_and_fits_the_model():
-    assert Sampling().resolve("eps", 1000) == Sampling("dpmpp_sde", 50)
+    assert Sampling().resolve("eps", 1000) == Sampling("ddpm", 50)
+    assert Sampling().resolve("x0", 1000) == Sampling("dpmpp_sde", 50)
     assert Sampling().resolve("v", 1000) == Sampling("ddpm", 50)
     assert Sampling().resolve("eps", 20).steps == 20  # a model with fewer timesteps samples all of them
     assert Sampling(steps=30).resolve("v", 1000) == Sampling("ddpm", 30)
