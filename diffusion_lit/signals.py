@@ -2,6 +2,7 @@
 data-loading workers' shield from them, Ctrl-C outside training steps, and SLURM's requeue."""
 
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
@@ -31,6 +32,14 @@ def shield_worker(worker_id: int) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads made from here on inherit the mask
         loader = multiprocessing.parent_process().pid  # forked or from a fork server: the loader's process
         threading.Thread(target=_obey_the_loader_only, args=(loader,), daemon=True).start()
+    if os.getppid() != multiprocessing.parent_process().pid:  # from a fork server, which torch's watchdog
+        sentinel = multiprocessing.parent_process().sentinel  # watches instead of the loader: end with the loader
+        threading.Thread(target=_end_with_the_loader, args=(sentinel,), daemon=True).start()
+
+
+def _end_with_the_loader(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # ready when the loader's process has ended, however it ended
+    os._exit(0)
 
 
 def _obey_the_loader_only(loader_pid: int) -> None:

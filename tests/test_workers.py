@@ -4,6 +4,7 @@ process, or from a fork server where forking the main process can hang them (`fo
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -108,3 +109,30 @@ def test_a_loader_starts_its_workers_from_a_fork_server_only_where_forking_may_h
     assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     started = loader.multiprocessing_context.get_start_method() if hangs else None
     assert started == ("forkserver" if hangs else None) and (loader.multiprocessing_context is None) is not hangs
+
+
+KILLED_LOADER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from diffusion_lit import signals
+from test_workers import Pids
+signals.forking_may_hang = lambda: True
+batches = iter(signals.ShieldedLoader(Pids(), batch_size=2, num_workers=2, worker_init_fn=signals.shield_worker))
+print(*{int(pid) for _ in range(4) for pid in next(batches)}, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@SIGWAITINFO
+def test_workers_from_the_fork_server_end_with_a_loader_that_was_killed():
+    # torch's workers end when their parent does; a fork server's workers have the server for a parent, which
+    # lives as long as they do: they must watch the loader's process instead, or a SIGKILLed run leaves them.
+    tests = os.path.dirname(__file__)
+    done = subprocess.run([sys.executable, "-c", KILLED_LOADER, tests], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(tests))  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    workers = [int(pid) for pid in done.stdout.split()]
+    deadline = time.time() + 20
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
