@@ -28,13 +28,12 @@ def shield_worker(worker_id: int) -> None:
     `sigwaitinfo`, which says who sent it. Where there is no `sigwaitinfo` (not Linux), SIGTERM stays torch's."""
     for number in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(number, signal.SIG_IGN)
+    loader = multiprocessing.parent_process()  # forked or from a fork server: the loader's process
     if hasattr(signal, "sigwaitinfo"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads made from here on inherit the mask
-        loader = multiprocessing.parent_process().pid  # forked or from a fork server: the loader's process
-        threading.Thread(target=_obey_the_loader_only, args=(loader,), daemon=True).start()
-    if os.getppid() != multiprocessing.parent_process().pid:  # from a fork server, which torch's watchdog
-        sentinel = multiprocessing.parent_process().sentinel  # watches instead of the loader: end with the loader
-        threading.Thread(target=_end_with_the_loader, args=(sentinel,), daemon=True).start()
+        threading.Thread(target=_obey_the_loader_only, args=(loader.pid,), daemon=True).start()
+    if os.getppid() != loader.pid:  # from a fork server, which torch's watchdog watches instead of the loader
+        threading.Thread(target=_end_with_the_loader, args=(loader.sentinel,), daemon=True).start()
 
 
 def _end_with_the_loader(sentinel: int) -> None:

@@ -35,10 +35,20 @@ def test_a_loader_worker_outlives_a_groups_signals_and_still_ends_with_its_loade
     batches = iter(loader)
     workers = {int(pid) for _ in range(4) for pid in next(batches)}
     assert len(workers) == 2
+    outlive_the_groups_signals(batches, workers)
+    end_with_the_loader(batches)
+
+
+def outlive_the_groups_signals(batches, workers: set[int], others: frozenset[int] = frozenset()) -> None:
+    """TERM, INT and USR1 from a `kill` process to `workers` (and `others`): the workers go on serving."""
     for number in ("TERM", "INT", "USR1"):
-        subprocess.run(["kill", f"-{number}", *map(str, workers)], check=True)
+        subprocess.run(["kill", f"-{number}", *map(str, workers | others)], check=True)
     time.sleep(0.5)
     assert {int(pid) for _ in range(4) for pid in next(batches)} == workers  # alive and serving
+
+
+def end_with_the_loader(batches) -> None:
+    """The loader's own SIGTERM ends a worker (exit 0), and the loader's shutdown the rest."""
     processes = list(batches._workers)
     os.kill(processes[0].pid, signal.SIGTERM)  # from the loader's own process: the worker ends
     processes[0].join(timeout=10)
@@ -77,17 +87,9 @@ def test_under_a_process_group_before_python_3_12_workers_start_from_a_fork_serv
     workers = {int(pid) for _ in range(4) for pid in next(batches)}
     servers = {parent_of(pid) for pid in workers}
     assert len(workers) == 2 and servers.isdisjoint({os.getpid()}) and len(servers) == 1
-    for number in ("TERM", "INT", "USR1"):
-        subprocess.run(["kill", f"-{number}", *map(str, workers | servers)], check=True)
-    time.sleep(0.5)
-    assert {int(pid) for _ in range(4) for pid in next(batches)} == workers  # alive and serving
+    outlive_the_groups_signals(batches, workers, others=servers)
     assert all(parent_of(pid) in servers for pid in workers)
-    processes = list(batches._workers)
-    os.kill(processes[0].pid, signal.SIGTERM)  # from the loader's own process: the worker ends
-    processes[0].join(timeout=10)
-    assert processes[0].exitcode == 0
-    batches._shutdown_workers()
-    assert not any(process.is_alive() for process in processes)
+    end_with_the_loader(batches)
 
 
 def parent_of(pid: int) -> int:
@@ -107,8 +109,8 @@ def test_a_loader_starts_its_workers_from_a_fork_server_only_where_forking_may_h
     monkeypatch.setattr(signals, "forking_may_hang", lambda: hangs)
     loader = ShieldedLoader(list(range(8)), batch_size=2, num_workers=1, worker_init_fn=shield_worker)
     assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    started = loader.multiprocessing_context.get_start_method() if hangs else None
-    assert started == ("forkserver" if hangs else None) and (loader.multiprocessing_context is None) is not hangs
+    context = loader.multiprocessing_context
+    assert (context and context.get_start_method()) == ("forkserver" if hangs else None)
 
 
 KILLED_LOADER = """
