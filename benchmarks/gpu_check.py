@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     for option in row.get("rows", []):
         print(f"| {option['terms']} | {option['ms_per_step']:.1f} | {option['ratio']:.2f}x |", flush=True)
     print("\n| sampler | precision | compiled | img/s | finite |\n| --- | --- | --- | ---: | --- |")
-    auto = [Sampling().resolve(prediction, 1000) for prediction in ("eps", "v")]
+    auto = [Sampling().resolve(prediction, 1000) for prediction in ("eps", "v", "x0")]  # every target's default
     for settings in dict.fromkeys([*auto, Sampling("dpmpp", 20)]):
         for precision, compiled in [(p, c) for p, c, layout in variants if not layout]:
             label = {"sampling": settings.name, "precision": precision, "compiled": compiled}

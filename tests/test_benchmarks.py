@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import ONE_STEP, ROOT, StandInExtractor
+from diffusion_lit.diffusion.sampling import AUTO
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +44,10 @@ def test_gpu_check_runs_end_to_end_with_tiny_settings(tmp_path, device):
         "mse", "mse, Min-SNR-5 weighting", "mse, immiscible noise",
         "lit-ddpm distill's step (ConsistencyLoss, the teacher's DDIM step)",
     ]  # fmt: skip
-    assert all(r["finite"] for r in rows["sample"]) and len(rows["sample"]) == 6  # 3 samplers, fp32 and bf16
+    # every target's auto sampler (DDPM-50 for eps and v, DPM-Solver++ SDE-50 for x0) and DPM-Solver++ 20, fp32 and bf16
+    samplers = [r["sampling"] for r in rows["sample"]]
+    assert samplers == [name for name in ("ddpm50", "dpmpp_sde50", "dpmpp20") for _ in ("fp32", "bf16")]
+    assert all(r["finite"] for r in rows["sample"])
     assert "| lit-ddpm fit, configs/cifar10.yaml |" in done.stdout
 
 
@@ -98,6 +102,8 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys, monkeyp
     pytest.importorskip("matplotlib")
     from benchmarks import convergence
 
+    # eps's auto sampler set apart from DDPM-50 (both are DDPM-50 today), so that both ways of drawing are checked
+    monkeypatch.setitem(AUTO, "eps", ("dpmpp_sde", 50))
     drawn, generate_all = [], convergence.generate_all
     monkeypatch.setattr(convergence, "generate_all", lambda *args, settings, **kwargs: drawn.append(
         (settings.sampler, settings.steps)) or generate_all(*args, settings=settings, **kwargs))  # fmt: skip
@@ -113,7 +119,7 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys, monkeyp
     ]  # fmt: skip
     assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 and r["nearest_ratio"] > 0 for r in report["rows"])
     assert all(r["inception_fid_default"] > 0 for r in report["rows"]) and report["inception_floor"] > 0
-    # eps draws with its auto sampler and DDPM-50 at each checkpoint; for v, auto is DDPM-50: drawn once
+    # eps draws with its (patched) auto sampler and DDPM-50 at each checkpoint; for v, auto is DDPM-50: drawn once
     assert drawn == [("dpmpp_sde", 50), ("ddpm", 50)] * 2 + [("ddpm", 50)]
     assert report["rows"][2]["fid_default"] == report["rows"][2]["fid_ddpm50"]
     output = capsys.readouterr().out
@@ -243,7 +249,6 @@ AUTO_EPS_TABLE = ["digits-eps10", "digits-eps40"]
 @pytest.mark.parametrize("target,cells", [("v", AUTO_V_TABLE), ("eps", AUTO_EPS_TABLE)])
 def test_the_auto_sampler_of_each_target_is_the_rule_of_its_table(target, cells):
     from benchmarks.sampler_quality import rule_of
-    from diffusion_lit.diffusion.sampling import AUTO
 
     files = [ROOT / "benchmarks" / "results" / f"sampler_quality-{cell}.json" for cell in cells]
     reports = [json.loads(path.read_text()) for path in files]
