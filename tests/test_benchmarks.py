@@ -242,8 +242,8 @@ AUTO_V_TABLE = ["digits-v10", "digits-v40", "photos-v10", "photos-v40", "digits-
 
 
 # The cells `sampler: auto` for noise prediction (eps) was decided on: the demo's recipe before v ("eps (today)")
-# on the digits, 10 and 40 minutes (1,848 and 7,084 steps), two training seeds each. The patches are not measured.
-AUTO_EPS_TABLE = ["digits-eps10", "digits-eps40"]
+# on the digits (1,848 and 7,084 steps) and the RGB patches (1,802 and 7,306), 10 and 40 minutes, two seeds each.
+AUTO_EPS_TABLE = ["digits-eps10", "digits-eps40", "photos-eps10", "photos-eps40"]
 
 
 @pytest.mark.parametrize("target,cells", [("v", AUTO_V_TABLE), ("eps", AUTO_EPS_TABLE)])

@@ -14,9 +14,8 @@ Spacing = Literal["uniform", "trailing", "quadratic"]
 Threshold = Literal["clip", "dynamic", "none"]
 # The default for each prediction target: the cheapest sampler and step count within 10% of the best at 50 NFE or
 # fewer in every measured cell (docs/sampling.md "Which sampler"). v: Inception FID above its floor, the digits and
-# the RGB patches at two maturities, two seeds each; eps: Inception FID above its floor on the digits at two
-# maturities (10 and 40 minutes, 3.8x the steps), two seeds each (tests/test_benchmarks.py pins both to their
-# tables). x0 was not measured: the stochastic solver, the safe choice.
+# the RGB patches at two maturities, two seeds each; eps: the same, at 10 and 40 minutes (about 4x the steps)
+# (tests/test_benchmarks.py pins both to their tables). x0 was not measured: the stochastic solver, the safe choice.
 AUTO = {"eps": ("ddpm", 50), "v": ("ddpm", 50), "x0": ("dpmpp_sde", 50)}
 AUTO_CONSISTENCY = ("consistency", 2)  # a `lit-ddpm distill` student of 1 segment (K segments: K steps), any target
 # The consistency sampler's share of fresh noise when it re-noises a clean image: within 13% of the best of 0 ... 1 for
