@@ -103,8 +103,9 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys, monkeyp
     pytest.importorskip("matplotlib")
     from benchmarks import convergence
 
-    # eps's auto sampler set apart from DDPM-50 (both are DDPM-50 today), so that both ways of drawing are checked
+    # both ways of drawing checked whatever the defaults are: eps's auto apart from DDPM-50, v's equal to it
     monkeypatch.setitem(AUTO, "eps", ("dpmpp_sde", 50))
+    monkeypatch.setitem(AUTO, "v", ("ddpm", 50))
     drawn, generate_all = [], convergence.generate_all
     monkeypatch.setattr(convergence, "generate_all", lambda *args, settings, **kwargs: drawn.append(
         (settings.sampler, settings.steps)) or generate_all(*args, settings=settings, **kwargs))  # fmt: skip
@@ -120,7 +121,7 @@ def test_convergence_runs_end_to_end_with_tiny_budgets(tmp_path, capsys, monkeyp
     ]  # fmt: skip
     assert all(r["fid_default"] > 0 and r["fid_ddpm50"] > 0 and r["nearest_ratio"] > 0 for r in report["rows"])
     assert all(r["inception_fid_default"] > 0 for r in report["rows"]) and report["inception_floor"] > 0
-    # eps draws with its (patched) auto sampler and DDPM-50 at each checkpoint; for v, auto is DDPM-50: drawn once
+    # eps draws with its (patched) auto sampler and DDPM-50 at each checkpoint; v's auto is DDPM-50: drawn once
     assert drawn == [("dpmpp_sde", 50), ("ddpm", 50)] * 2 + [("ddpm", 50)]
     assert report["rows"][2]["fid_default"] == report["rows"][2]["fid_ddpm50"]
     output = capsys.readouterr().out
