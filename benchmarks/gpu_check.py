@@ -27,6 +27,7 @@ from benchmarks.gpu_runs import fit_row, test_row
 from benchmarks.loss_terms import COMBINATIONS, time_terms
 from diffusion_lit.diffusion import NoiseSchedule, Sampling, reverse_process
 from diffusion_lit.diffusion.consistency import ConsistencyLoss
+from diffusion_lit.diffusion.sampling import AUTO
 from diffusion_lit.files import written_whole
 from diffusion_lit.nn import UNet
 
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     for option in row.get("rows", []):
         print(f"| {option['terms']} | {option['ms_per_step']:.1f} | {option['ratio']:.2f}x |", flush=True)
     print("\n| sampler | precision | compiled | img/s | finite |\n| --- | --- | --- | ---: | --- |")
-    auto = [Sampling().resolve(prediction, 1000) for prediction in ("eps", "v", "x0")]  # every target's default
+    auto = [Sampling().resolve(prediction, 1000) for prediction in AUTO]  # every prediction target's default
     for settings in dict.fromkeys([*auto, Sampling("dpmpp", 20)]):
         for precision, compiled in [(p, c) for p, c, layout in variants if not layout]:
             label = {"sampling": settings.name, "precision": precision, "compiled": compiled}
